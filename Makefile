@@ -1,0 +1,41 @@
+# vp-gguf. `make demo` and `make test` do all the set-up they need (idempotent).
+PYTHON ?= python3
+PIP     = $(PYTHON) -m pip
+LOCK    = third_party/llama.cpp.lock.json
+SDIST   = third_party/.cache/llama_cpp_python-0.3.36.tar.gz
+# extra CMake switches for our build, e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install
+CMAKE_ARGS ?=
+export CCACHE_DIR ?= $(HOME)/.cache/ccache
+
+.PHONY: install deps demo test patches patches-check fetch clean
+
+fetch:
+	$(PYTHON) scripts/fetch_llama_cpp.py
+
+deps: fetch
+	$(PIP) install -q "scikit-build-core>=0.10" "cmake>=3.21" ninja "numpy>=1.24" "pillow>=9.0" "pytest>=7.4" \
+		typing-extensions diskcache jinja2
+	@command -v ccache >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -qq ccache >/dev/null 2>&1 || \
+		(apt-get update -qq >/dev/null && apt-get install -y -qq ccache >/dev/null)) || \
+		echo "vp-gguf: ccache not found; rebuilds will not be cached")
+	@# llama-cpp-python for its Python layer only: its own native build is switched off.
+	@$(PYTHON) -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '0.3.36')" 2>/dev/null || \
+		CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install -q --no-deps --no-build-isolation $(SDIST)
+
+install: deps
+	CMAKE_ARGS="$(CMAKE_ARGS)" $(PIP) install -q --no-deps --no-build-isolation .
+
+demo: install
+	$(PYTHON) scripts/demo.py
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+patches:
+	$(PYTHON) scripts/patches.py regenerate
+
+patches-check:
+	$(PYTHON) scripts/patches.py check
+
+clean:
+	rm -rf build dist *.egg-info

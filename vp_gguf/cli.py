@@ -1,0 +1,97 @@
+"""The `vp-gguf` command line. Flag names follow llama.cpp's tools where they overlap."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from .errors import VPGGUFError
+
+EXAMPLE = """example:
+  vp-gguf run -m model.gguf --mmproj mmproj.gguf --image photo.png -p "Describe the image." -n 64
+  vp-gguf run -m model.gguf --mmproj mmproj.gguf --image a.png --image b.png \\
+      -p "What differs between <__media__> and <__media__>?" --json
+"""
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="generate text from images and a prompt",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", required=True, help="language model GGUF")
+    p.add_argument("--mmproj", required=True, help="multimodal projector GGUF that belongs to the model")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image file; repeat for several images (in the order of the markers)")
+    p.add_argument("-p", "--prompt", required=True,
+                   help="prompt; images go where the marker <__media__> is, else before the prompt")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0xFFFFFFFF, help="sampling seed (default random)")
+    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size (default 4096)")
+    p.add_argument("-b", "--batch-size", type=int, default=2048, help="logical batch size (default 2048)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
+                   help="layers to offload to the GPU (default 0; -1 for all)")
+    p.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto",
+                   help="flash attention (default auto)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap the prompt in the model's chat template (default: raw prompt)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="vp-gguf",
+        description="Run GGUF vision-language models locally with VisionPulse.",
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    return ap
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .model import VisionModel, ModelParams, SamplingParams
+
+    params = ModelParams(n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads,
+                         n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn, verbose=a.verbose)
+    sampling = SamplingParams(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    with VisionModel(a.model, a.mmproj, params) as model:
+        if a.json:
+            res = model.generate(a.prompt, images=a.image, max_tokens=a.n_predict,
+                                 sampling=sampling, chat_template=a.chat_template)
+            json.dump(res.to_dict(), sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            for piece in model.stream(a.prompt, images=a.image, max_tokens=a.n_predict,
+                                      sampling=sampling, chat_template=a.chat_template):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            res = model.last_result
+            if res is not None:
+                t = res.timings
+                print(f"[{res.n_prompt_tokens} prompt tokens ({res.n_image_tokens} image), "
+                      f"{res.n_generated} generated; encode {t.image_encode_ms:.0f} ms, "
+                      f"prefill {t.prefill_tok_s:.1f} tok/s, decode {t.decode_tok_s:.1f} tok/s]",
+                      file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        if a.command == "run":
+            return cmd_run(a)
+    except VPGGUFError as e:
+        print(f"vp-gguf: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Exceptions raised by vp_gguf. Each message says what is wrong and what to do."""
+from __future__ import annotations
+
+
+class VPGGUFError(RuntimeError):
+    """Base class of every vp_gguf error."""
+
+
+class ModelFileError(VPGGUFError, ValueError):
+    """A model or mmproj file is missing, truncated or not a usable GGUF."""
+
+
+class ProjectorMismatchError(VPGGUFError, ValueError):
+    """The mmproj does not belong to the language model (embedding sizes differ)."""
+
+
+class ImageError(VPGGUFError, ValueError):
+    """An image could not be read or decoded."""
+
+
+class PromptError(VPGGUFError, ValueError):
+    """The prompt does not fit the images given (e.g. more markers than images)."""
+
+
+class ContextOverflowError(VPGGUFError, ValueError):
+    """The prompt and its image tokens do not fit in the context window."""
+
+
+class DecodeError(VPGGUFError):
+    """llama.cpp failed to evaluate a batch."""

@@ -1,0 +1,49 @@
+"""What a generation returns."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Timings:
+    """Wall-clock timings of one generation, in milliseconds (rates in tokens/s)."""
+    image_encode_ms: float = 0.0  # vision encoder + projector, all images
+    prefill_ms: float = 0.0       # text and image-embedding prefill into the KV cache
+    decode_ms: float = 0.0        # generated tokens after the first
+    n_decode: int = 0             # tokens timed by decode_ms
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return 0.0 if self.prefill_ms <= 0 else 1000.0 * self._n_prefill / self.prefill_ms
+
+    @property
+    def decode_tok_s(self) -> float:
+        return 0.0 if self.decode_ms <= 0 else 1000.0 * self.n_decode / self.decode_ms
+
+    _n_prefill: int = field(default=0, repr=False)
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "image_encode_ms": round(self.image_encode_ms, 3),
+            "prefill_ms": round(self.prefill_ms, 3),
+            "prefill_tok_s": round(self.prefill_tok_s, 2),
+            "decode_ms": round(self.decode_ms, 3),
+            "decode_tok_s": round(self.decode_tok_s, 2),
+        }
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    n_prompt_tokens: int   # every position in the prompt: text and image tokens
+    n_image_tokens: int    # of which image tokens
+    n_generated: int
+    stop_reason: str       # "eos" | "length"
+    timings: Timings
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timings"] = self.timings.to_dict()
+        return d
