@@ -391,7 +391,7 @@ _SPECS: dict[str, tuple[_TextSpec, _VisionSpec]] = {
     "gemma3": (
         _TextSpec(arch="gemma3", n_embd=48, n_layer=6, n_head=4, n_head_kv=2, n_ff=128,
                   n_ctx_train=2048, rope_freq_base=1000000.0, rms_eps=1e-6, head_dim=16,
-                  sliding_window=32, rope_freq_base_swa=10000.0),
+                  sliding_window=16, rope_freq_base_swa=10000.0),
         _VisionSpec(projector="gemma3", image_size=64, patch_size=4, n_embd=64, n_layer=2, n_head=4,
                     n_ff=128, eps=1e-6, mean=_SIGLIP_MEAN, std=_SIGLIP_STD, use_gelu=True,
                     tokens_per_image=16),
@@ -399,6 +399,20 @@ _SPECS: dict[str, tuple[_TextSpec, _VisionSpec]] = {
 }
 
 _FAMILY_SEED_OFFSET = {"llava": 101, "qwen2vl": 202, "gemma3": 303}
+
+# standard deviations of the normal weight init
+_INIT_STD = {
+    "tok_embd": 0.02,
+    "attn_qk": 0.3,
+    "attn_vo": 0.15,
+    "qk_norm_gain": 3.0,   # gemma3: Q/K are RMS-normed per head, so this sets attention sharpness
+    "ffn": 0.1,
+    "v_patch": 0.1,
+    "v_pos": 0.1,
+    "v_attn": 0.08,
+    "v_ffn": 0.08,
+    "mm": 0.1,
+}
 
 
 def tokens_per_image(family: str, width: int | None = None, height: int | None = None) -> int:
@@ -454,6 +468,7 @@ def _tname(gguf, tensor, bid: int | None = None, suffix: str | None = "weight") 
 def _write_text_model(gguf, path: Path, family: str, t: _TextSpec, vocab: _Vocab, seed: int) -> None:
     MT = gguf.MODEL_TENSOR
     w = _Weights(seed, np.float16)
+    S = _INIT_STD
     n_vocab = vocab.n_tokens
     head_dim = t.head_dim or t.n_embd // t.n_head
     n_q = head_dim * t.n_head
@@ -491,30 +506,30 @@ def _write_text_model(gguf, path: Path, family: str, t: _TextSpec, vocab: _Vocab
 
     # small token embeddings: the residual stream at the last position is then
     # dominated by attention/FFN outputs, so the (tied) logits depend on context
-    writer.add_tensor(_tname(gguf, MT.TOKEN_EMBD), w.normal((n_vocab, t.n_embd), 0.02))
+    writer.add_tensor(_tname(gguf, MT.TOKEN_EMBD), w.normal((n_vocab, t.n_embd), S["tok_embd"]))
     writer.add_tensor(_tname(gguf, MT.OUTPUT_NORM), w.norm(t.n_embd))
     for i in range(t.n_layer):
         writer.add_tensor(_tname(gguf, MT.ATTN_NORM, i), w.norm(t.n_embd))
         # weak Q/K (nearly uniform attention over text and image positions), strong V/O
-        writer.add_tensor(_tname(gguf, MT.ATTN_Q, i), w.normal((n_q, t.n_embd), 0.05))
-        writer.add_tensor(_tname(gguf, MT.ATTN_K, i), w.normal((n_kv, t.n_embd), 0.05))
-        writer.add_tensor(_tname(gguf, MT.ATTN_V, i), w.normal((n_kv, t.n_embd), 0.15))
+        writer.add_tensor(_tname(gguf, MT.ATTN_Q, i), w.normal((n_q, t.n_embd), S["attn_qk"]))
+        writer.add_tensor(_tname(gguf, MT.ATTN_K, i), w.normal((n_kv, t.n_embd), S["attn_qk"]))
+        writer.add_tensor(_tname(gguf, MT.ATTN_V, i), w.normal((n_kv, t.n_embd), S["attn_vo"]))
         if t.qkv_bias:
             writer.add_tensor(_tname(gguf, MT.ATTN_Q, i, "bias"), w.bias(n_q))
             writer.add_tensor(_tname(gguf, MT.ATTN_K, i, "bias"), w.bias(n_kv))
             writer.add_tensor(_tname(gguf, MT.ATTN_V, i, "bias"), w.bias(n_kv))
-        writer.add_tensor(_tname(gguf, MT.ATTN_OUT, i), w.normal((t.n_embd, n_q), 0.15))
+        writer.add_tensor(_tname(gguf, MT.ATTN_OUT, i), w.normal((t.n_embd, n_q), S["attn_vo"]))
         if t.arch == "gemma3":
-            writer.add_tensor(_tname(gguf, MT.ATTN_Q_NORM, i), w.norm(head_dim))
-            writer.add_tensor(_tname(gguf, MT.ATTN_K_NORM, i), w.norm(head_dim))
+            writer.add_tensor(_tname(gguf, MT.ATTN_Q_NORM, i), w.norm(head_dim) * np.float32(S["qk_norm_gain"]))
+            writer.add_tensor(_tname(gguf, MT.ATTN_K_NORM, i), w.norm(head_dim) * np.float32(S["qk_norm_gain"]))
             writer.add_tensor(_tname(gguf, MT.ATTN_POST_NORM, i), w.norm(t.n_embd))
             writer.add_tensor(_tname(gguf, MT.FFN_PRE_NORM, i), w.norm(t.n_embd))
             writer.add_tensor(_tname(gguf, MT.FFN_POST_NORM, i), w.norm(t.n_embd))
         else:
             writer.add_tensor(_tname(gguf, MT.FFN_NORM, i), w.norm(t.n_embd))
-        writer.add_tensor(_tname(gguf, MT.FFN_GATE, i), w.normal((t.n_ff, t.n_embd), 0.1))
-        writer.add_tensor(_tname(gguf, MT.FFN_UP, i), w.normal((t.n_ff, t.n_embd), 0.1))
-        writer.add_tensor(_tname(gguf, MT.FFN_DOWN, i), w.normal((t.n_embd, t.n_ff), 0.1))
+        writer.add_tensor(_tname(gguf, MT.FFN_GATE, i), w.normal((t.n_ff, t.n_embd), S["ffn"]))
+        writer.add_tensor(_tname(gguf, MT.FFN_UP, i), w.normal((t.n_ff, t.n_embd), S["ffn"]))
+        writer.add_tensor(_tname(gguf, MT.FFN_DOWN, i), w.normal((t.n_embd, t.n_ff), S["ffn"]))
 
     _finish(writer)
 
@@ -526,6 +541,7 @@ def _write_text_model(gguf, path: Path, family: str, t: _TextSpec, vocab: _Vocab
 def _write_mmproj(gguf, path: Path, family: str, v: _VisionSpec, n_embd_text: int, seed: int) -> None:
     MT = gguf.MODEL_TENSOR
     w = _Weights(seed, np.float32)
+    S = _INIT_STD
     d = v.n_embd
     n_side = v.image_size // v.patch_size
     n_patches = n_side * n_side
@@ -568,17 +584,17 @@ def _write_mmproj(gguf, path: Path, family: str, v: _VisionSpec, n_embd_text: in
 
     # patch embedding conv: ggml [kw, kh, 3, d] -> numpy (d, 3, kh, kw)
     conv_shape = (d, 3, v.patch_size, v.patch_size)
-    writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH), w.normal(conv_shape, 0.1))
+    writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH), w.normal(conv_shape, S["v_patch"]))
     if v.projector == "qwen2vl_merger":
         # second temporal slice of the Conv3d kernel
-        writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH) + ".1", w.normal(conv_shape, 0.1))
+        writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH) + ".1", w.normal(conv_shape, S["v_patch"]))
     else:
         if v.projector == "gemma3":
             writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH, suffix="bias"), w.bias(d))
         n_pos = n_patches + (1 if v.projector == "mlp" else 0)
         if v.projector == "mlp":
-            writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_CLS, suffix=None), w.normal((d,), 0.1))
-        writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_POS), w.normal((n_pos, d), 0.1))
+            writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_CLS, suffix=None), w.normal((d,), S["v_pos"]))
+        writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_POS), w.normal((n_pos, d), S["v_pos"]))
 
     if v.projector == "mlp":  # CLIP pre-layernorm
         writer.add_tensor(_tname(gguf, MT.V_PRE_NORM), w.norm(d))
@@ -589,11 +605,11 @@ def _write_mmproj(gguf, path: Path, family: str, v: _VisionSpec, n_embd_text: in
             writer.add_tensor(_tname(gguf, tensor, i), w.norm(d))
             writer.add_tensor(_tname(gguf, tensor, i, "bias"), w.bias(d))
         for tensor in (MT.V_ENC_ATTN_Q, MT.V_ENC_ATTN_K, MT.V_ENC_ATTN_V, MT.V_ENC_ATTN_O):
-            writer.add_tensor(_tname(gguf, tensor, i), w.normal((d, d), 0.08))
+            writer.add_tensor(_tname(gguf, tensor, i), w.normal((d, d), S["v_attn"]))
             writer.add_tensor(_tname(gguf, tensor, i, "bias"), w.bias(d))
-        writer.add_tensor(_tname(gguf, MT.V_ENC_FFN_UP, i), w.normal((v.n_ff, d), 0.08))
+        writer.add_tensor(_tname(gguf, MT.V_ENC_FFN_UP, i), w.normal((v.n_ff, d), S["v_ffn"]))
         writer.add_tensor(_tname(gguf, MT.V_ENC_FFN_UP, i, "bias"), w.bias(v.n_ff))
-        writer.add_tensor(_tname(gguf, MT.V_ENC_FFN_DOWN, i), w.normal((d, v.n_ff), 0.08))
+        writer.add_tensor(_tname(gguf, MT.V_ENC_FFN_DOWN, i), w.normal((d, v.n_ff), S["v_ffn"]))
         writer.add_tensor(_tname(gguf, MT.V_ENC_FFN_DOWN, i, "bias"), w.bias(d))
 
     if v.projector in ("gemma3", "qwen2vl_merger"):
@@ -603,19 +619,19 @@ def _write_mmproj(gguf, path: Path, family: str, v: _VisionSpec, n_embd_text: in
 
     if v.projector == "mlp":
         hidden = n_embd_text
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0), w.normal((hidden, d), 0.1))
+        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0), w.normal((hidden, d), S["mm"]))
         writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0, "bias"), w.bias(hidden))
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2), w.normal((n_embd_text, hidden), 0.1))
+        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2), w.normal((n_embd_text, hidden), S["mm"]))
         writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2, "bias"), w.bias(n_embd_text))
     elif v.projector == "qwen2vl_merger":
         merged = d * v.spatial_merge * v.spatial_merge
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0), w.normal((merged, merged), 0.05))
+        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0), w.normal((merged, merged), S["mm"]))
         writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0, "bias"), w.bias(merged))
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2), w.normal((n_embd_text, merged), 0.05))
+        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2), w.normal((n_embd_text, merged), S["mm"]))
         writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2, "bias"), w.bias(n_embd_text))
     elif v.projector == "gemma3":
         # used as transpose(W): ggml [n_embd_text, d] -> numpy (d, n_embd_text)
-        writer.add_tensor(_tname(gguf, MT.V_MM_INP_PROJ), w.normal((d, n_embd_text), 0.1))
+        writer.add_tensor(_tname(gguf, MT.V_MM_INP_PROJ), w.normal((d, n_embd_text), S["mm"]))
         writer.add_tensor(_tname(gguf, MT.V_MM_SOFT_EMB_NORM), w.norm(d))
     else:  # pragma: no cover
         raise AssertionError(v.projector)

@@ -1,0 +1,14 @@
+"""vp-gguf: GGUF vision-language models with VisionPulse per-step visual token selection."""
+from __future__ import annotations
+
+from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileError,
+                     ProjectorMismatchError, PromptError, VPGGUFError)
+from .model import ModelParams, SamplingParams, VisionModel
+from .result import GenerationResult, Timings
+
+__version__ = "0.1.0"
+__all__ = [
+    "VisionModel", "ModelParams", "SamplingParams", "GenerationResult", "Timings",
+    "VPGGUFError", "ModelFileError", "ProjectorMismatchError", "ImageError", "PromptError",
+    "ContextOverflowError", "DecodeError",
+]
