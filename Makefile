@@ -6,6 +6,7 @@ SDIST   = third_party/.cache/llama_cpp_python-0.3.36.tar.gz
 # extra CMake switches for our build, e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install
 CMAKE_ARGS ?=
 export CCACHE_DIR ?= $(HOME)/.cache/ccache
+export CCACHE_BASEDIR ?= $(CURDIR)
 
 .PHONY: install deps demo test patches patches-check fetch clean
 

@@ -107,7 +107,7 @@ _LLAVA_CHAT_TEMPLATE = (
     "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}\n"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
 _GEMMA3_CHAT_TEMPLATE = (
@@ -415,11 +415,16 @@ _INIT_STD = {
 }
 
 
-def tokens_per_image(family: str, width: int | None = None, height: int | None = None) -> int:
-    """Number of embeddings one image becomes (without marker tokens).
+def tokens_per_image(family: str, width: int | None = None, height: int | None = None,
+                     max_tokens: int | None = None) -> int:
+    """Number of embeddings one image becomes in llama.cpp (marker tokens excluded).
 
-    llava/gemma3 resize every image to a fixed square; qwen2vl keeps the aspect
-    ratio, so ``width``/``height`` (after llama.cpp's resize) are needed.
+    llava and gemma3 resize every image to a fixed square, so the size does not
+    matter. qwen2vl keeps the aspect ratio: the image is resized to multiples of
+    ``patch_size * 2`` (16 px) within the default 8..4096-token budget (or
+    ``max_tokens``, like ``--image-max-tokens``), one token per 16x16 block.
+    A 64x64 image gives 16 tokens; a 640x480 one gives 1200, more than a
+    512-token context holds (llama.cpp then aborts in mtmd_helper_decode_image_chunk).
     """
     _, v = _SPECS[family]
     if family == "llava":
@@ -429,7 +434,19 @@ def tokens_per_image(family: str, width: int | None = None, height: int | None =
     if width is None or height is None:
         width = height = v.image_size
     unit = v.patch_size * int(v.spatial_merge)
-    return (width // unit) * (height // unit)
+    min_px = 8 * unit * unit
+    max_px = (max_tokens or 4096) * unit * unit
+    w_bar = max(unit, int(round(width / unit)) * unit)
+    h_bar = max(unit, int(round(height / unit)) * unit)
+    if w_bar * h_bar > max_px:
+        beta = ((width * height) / max_px) ** 0.5
+        w_bar = max(unit, int(width / beta // unit) * unit)
+        h_bar = max(unit, int(height / beta // unit) * unit)
+    elif w_bar * h_bar < min_px:
+        beta = (min_px / (width * height)) ** 0.5
+        w_bar = -(-int(np.ceil(width * beta)) // unit) * unit
+        h_bar = -(-int(np.ceil(height * beta)) // unit) * unit
+    return (w_bar // unit) * (h_bar // unit)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""The vp-gguf command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def vp(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "vp_gguf.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def test_run_json(tiny_paths, images):
+    model, mmproj = tiny_paths("llava")
+    r = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
+           "-c", 1024, "-t", 2, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert set(d) >= {"text", "tokens", "n_prompt_tokens", "n_image_tokens", "n_generated", "timings"}
+    assert d["n_generated"] == len(d["tokens"]) > 0
+    assert {"image_encode_ms", "prefill_ms", "decode_tok_s"} <= set(d["timings"])
+
+
+def test_run_text_matches_json(tiny_paths, images):
+    model, mmproj = tiny_paths("llava")
+    common = ["run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "--image", images["b"],
+              "-p", "Describe.", "-n", 8, "-c", 1024, "-t", 2]
+    j = json.loads(vp(*common, "--json").stdout)
+    t = vp(*common)
+    assert t.returncode == 0, t.stderr
+    assert t.stdout == j["text"] + "\n"
+    assert "generated" in t.stderr
+
+
+def test_run_reports_errors_clearly(tiny_paths, tmp_path):
+    model, mmproj = tiny_paths("llava")
+    bad = tmp_path / "x.png"
+    bad.write_text("nope")
+    r = vp("run", "-m", model, "--mmproj", mmproj, "--image", bad, "-p", "Describe.")
+    assert r.returncode == 1
+    assert "vp-gguf: error:" in r.stderr and "cannot be read as an image" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_help_shows_an_example():
+    r = vp("run", "--help")
+    assert r.returncode == 0 and "example:" in r.stdout and "--mmproj" in r.stdout
