@@ -1,7 +1,7 @@
 """Routing of llama.cpp / libmtmd logs.
 
 Quiet by default; with verbose=True they go to stderr. Either way the recent
-warnings and errors are kept so that exceptions can say what the C side said.
+errors are kept so that exceptions can say what the C side said.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import threading
 from ._libs import llama_cpp as L
 from ._libs import mtmd_cpp as M
 
-_LEVEL_WARN, _LEVEL_ERROR, _LEVEL_CONT = 3, 4, 5
+_LEVEL_ERROR, _LEVEL_CONT = 4, 5
 _recent: collections.deque[str] = collections.deque(maxlen=16)
 _lock = threading.Lock()
 _verbose = False
@@ -27,7 +27,7 @@ def _callback(level: int, text: bytes, user_data) -> None:
         level = _last_level
     else:
         _last_level = level
-    if level >= _LEVEL_WARN and msg.strip():
+    if level == _LEVEL_ERROR and msg.strip():
         with _lock:
             _recent.append(msg.strip())
     if _verbose:
@@ -48,7 +48,7 @@ def clear() -> None:
 
 
 def last_error() -> str:
-    """The most recent warnings/errors from the C side, joined (empty if none)."""
+    """The most recent errors from the C side, joined (empty if none)."""
     with _lock:
         msgs = list(_recent)[-3:]
         _recent.clear()
