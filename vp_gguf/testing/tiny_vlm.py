@@ -44,6 +44,17 @@ GGUF files shipped in the llama.cpp tree's ``models/`` folder:
 In every case ``n_vocab`` (rows of ``token_embd``) equals the length of the
 written token list. The output projection is tied to ``token_embd``.
 
+Image tokens per image (see :func:`tokens_per_image`): llava 36 (48 px, patch
+8), gemma3 16 (64 px, patch 4, pooled 4x4), qwen2vl one per 16x16 block of
+the resized image (64x64 -> 16). qwen2vl follows the image resolution like
+the real model (up to 4096 tokens), so keep test images small or pass
+``--image-max-tokens`` when the context is small.
+
+The chat templates written for llava (vicuna style) and gemma3 are minimal
+Jinja templates that llama.cpp's template detection also recognises; qwen2vl
+keeps the ChatML template of the Qwen2 vocab file. ``llama-mtmd-cli`` refuses
+models without a chat template.
+
 The tokenizer keys are read with a small reader in this module instead of
 ``gguf.GGUFReader``: the latter needs about 7 s to open the Qwen2 vocab on a
 small machine, which would blow the build-time budget.
