@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from . import _log
+from . import _vp_ctypes as V
 from ._libs import llama_cpp as L
 from ._libs import mtmd_cpp as M
 from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileError,
@@ -24,6 +25,7 @@ from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileErr
 from .gguf_file import read_gguf_info
 from .images import ImageInput, describe, load_bitmap
 from .result import GenerationResult, Timings
+from .visionpulse import StepStats, VisionPulse, VisionPulseReport
 
 DEFAULT_MARKER = "<__media__>"
 _FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -243,19 +245,23 @@ class VisionModel:
 
     # -- generation ----------------------------------------------------------------------
     def generate(self, prompt: str, images: Sequence[ImageInput] = (), max_tokens: int = 128,
-                 sampling: SamplingParams | None = None, chat_template: bool = False) -> GenerationResult:
+                 sampling: SamplingParams | None = None, chat_template: bool = False,
+                 visionpulse: VisionPulse | str | int | None = None) -> GenerationResult:
         """Generate text from images and a prompt; returns the text, token ids, counts and timings.
 
         Images go where the prompt holds the marker ``<__media__>``; a prompt without
         markers gets one per image in front of it (as llama-mtmd-cli does).
+        ``visionpulse``: None/"off" (dense), 5 or 10 (the presets), or a VisionPulse with
+        any mode and knob; the per-step selection is reported in ``result.visionpulse``.
         """
-        for _ in self.stream(prompt, images, max_tokens, sampling, chat_template):
+        for _ in self.stream(prompt, images, max_tokens, sampling, chat_template, visionpulse):
             pass
         assert self.last_result is not None
         return self.last_result
 
     def stream(self, prompt: str, images: Sequence[ImageInput] = (), max_tokens: int = 128,
-               sampling: SamplingParams | None = None, chat_template: bool = False) -> Iterator[str]:
+               sampling: SamplingParams | None = None, chat_template: bool = False,
+               visionpulse: VisionPulse | str | int | None = None) -> Iterator[str]:
         """Like generate(), yielding text pieces as they are produced; the full result is
         in ``last_result`` afterwards."""
         if isinstance(images, (str, Path, bytes)):
@@ -264,12 +270,15 @@ class VisionModel:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         sampling = sampling or SamplingParams()
         sampling.check()
+        vp = VisionPulse.parse(visionpulse)
+        if vp is not None:
+            vp.check()
         if self._ctx is None:
             raise RuntimeError("this VisionModel was closed")
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this VisionModel is already generating (one generation at a time)")
         try:
-            yield from self._run(prompt, list(images), max_tokens, sampling, chat_template)
+            yield from self._run(prompt, list(images), max_tokens, sampling, chat_template, vp)
         finally:
             self._lock.release()
 
@@ -358,8 +367,26 @@ class VisionModel:
                                        f"{what}: raise n_ctx")
         raise DecodeError(f"llama.cpp failed to decode {what} (code {rc}): {_log.last_error() or ''}".strip())
 
-    def _eval_prompt(self, prep: _Prepared, t: Timings) -> int:
-        """Encode images and prefill every chunk; returns the next position."""
+    def _decode_tokens(self, tokens: Sequence[int], pos0: int, what: str) -> None:
+        """Decode text tokens at explicit positions (logits for the last one)."""
+        batch = L.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for j, tok in enumerate(tokens):
+                batch.token[j] = tok
+                batch.pos[j] = pos0 + j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = j == len(tokens) - 1
+            batch.n_tokens = len(tokens)
+            self._check_decode(L.llama_decode(self._ctx, batch), what)
+        finally:
+            L.llama_batch_free(batch)
+
+    def _eval_prompt(self, prep: _Prepared, t: Timings, vp: VisionPulse | None) -> int:
+        """Encode images and prefill every chunk (dense); returns the next position.
+
+        With VisionPulse "static", the last prompt token is decoded on its own with the
+        selection on, so that its query ranks the visual tokens once (FastV-style)."""
         L.llama_memory_clear(L.llama_get_memory(self._ctx), True)
         n_past = 0
         n = M.mtmd_input_chunks_size(prep.chunks)
@@ -368,9 +395,19 @@ class VisionModel:
             new_n_past = L.llama_pos(n_past)
             if M.mtmd_input_chunk_get_type(ch) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
                 t0 = time.perf_counter()
-                rc = M.mtmd_helper_eval_chunk_single(self._mctx, self._ctx, ch, n_past, 0,
-                                                     self.n_batch, i == n - 1, ctypes.byref(new_n_past))
-                self._check_decode(rc, "the prompt text")
+                if i == n - 1 and vp is not None and vp.mode == "static":
+                    n_tok = ctypes.c_size_t(0)
+                    ptr = M.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n_tok))
+                    toks = [ptr[j] for j in range(n_tok.value)]
+                    if len(toks) > 1:
+                        self._decode_tokens(toks[:-1], n_past, "the prompt text")
+                    self._enable_vp(vp)
+                    self._decode_tokens(toks[-1:], n_past + len(toks) - 1, "the last prompt token")
+                    new_n_past.value = n_past + len(toks)
+                else:
+                    rc = M.mtmd_helper_eval_chunk_single(self._mctx, self._ctx, ch, n_past, 0,
+                                                         self.n_batch, i == n - 1, ctypes.byref(new_n_past))
+                    self._check_decode(rc, "the prompt text")
                 t.prefill_ms += (time.perf_counter() - t0) * 1e3
             else:
                 t0 = time.perf_counter()
@@ -387,10 +424,37 @@ class VisionModel:
             n_past = new_n_past.value
         return n_past
 
+    def _enable_vp(self, vp: VisionPulse) -> None:
+        params = vp.to_c()
+        if V.llama_vp_enable(self._ctx, ctypes.byref(params)) != 0:
+            raise ValueError(f"VisionPulse: {V.last_error()}")
+        if vp.mode == "forced":
+            arr = (ctypes.c_int32 * max(1, len(vp.forced)))(*vp.forced)
+            V.llama_vp_set_forced(self._ctx, 0, arr, len(vp.forced))
+
+    def _vp_step_no(self) -> int:
+        st = V.llama_vp_stats()
+        return int(st.step) if V.llama_vp_get_stats(self._ctx, 0, ctypes.byref(st)) == 0 else 0
+
+    def _vp_step(self, report: VisionPulseReport) -> None:
+        st = V.llama_vp_stats()
+        if V.llama_vp_get_stats(self._ctx, 0, ctypes.byref(st)) == 0 and st.step > report._last_step:
+            report._last_step = int(st.step)
+            report.steps.append(StepStats(step=int(st.step), n_kv=st.n_kv, n_visual=st.n_visual,
+                                          n_kept=st.n_kept, mass=float(st.mass),
+                                          mass_kept=float(st.mass_kept),
+                                          kept=V.get_kept(self._ctx, 0)))
+
     def _run(self, prompt: str, images: list, max_tokens: int, sampling: SamplingParams,
-             chat_template: bool) -> Iterator[str]:
+             chat_template: bool, vp: VisionPulse | None) -> Iterator[str]:
         self.last_result = None
         _log.clear()
+        V.llama_vp_disable(self._ctx)  # prefill is always dense
+        V.llama_vp_reset(self._ctx, -1)
+        if vp is not None:  # refuse bad settings (e.g. an anchor out of range) before any work
+            self._enable_vp(vp)
+            V.llama_vp_disable(self._ctx)
+            V.llama_vp_reset(self._ctx, -1)
         prep = self._prepare(prompt, images, chat_template)
         t = Timings()
         t._n_prefill = prep.n_tokens
@@ -400,8 +464,15 @@ class VisionModel:
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop = "length"
         tok_arr = (L.llama_token * 1)()
+        report = None
         try:
-            n_past = self._eval_prompt(prep, t)
+            n_past = self._eval_prompt(prep, t, vp)
+            if vp is not None:
+                if vp.mode != "static":  # static: on since the last prompt token ranked the image
+                    self._enable_vp(vp)
+                report = VisionPulseReport(mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx),
+                                           settings=vp.resolved(), steps=[])
+                report._last_step = self._vp_step_no()
             t_dec = None
             while len(tokens) < max_tokens:
                 tok = L.llama_sampler_sample(sampler, self._ctx, -1)
@@ -425,6 +496,8 @@ class VisionModel:
                 self._check_decode(rc, "a generated token")
                 n_past += 1
                 t.n_decode += 1
+                if report is not None:
+                    self._vp_step(report)
             if t_dec is not None:
                 t.decode_ms = (time.perf_counter() - t_dec) * 1e3
             tail = utf8.decode(b"", final=True)
@@ -434,7 +507,8 @@ class VisionModel:
             self.last_result = GenerationResult(
                 text="".join(text_parts), tokens=tokens, n_prompt_tokens=prep.n_tokens,
                 n_image_tokens=prep.n_image_tokens, n_generated=len(tokens), stop_reason=stop,
-                timings=t)
+                timings=t, visionpulse=report)
         finally:
+            V.llama_vp_disable(self._ctx)
             L.llama_sampler_free(sampler)
             self._free_prepared(prep)

@@ -40,10 +40,13 @@ class GenerationResult:
     n_prompt_tokens: int   # every position in the prompt: text and image tokens
     n_image_tokens: int    # of which image tokens
     n_generated: int
-    stop_reason: str       # "eos" | "length"
+    stop_reason: str       # "eos" | "length" | "context"
     timings: Timings
+    visionpulse: Any = None  # VisionPulseReport when a selection mode was on
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+    def to_dict(self, per_step: bool = True) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("timings", "visionpulse")}
         d["timings"] = self.timings.to_dict()
+        if self.visionpulse is not None:
+            d["visionpulse"] = self.visionpulse.to_dict(per_step=per_step)
         return d

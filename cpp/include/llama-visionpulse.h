@@ -1,0 +1,80 @@
+// VisionPulse: per-decode-step visual token selection for llama.cpp.
+//
+// At every decode step (one query token per sequence) the anchor layer scores the
+// sequence's visual KV cells by the attention the step pays them, keeps the top K,
+// and every later layer attends to all text cells plus those K visual cells. The
+// KV cache itself is never modified: a cell dropped at one step can be kept at the next.
+// Prefill (any ubatch with more than one token per sequence) is always dense.
+//
+// Visual cells are the cells written from embedding input (libmtmd image chunks),
+// found automatically, or the position ranges given with llama_vp_mark_visual.
+#pragma once
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum llama_vp_mode {
+    LLAMA_VP_MODE_DENSE   = 0, // nothing masked; the probe still runs and reports stats
+    LLAMA_VP_MODE_DYNAMIC = 1, // VisionPulse: K = floor(clamp(mass, budget_min, budget_max) * N_v)
+    LLAMA_VP_MODE_FIXED   = 2, // K = floor(ratio * N_v) at every step, top-K by score
+    LLAMA_VP_MODE_RANDOM  = 3, // K as DYNAMIC, but a uniformly random visual subset (control)
+    LLAMA_VP_MODE_STATIC  = 4, // FastV-style: ranked once at the last prompt token, top ratio kept for good
+    LLAMA_VP_MODE_FORCED  = 5, // the set given with llama_vp_set_forced (tests, tools)
+};
+
+struct llama_vp_params {
+    int32_t  mode;          // enum llama_vp_mode
+    int32_t  anchor_layer;  // < 0: the full-attention layer nearest 47% of depth
+    float    tau;           // temperature of the mass softmax (> 0)
+    float    budget_min;    // DYNAMIC/RANDOM: lower clamp of the kept fraction, in (0, 1]
+    float    budget_max;    // DYNAMIC/RANDOM: upper clamp of the kept fraction, in (0, 1]
+    float    ratio;         // FIXED/STATIC: kept fraction, in (0, 1]
+    uint32_t seed;          // RANDOM: seed of the per-step choice
+    bool     auto_mark;     // treat cells written from embeddings as visual (default true)
+};
+
+// Preset "5": tau 0.1, budget [0.01, 0.05]. Preset "10": tau 0.4, budget [0.05, 0.10].
+LLAMA_API struct llama_vp_params llama_vp_default_params(void);
+LLAMA_API struct llama_vp_params llama_vp_preset_params(int32_t preset); // 5 or 10; else mode -1
+
+// Returns 0, or a negative code with a message in llama_vp_last_error():
+//  -1 invalid parameter, -2 unsupported model (no usable full-attention layer, ALiBi, ...)
+LLAMA_API int32_t llama_vp_enable (struct llama_context * ctx, const struct llama_vp_params * params);
+LLAMA_API void    llama_vp_disable(struct llama_context * ctx);
+LLAMA_API bool    llama_vp_enabled(const struct llama_context * ctx);
+LLAMA_API int32_t llama_vp_anchor_layer(const struct llama_context * ctx); // resolved anchor, -1 if off
+LLAMA_API const char * llama_vp_last_error(void);
+
+// Explicit marks: the cells of seq with positions in [p0, p1) are visual. Once a
+// sequence has explicit marks, only those count for it (auto marks are ignored).
+LLAMA_API int32_t llama_vp_mark_visual (struct llama_context * ctx, llama_seq_id seq, llama_pos p0, llama_pos p1);
+LLAMA_API int32_t llama_vp_clear_marks (struct llama_context * ctx, llama_seq_id seq); // seq < 0: all
+// Number of visual cells of seq now in the KV cache (either kind of mark).
+LLAMA_API int32_t llama_vp_n_visual(struct llama_context * ctx, llama_seq_id seq);
+
+// FORCED mode: keep exactly these visual ordinals of seq (ordinals number the seq's
+// visual cells in (pos, y, x) order, i.e. images in prompt order, row-major).
+LLAMA_API int32_t llama_vp_set_forced(struct llama_context * ctx, llama_seq_id seq, const int32_t * ordinals, int32_t n);
+
+struct llama_vp_stats {
+    int64_t step;          // decode steps with a selection so far for this seq
+    int32_t n_kv;          // cells attended by the step (visible to the query)
+    int32_t n_visual;      // N_v
+    int32_t n_kept;        // K (N_v when nothing was dropped)
+    float   mass;          // max over heads of the tau-softmax mass on visual cells
+    float   mass_kept;     // share of the visual attention mass (head mean) on the kept cells
+};
+
+// Stats of the last decode step that involved seq; returns 0, or -1 if there is none.
+LLAMA_API int32_t llama_vp_get_stats(const struct llama_context * ctx, llama_seq_id seq, struct llama_vp_stats * out);
+// Visual ordinals kept at the last step (ascending); returns their count (may exceed cap).
+LLAMA_API int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, int32_t * ordinals, int32_t cap);
+// Reset the per-seq step counters, stats and STATIC selections (e.g. before a new prompt).
+LLAMA_API void    llama_vp_reset(struct llama_context * ctx, llama_seq_id seq); // seq < 0: all
+
+#ifdef __cplusplus
+}
+#endif

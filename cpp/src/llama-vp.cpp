@@ -1,0 +1,708 @@
+// VisionPulse: per-decode-step visual token selection, built into the step's own graph.
+//
+// At the anchor layer of a decode step (one query token per sequence):
+//   scores  = q.k * kq_scale                                   [n_kv, rows, n_head, streams]
+//   mass_h  = sum over visual keys of softmax(scores/tau + mask) (all visible keys)
+//   mass    = max_h mass_h;  K = max(1, floor(clamp(mass, b_min, b_max) * N_v))
+//   rank    = argsort(mean_h scores + (visual ? 0 : -inf)), descending; the first K are kept
+//   mask'   = mask + (visual and not kept ? -BIG : 0)          used by every layer after the anchor
+// All with standard ggml ops, so it runs wherever the graph runs (CPU, CUDA, Metal).
+// K is data dependent, so the argsort keeps a static k_max = max over rows of the budget's
+// upper bound, and ranks >= K are switched off with step(K - rank).
+
+#include "llama-vp.h"
+
+#include "llama-context.h"
+#include "llama-graph.h"
+#include "llama-hparams.h"
+#include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-kv-cells.h"
+#include "llama-model.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <unordered_map>
+
+// Masked-out value: finite so that (1 - keep) * BIG stays a number; -1e30 is -inf in F16
+// and exp(-1e30 - max) is exactly 0 in F32.
+static constexpr float VP_BIG = 1e30f;
+
+static thread_local std::string g_vp_error;
+
+static int32_t vp_fail(int32_t code, const std::string & msg) {
+    g_vp_error = msg;
+    return code;
+}
+
+//
+// which cells are visual
+//
+
+static bool vp_cell_is_visual(const llama_vp_context & vp, const llama_kv_cells & cells, uint32_t i, llama_seq_id seq) {
+    if (cells.is_empty(i) || !cells.seq_has(i, seq)) {
+        return false;
+    }
+    auto it = vp.seqs.find(seq);
+    if (it != vp.seqs.end() && !it->second.marks.empty()) {
+        const llama_pos p = cells.pos_get(i);
+        for (const auto & r : it->second.marks) {
+            if (p >= r.first && p < r.second) {
+                return true;
+            }
+        }
+        return false;
+    }
+    return vp.params.auto_mark && cells.ext_get(i).tok == LLAMA_TOKEN_NULL;
+}
+
+// The visual cells of seq among the first n_kv cells, in ordinal order: (pos, y, x),
+// i.e. images in prompt order, each row-major (M-RoPE images share pos, differ in y/x).
+static std::vector<int32_t> vp_visual_cells(const llama_vp_context & vp, const llama_kv_cells & cells, uint32_t n_kv, llama_seq_id seq) {
+    std::vector<int32_t> res;
+    const uint32_t n = std::min<uint32_t>(n_kv, cells.size());
+    for (uint32_t i = 0; i < n; ++i) {
+        if (vp_cell_is_visual(vp, cells, i, seq)) {
+            res.push_back((int32_t) i);
+        }
+    }
+    std::stable_sort(res.begin(), res.end(), [&](int32_t a, int32_t b) {
+        const llama_pos pa = cells.pos_get(a), pb = cells.pos_get(b);
+        if (pa != pb) return pa < pb;
+        const auto & ea = cells.ext_get(a);
+        const auto & eb = cells.ext_get(b);
+        if (ea.y != eb.y) return ea.y < eb.y;
+        return ea.x < eb.x;
+    });
+    return res;
+}
+
+//
+// the graph input: per-row visual flags and budgets, set on the host before each step
+//
+
+class llm_graph_input_vp : public llm_graph_input_i {
+public:
+    struct row {
+        llama_seq_id seq = -1;
+        std::vector<int32_t> vis;       // visual cells of the base cache, ordinal order
+        std::vector<int32_t> vis_swa;   // visual cells of the SWA cache (for the map)
+        std::vector<int32_t> swa_to_base;
+    };
+
+    llama_vp_context * vp = nullptr;
+    int32_t mode = 0;          // effective mode of this step (STATIC becomes FIXED or FORCED)
+    bool rank_only = false;    // STATIC's first step: rank and remember, mask nothing
+    int64_t n_kv = 0, n_kv_swa = 0, n_rows = 0, n_stream = 1, k_max = 0, n_head = 0;
+    std::vector<row> rows;
+
+    ggml_tensor * t_vis      = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: 1 visual
+    ggml_tensor * t_vis_neg  = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: 0 visual, -inf not
+    ggml_tensor * t_nv       = nullptr; // F32 [1, n_rows, 1, n_stream]: N_v
+    ggml_tensor * t_k        = nullptr; // F32 [1, n_rows, 1, n_stream]: K (FIXED)
+    ggml_tensor * t_rand     = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: RANDOM ranking
+    ggml_tensor * t_rank     = nullptr; // F32 [k_max]: 0, 1, ..., k_max-1
+    ggml_tensor * t_drop     = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: FORCED drop mask
+    ggml_tensor * t_swa_map  = nullptr; // I32 [n_kv_swa, n_rows, n_stream]: base cell, n_kv if none
+    ggml_tensor * t_vis_swa  = nullptr; // F32 [n_kv_swa, n_rows, 1, n_stream]
+
+    // outputs read back after the step
+    ggml_tensor * o_mass = nullptr, * o_k = nullptr, * o_idx = nullptr, * o_keep = nullptr;
+    ggml_tensor * o_cov_num = nullptr, * o_cov_den = nullptr;
+
+    // built at the anchor, used by the layers after it
+    ggml_tensor * keep_full = nullptr; // F32 [1, n_kv + 1, n_rows, n_stream]
+    ggml_tensor * mask_base = nullptr;
+    ggml_tensor * mask_swa  = nullptr;
+    bool anchor_built = false;
+
+    void set_input(const llama_ubatch * ubatch) override;
+    bool can_reuse(const llm_graph_params & params) override { GGML_UNUSED(params); return false; }
+};
+
+// inputs that no op of this graph ended up using have no buffer
+static void vp_set(ggml_tensor * t, const void * data) {
+    if (t && t->buffer) {
+        ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
+    }
+}
+
+void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
+    GGML_UNUSED(ubatch);
+    const int64_t R = n_rows * n_stream;
+    std::vector<float> vis(n_kv * R, 0.0f), vis_neg(n_kv * R, -INFINITY), nv(R, 0.0f), kk(R, 1.0f);
+    std::vector<float> drop;
+    if (t_drop) drop.assign(n_kv * R, 0.0f);
+    for (int64_t r = 0; r < R; ++r) {
+        const auto & rw = rows[r];
+        for (int32_t c : rw.vis) {
+            vis[r*n_kv + c] = 1.0f;
+            vis_neg[r*n_kv + c] = 0.0f;
+        }
+        nv[r] = (float) rw.vis.size();
+        const float ratio = vp->params.ratio;
+        kk[r] = std::max(1.0f, std::floor(ratio * (float) rw.vis.size()));
+        if (t_drop) {
+            const auto it = vp->seqs.find(rw.seq);
+            std::vector<char> keep(rw.vis.size(), 0);
+            if (it != vp->seqs.end()) {
+                for (int32_t o : it->second.forced) {
+                    if (o >= 0 && o < (int32_t) keep.size()) keep[o] = 1;
+                }
+            }
+            for (size_t o = 0; o < rw.vis.size(); ++o) {
+                if (!keep[o]) drop[r*n_kv + rw.vis[o]] = -VP_BIG;
+            }
+        }
+    }
+    vp_set(t_vis, vis.data());
+    vp_set(t_vis_neg, vis_neg.data());
+    vp_set(t_nv, nv.data());
+    vp_set(t_k, kk.data());
+    vp_set(t_drop, drop.data());
+    if (t_rank) {
+        std::vector<float> rk(k_max);
+        for (int64_t i = 0; i < k_max; ++i) rk[i] = (float) i;
+        vp_set(t_rank, rk.data());
+    }
+    if (t_rand) {
+        std::uniform_real_distribution<float> u(0.0f, 1.0f);
+        std::vector<float> rnd(n_kv * R);
+        for (auto & x : rnd) x = u(vp->rng);
+        vp_set(t_rand, rnd.data());
+    }
+    if (t_swa_map) {
+        std::vector<int32_t> map(n_kv_swa * R, (int32_t) n_kv);
+        std::vector<float> vs(n_kv_swa * R, 0.0f);
+        for (int64_t r = 0; r < R; ++r) {
+            const auto & rw = rows[r];
+            for (size_t j = 0; j < rw.vis_swa.size(); ++j) {
+                map[r*n_kv_swa + rw.vis_swa[j]] = rw.swa_to_base[j];
+                vs [r*n_kv_swa + rw.vis_swa[j]] = 1.0f;
+            }
+        }
+        vp_set(t_swa_map, map.data());
+        vp_set(t_vis_swa, vs.data());
+    }
+}
+
+//
+// graph building
+//
+
+static ggml_tensor * vp_input(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3, const char * name) {
+    ggml_tensor * t = ggml_new_tensor_4d(ctx, type, ne0, ne1, ne2, ne3);
+    ggml_set_input(t);
+    ggml_set_name(t, name);
+    return t;
+}
+
+static ggml_tensor * vp_output(ggml_cgraph * gf, ggml_tensor * t, const char * name) {
+    ggml_set_name(t, name);
+    ggml_set_output(t);
+    ggml_build_forward_expand(gf, t);
+    return t;
+}
+
+// Creates the step's input object when the step is a decode step with visual cells.
+static llm_graph_input_vp * vp_begin_graph(
+        const llm_graph_context & g,
+        const llama_kv_cache_context * base,
+        const llama_kv_cache_context * swa) {
+    llama_vp_context * vp = g.cparams.vp;
+    const llama_ubatch & ub = g.ubatch;
+    if (!vp || !vp->enabled || !ub.token || ub.n_tokens == 0 || !g.cparams.causal_attn) {
+        return nullptr;
+    }
+    // a decode step: at most one token per sequence (prefill stays dense)
+    std::vector<char> seen(LLAMA_MAX_SEQ, 0);
+    for (uint32_t i = 0; i < ub.n_tokens; ++i) {
+        const llama_seq_id s = ub.seq_id[i][0];
+        if (ub.n_seq_id[i] != 1 || seen[s]) {
+            return nullptr;
+        }
+        seen[s] = 1;
+    }
+    const llama_kv_cache * kv = base->get_kv();
+    auto inp = std::make_unique<llm_graph_input_vp>();
+    inp->vp       = vp;
+    inp->mode     = vp->params.mode;
+    inp->n_kv     = base->get_n_kv();
+    inp->n_stream = g.cparams.kv_unified ? 1 : ub.n_seqs_unq;
+    inp->n_rows   = ub.n_tokens / inp->n_stream;
+    inp->n_head   = g.n_head;
+    inp->rows.resize(ub.n_tokens);
+    bool any = false;
+    int64_t nv_max = 0;
+    for (uint32_t i = 0; i < ub.n_tokens; ++i) {
+        auto & rw = inp->rows[i];
+        rw.seq = ub.seq_id[i][0];
+        rw.vis = vp_visual_cells(*vp, kv->get_cells(rw.seq), (uint32_t) inp->n_kv, rw.seq);
+        nv_max = std::max<int64_t>(nv_max, (int64_t) rw.vis.size());
+        any |= !rw.vis.empty();
+    }
+    if (!any) {
+        return nullptr;
+    }
+    if (inp->mode == LLAMA_VP_MODE_STATIC) {
+        // ranked once, at the first step after a reset (the caller makes that the last prompt
+        // token), then that set is kept for good
+        bool all_ranked = true;
+        for (const auto & rw : inp->rows) {
+            auto it = vp->seqs.find(rw.seq);
+            all_ranked &= it != vp->seqs.end() && it->second.has_forced;
+        }
+        inp->rank_only = !all_ranked;
+        inp->mode = all_ranked ? LLAMA_VP_MODE_FORCED : LLAMA_VP_MODE_FIXED;
+    }
+    float frac = 1.0f;
+    switch (inp->mode) {
+        case LLAMA_VP_MODE_DYNAMIC:
+        case LLAMA_VP_MODE_RANDOM: frac = vp->params.budget_max; break;
+        case LLAMA_VP_MODE_FIXED:  frac = vp->params.ratio;      break;
+        default: break;
+    }
+    inp->k_max = std::clamp<int64_t>((int64_t) std::ceil(frac * (double) nv_max), 1, nv_max);
+    if (swa) {
+        inp->n_kv_swa = swa->get_n_kv();
+        const llama_kv_cache * kvs = swa->get_kv();
+        for (auto & rw : inp->rows) {
+            std::unordered_map<llama_pos, int32_t> base_of;
+            const auto & cb = kv->get_cells(rw.seq);
+            for (int32_t c : rw.vis) base_of[cb.pos_get(c)] = c;
+            const auto & cs = kvs->get_cells(rw.seq);
+            for (uint32_t j = 0; j < std::min<uint32_t>((uint32_t) inp->n_kv_swa, cs.size()); ++j) {
+                if (cs.is_empty(j) || !cs.seq_has(j, rw.seq)) continue;
+                auto it = base_of.find(cs.pos_get(j));
+                if (it != base_of.end()) {
+                    rw.vis_swa.push_back((int32_t) j);
+                    rw.swa_to_base.push_back(it->second);
+                }
+            }
+        }
+    }
+    auto * raw = inp.get();
+    g.res->add_input(std::move(inp));
+    return raw;
+}
+
+// The probe and the selection, at the anchor layer.
+static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * inp,
+        ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale) {
+    ggml_context * ctx = g.ctx0;
+    const auto & p = inp->vp->params;
+    const int64_t n_kv = inp->n_kv, R = inp->n_rows, S = inp->n_stream, H = g.n_head;
+
+    inp->t_vis     = vp_input(ctx, GGML_TYPE_F32, n_kv, R, 1, S, "vp_vis");
+    inp->t_vis_neg = vp_input(ctx, GGML_TYPE_F32, n_kv, R, 1, S, "vp_vis_neg");
+    inp->t_nv      = vp_input(ctx, GGML_TYPE_F32, 1, R, 1, S, "vp_nv");
+
+    // scores of the current queries against every cell, per head (GQA by broadcast)
+    ggml_tensor * q4 = ggml_view_4d(ctx, q, q->ne[0], q->ne[1], R, S, q->nb[1], q->nb[2], q->nb[2]*R, 0);
+    q4 = ggml_permute(ctx, q4, 0, 2, 1, 3);                         // [d, R, H, S]
+    ggml_tensor * kp = ggml_permute(ctx, k, 0, 2, 1, 3);            // [d, n_kv, H_kv, S]
+    ggml_tensor * kq = ggml_mul_mat(ctx, kp, q4);                   // [n_kv, R, H, S]
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
+    if (g.hparams.attn_soft_cap) {
+        kq = ggml_scale(ctx, kq, 1.0f / g.hparams.f_attn_logit_softcapping);
+        kq = ggml_tanh(ctx, kq);
+        kq = ggml_scale(ctx, kq, g.hparams.f_attn_logit_softcapping);
+    }
+    ggml_tensor * mask = kq_mask->type == GGML_TYPE_F32 ? kq_mask : ggml_cast(ctx, kq_mask, GGML_TYPE_F32);
+
+    // visual mass: max over heads of the tau-softmax share on visual cells
+    ggml_tensor * pr = ggml_soft_max_ext(ctx, kq, mask, kq_scale / p.tau, 0.0f);      // [n_kv, R, H, S]
+    ggml_tensor * mass_h = ggml_sum_rows(ctx, ggml_mul(ctx, pr, inp->t_vis));          // [1, R, H, S]
+    ggml_tensor * mh = ggml_cont(ctx, ggml_permute(ctx, mass_h, 2, 1, 0, 3));          // [H, R, 1, S]
+    mh = ggml_reshape_2d(ctx, mh, H, R*S);
+    ggml_tensor * mass = ggml_pool_2d(ctx, mh, GGML_OP_POOL_MAX, (int) H, 1, (int) H, 1, 0, 0); // [1, R*S]
+    mass = ggml_reshape_4d(ctx, mass, 1, R, 1, S);
+    inp->o_mass = vp_output(g.gf, mass, "vp_mass");
+
+    // head-mean of the tau-softmax, for the share of mass the kept cells cover
+    ggml_tensor * pmean = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, pr, 1, 2, 0, 3))); // [1, n_kv, R, S]
+    pmean = ggml_reshape_4d(ctx, pmean, n_kv, R, 1, S);
+
+    ggml_tensor * keep_base = nullptr; // F32 [n_kv, R, 1, S]: 1 = visual and kept
+    if (inp->mode == LLAMA_VP_MODE_FORCED) {
+        inp->t_drop = vp_input(ctx, GGML_TYPE_F32, n_kv, R, 1, S, "vp_drop");
+        // keep = visual * (1 + drop/BIG)
+        keep_base = ggml_mul(ctx, inp->t_vis, ggml_scale_bias(ctx, inp->t_drop, 1.0f / VP_BIG, 1.0f));
+        inp->mask_base = ggml_add(ctx, mask, inp->t_drop);
+    } else if (inp->mode != LLAMA_VP_MODE_DENSE) {
+        const int64_t KM = inp->k_max;
+        ggml_tensor * K;
+        if (inp->mode == LLAMA_VP_MODE_FIXED) {
+            inp->t_k = vp_input(ctx, GGML_TYPE_F32, 1, R, 1, S, "vp_k");
+            K = inp->t_k;
+        } else {
+            K = ggml_clamp(ctx, mass, p.budget_min, p.budget_max);
+            K = ggml_floor(ctx, ggml_mul(ctx, K, inp->t_nv));
+            K = ggml_clamp(ctx, K, 1.0f, 1e9f);
+        }
+        inp->o_k = vp_output(g.gf, K, "vp_k_out");
+
+        // ranking: head-mean pre-softmax score (or random), visual cells only
+        ggml_tensor * score;
+        if (inp->mode == LLAMA_VP_MODE_RANDOM) {
+            inp->t_rand = vp_input(ctx, GGML_TYPE_F32, n_kv, R, 1, S, "vp_rand");
+            score = inp->t_rand;
+        } else {
+            score = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, kq, 1, 2, 0, 3))); // [1, n_kv, R, S]
+            score = ggml_reshape_4d(ctx, score, n_kv, R, 1, S);
+            score = ggml_scale(ctx, score, kq_scale / (float) H);
+        }
+        ggml_tensor * order = ggml_argsort(ctx, ggml_add(ctx, score, inp->t_vis_neg), GGML_SORT_ORDER_DESC);
+        ggml_tensor * idx = ggml_cont(ctx, ggml_view_4d(ctx, order, KM, R, 1, S,
+                                                        order->nb[1], order->nb[2], order->nb[3], 0));
+        inp->o_idx = vp_output(g.gf, idx, "vp_idx");
+
+        // keep rank r iff r < K
+        inp->t_rank = vp_input(ctx, GGML_TYPE_F32, KM, 1, 1, 1, "vp_rank");
+        ggml_tensor * keep_r = ggml_sub(ctx, ggml_repeat_4d(ctx, K, KM, R, 1, S), inp->t_rank);
+        keep_r = ggml_step(ctx, keep_r);                                                 // [KM, R, 1, S]
+        inp->o_keep = vp_output(g.gf, keep_r, "vp_keep");
+
+        // scatter the per-rank flags to cells; slot n_kv collects nothing (SWA map's "none")
+        ggml_tensor * full = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, n_kv + 1, R, S);
+        full = ggml_fill(ctx, full, 0.0f);
+        full = ggml_set_rows(ctx, full, ggml_reshape_4d(ctx, keep_r, 1, KM, R, S),
+                             ggml_reshape_4d(ctx, idx, KM, R, S, 1));
+        inp->keep_full = full;
+        keep_base = ggml_cont(ctx, ggml_view_4d(ctx, full, 1, n_kv, R, S, full->nb[1], full->nb[2], full->nb[3], 0));
+        keep_base = ggml_mul(ctx, ggml_reshape_4d(ctx, keep_base, n_kv, R, 1, S), inp->t_vis);
+        if (!inp->rank_only) {
+            // drop = visual and not kept
+            ggml_tensor * drop = ggml_scale(ctx, ggml_sub(ctx, inp->t_vis, keep_base), -VP_BIG);
+            inp->mask_base = ggml_add(ctx, mask, drop);
+        }
+    }
+
+    if (keep_base) {
+        ggml_tensor * num = ggml_sum_rows(ctx, ggml_mul(ctx, pmean, keep_base));
+        inp->o_cov_num = vp_output(g.gf, num, "vp_cov_num");
+    }
+    inp->o_cov_den = vp_output(g.gf, ggml_sum_rows(ctx, ggml_mul(ctx, pmean, inp->t_vis)), "vp_cov_den");
+
+    if (inp->mask_base && kq_mask->type != GGML_TYPE_F32) {
+        inp->mask_base = ggml_cast(ctx, inp->mask_base, kq_mask->type);
+    }
+    inp->anchor_built = true;
+}
+
+// The sliding-window layers' view of the same selection (their cells are indexed differently).
+static ggml_tensor * vp_build_swa_mask(const llm_graph_context & g, llm_graph_input_vp * inp, ggml_tensor * kq_mask_swa) {
+    ggml_context * ctx = g.ctx0;
+    const int64_t R = inp->n_rows, S = inp->n_stream, NS = inp->n_kv_swa;
+    inp->t_swa_map = vp_input(ctx, GGML_TYPE_I32, NS, R, S, 1, "vp_swa_map");
+    inp->t_vis_swa = vp_input(ctx, GGML_TYPE_F32, NS, R, 1, S, "vp_vis_swa");
+    ggml_tensor * mask = kq_mask_swa->type == GGML_TYPE_F32 ? kq_mask_swa : ggml_cast(ctx, kq_mask_swa, GGML_TYPE_F32);
+    ggml_tensor * keep;
+    if (inp->mode == LLAMA_VP_MODE_FORCED) {
+        // FORCED keeps per base cell in t_drop: gather it through the map
+        ggml_tensor * kd = ggml_scale_bias(ctx, inp->t_drop, 1.0f / VP_BIG, 1.0f); // 1 keep, 0 drop
+        ggml_tensor * kfull = ggml_concat(ctx, ggml_reshape_4d(ctx, kd, 1, inp->n_kv, R, S),
+                                          ggml_fill(ctx, ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, 1, R, S), 0.0f), 1);
+        keep = ggml_get_rows(ctx, kfull, inp->t_swa_map);
+    } else {
+        keep = ggml_get_rows(ctx, inp->keep_full, inp->t_swa_map);                // [1, NS, R, S]
+    }
+    keep = ggml_mul(ctx, ggml_reshape_4d(ctx, keep, NS, R, 1, S), inp->t_vis_swa);
+    ggml_tensor * drop = ggml_scale(ctx, ggml_sub(ctx, inp->t_vis_swa, keep), -VP_BIG);
+    ggml_tensor * res = ggml_add(ctx, mask, drop);
+    if (kq_mask_swa->type != GGML_TYPE_F32) {
+        res = ggml_cast(ctx, res, kq_mask_swa->type);
+    }
+    return res;
+}
+
+ggml_tensor * llama_vp_build_attn(
+        const llm_graph_context & g,
+        const llama_kv_cache_context * base,
+        const llama_kv_cache_context * swa,
+        bool          is_swa,
+        ggml_tensor * q,
+        ggml_tensor * k,
+        ggml_tensor * kq_mask,
+        float         kq_scale,
+        int           il) {
+    llama_vp_context * vp = g.cparams.vp;
+    if (!vp || !vp->enabled) {
+        return kq_mask;
+    }
+    if (!g.vp_graph_checked) {
+        g.vp_graph_checked = true;
+        g.vp_graph = vp_begin_graph(g, base, swa);
+    }
+    llm_graph_input_vp * inp = g.vp_graph;
+    if (!inp) {
+        return kq_mask;
+    }
+    if (il == vp->anchor) {
+        GGML_ASSERT(!is_swa && "the VisionPulse anchor must be a full-attention layer");
+        vp_build_anchor(g, inp, q, k, kq_mask, kq_scale);
+        return kq_mask; // the anchor itself stays dense
+    }
+    if (il < vp->anchor || !inp->anchor_built || !inp->mask_base) {
+        return kq_mask;
+    }
+    if (is_swa) {
+        if (!inp->mask_swa) {
+            inp->mask_swa = vp_build_swa_mask(g, inp, kq_mask);
+        }
+        return inp->mask_swa;
+    }
+    return inp->mask_base;
+}
+
+//
+// after the step: stats and kept sets
+//
+
+static std::vector<float> vp_get_f32(ggml_tensor * t) {
+    std::vector<float> v(t ? ggml_nelements(t) : 0);
+    if (t) ggml_backend_tensor_get(t, v.data(), 0, ggml_nbytes(t));
+    return v;
+}
+
+void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res) {
+    if (!vp || !res) return;
+    llm_graph_input_vp * inp = nullptr;
+    for (auto & in : res->inputs) {
+        if ((inp = dynamic_cast<llm_graph_input_vp *>(in.get()))) break;
+    }
+    if (!inp || !inp->anchor_built) return;
+    const int64_t R = inp->n_rows * inp->n_stream, KM = inp->k_max;
+    const auto mass = vp_get_f32(inp->o_mass);
+    const auto kk   = vp_get_f32(inp->o_k);
+    const auto keep = vp_get_f32(inp->o_keep);
+    const auto num  = vp_get_f32(inp->o_cov_num);
+    const auto den  = vp_get_f32(inp->o_cov_den);
+    std::vector<int32_t> idx(inp->o_idx ? ggml_nelements(inp->o_idx) : 0);
+    if (inp->o_idx) ggml_backend_tensor_get(inp->o_idx, idx.data(), 0, ggml_nbytes(inp->o_idx));
+
+    for (int64_t r = 0; r < R; ++r) {
+        const auto & rw = inp->rows[r];
+        auto & st = vp->seqs[rw.seq];
+        const int32_t nv = (int32_t) rw.vis.size();
+        std::vector<int32_t> kept;
+        if (inp->mode == LLAMA_VP_MODE_DENSE || nv == 0) {
+            for (int32_t o = 0; o < nv; ++o) kept.push_back(o);
+        } else if (inp->mode == LLAMA_VP_MODE_FORCED) {
+            for (int32_t o : st.forced) if (o >= 0 && o < nv) kept.push_back(o);
+        } else {
+            std::unordered_map<int32_t, int32_t> ord;
+            for (int32_t o = 0; o < nv; ++o) ord[rw.vis[o]] = o;
+            for (int64_t j = 0; j < KM; ++j) {
+                if (keep[r*KM + j] > 0.5f) {
+                    auto it = ord.find(idx[r*KM + j]);
+                    if (it != ord.end()) kept.push_back(it->second);
+                }
+            }
+        }
+        std::sort(kept.begin(), kept.end());
+        kept.erase(std::unique(kept.begin(), kept.end()), kept.end());
+        st.stats.step     += 1;
+        st.stats.n_kv      = (int32_t) inp->n_kv;
+        st.stats.n_visual  = nv;
+        st.stats.n_kept    = (int32_t) kept.size();
+        st.stats.mass      = mass.empty() ? 0.0f : mass[r];
+        st.stats.mass_kept = (num.empty() || den.empty() || den[r] <= 0.0f) ? 1.0f : num[r] / den[r];
+        (void) kk;
+        if (inp->rank_only) {
+            st.forced = kept;
+            st.has_forced = true;
+        }
+        st.kept = std::move(kept);
+        st.has_stats = true;
+    }
+}
+
+void llama_vp_free(llama_vp_context * vp) {
+    delete vp;
+}
+
+//
+// C API
+//
+
+static llama_vp_context * vp_of(const llama_context * ctx) {
+    return ctx ? ctx->get_cparams().vp : nullptr;
+}
+
+struct llama_vp_params llama_vp_default_params(void) {
+    return llama_vp_preset_params(5);
+}
+
+struct llama_vp_params llama_vp_preset_params(int32_t preset) {
+    llama_vp_params p = {};
+    p.mode         = LLAMA_VP_MODE_DYNAMIC;
+    p.anchor_layer = -1;
+    p.tau          = 0.1f;
+    p.budget_min   = 0.01f;
+    p.budget_max   = 0.05f;
+    p.ratio        = 0.05f;
+    p.seed         = 0;
+    p.auto_mark    = true;
+    if (preset == 10) {
+        p.tau = 0.4f; p.budget_min = 0.05f; p.budget_max = 0.10f; p.ratio = 0.10f;
+    } else if (preset != 5) {
+        p.mode = -1;
+    }
+    return p;
+}
+
+const char * llama_vp_last_error(void) {
+    return g_vp_error.c_str();
+}
+
+static bool vp_frac_ok(float x) {
+    return std::isfinite(x) && x > 0.0f && x <= 1.0f;
+}
+
+int32_t llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params * params) {
+    if (!ctx || !params) return vp_fail(-1, "null context or parameters");
+    const llama_vp_params & p = *params;
+    if (p.mode < LLAMA_VP_MODE_DENSE || p.mode > LLAMA_VP_MODE_FORCED) {
+        return vp_fail(-1, "unknown mode " + std::to_string(p.mode));
+    }
+    if (!std::isfinite(p.tau) || p.tau <= 0.0f) return vp_fail(-1, "tau must be a finite number > 0");
+    if (!vp_frac_ok(p.budget_min) || !vp_frac_ok(p.budget_max)) return vp_fail(-1, "budget_min and budget_max must be in (0, 1]");
+    if (p.budget_min > p.budget_max) return vp_fail(-1, "budget_min must not exceed budget_max");
+    if (!vp_frac_ok(p.ratio)) return vp_fail(-1, "ratio must be in (0, 1]");
+
+    const auto & hp = ctx->get_model().hparams;
+    const int32_t n_layer = (int32_t) hp.n_layer();
+    if (hp.f_max_alibi_bias != 0.0f) return vp_fail(-2, "models with ALiBi are not supported");
+    int32_t anchor = p.anchor_layer;
+    if (anchor < 0) {
+        // the full-attention layer nearest 47% of depth (17 of 36 in the reference)
+        const double target = 0.47 * n_layer;
+        double best = 1e9;
+        for (int32_t il = 0; il < n_layer; ++il) {
+            if (hp.is_swa(il)) continue;
+            if (std::fabs(il - target) < best) { best = std::fabs(il - target); anchor = il; }
+        }
+        if (anchor < 0) return vp_fail(-2, "the model has no full-attention layer to anchor on");
+    } else if (anchor >= n_layer) {
+        return vp_fail(-1, "anchor_layer " + std::to_string(anchor) + " out of range [0, " + std::to_string(n_layer) + ")");
+    } else if (hp.is_swa(anchor)) {
+        return vp_fail(-1, "anchor_layer " + std::to_string(anchor) + " is a sliding-window layer; pick a full-attention layer");
+    }
+    llama_vp_context * vp = vp_of(ctx);
+    if (!vp) vp = new llama_vp_context();
+    vp->params  = p;
+    vp->anchor  = anchor;
+    vp->enabled = true;
+    vp->rng.seed(p.seed);
+    ctx->set_vp(vp);
+    return 0;
+}
+
+void llama_vp_disable(struct llama_context * ctx) {
+    llama_vp_context * vp = vp_of(ctx);
+    if (vp && vp->enabled) {
+        vp->enabled = false;
+        ctx->set_vp(vp);
+    }
+}
+
+bool llama_vp_enabled(const struct llama_context * ctx) {
+    const llama_vp_context * vp = vp_of(ctx);
+    return vp && vp->enabled;
+}
+
+int32_t llama_vp_anchor_layer(const struct llama_context * ctx) {
+    const llama_vp_context * vp = vp_of(ctx);
+    return vp && vp->enabled ? vp->anchor : -1;
+}
+
+static llama_vp_context * vp_state(struct llama_context * ctx) {
+    llama_vp_context * vp = vp_of(ctx);
+    if (!vp) {
+        vp = new llama_vp_context();
+        vp->params = llama_vp_default_params();
+        ctx->set_vp(vp);
+    }
+    return vp;
+}
+
+int32_t llama_vp_mark_visual(struct llama_context * ctx, llama_seq_id seq, llama_pos p0, llama_pos p1) {
+    if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
+    if (p1 <= p0 || p0 < 0) return vp_fail(-1, "empty or negative position range");
+    vp_state(ctx)->seqs[seq].marks.emplace_back(p0, p1);
+    return 0;
+}
+
+int32_t llama_vp_clear_marks(struct llama_context * ctx, llama_seq_id seq) {
+    if (!ctx) return vp_fail(-1, "null context");
+    llama_vp_context * vp = vp_of(ctx);
+    if (!vp) return 0;
+    for (auto & [s, st] : vp->seqs) {
+        if (seq < 0 || s == seq) st.marks.clear();
+    }
+    return 0;
+}
+
+int32_t llama_vp_n_visual(struct llama_context * ctx, llama_seq_id seq) {
+    if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
+    llama_vp_context * vp = vp_state(ctx);
+    auto * mem = ctx->get_memory();
+    const llama_kv_cache * kv = dynamic_cast<const llama_kv_cache *>(mem);
+    if (!kv) {
+        if (auto * iswa = dynamic_cast<const llama_kv_cache_iswa *>(mem)) kv = iswa->get_base();
+    }
+    if (!kv) return vp_fail(-2, "the context's memory is not a KV cache");
+    const auto & cells = kv->get_cells(seq);
+    return (int32_t) vp_visual_cells(*vp, cells, cells.size(), seq).size();
+}
+
+int32_t llama_vp_set_forced(struct llama_context * ctx, llama_seq_id seq, const int32_t * ordinals, int32_t n) {
+    if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
+    if (n < 0 || (n > 0 && !ordinals)) return vp_fail(-1, "invalid ordinals");
+    auto & st = vp_state(ctx)->seqs[seq];
+    st.forced.assign(ordinals, ordinals + n);
+    std::sort(st.forced.begin(), st.forced.end());
+    st.forced.erase(std::unique(st.forced.begin(), st.forced.end()), st.forced.end());
+    st.has_forced = true;
+    return 0;
+}
+
+int32_t llama_vp_get_stats(const struct llama_context * ctx, llama_seq_id seq, struct llama_vp_stats * out) {
+    const llama_vp_context * vp = vp_of(ctx);
+    if (!vp || !out) return -1;
+    auto it = vp->seqs.find(seq);
+    if (it == vp->seqs.end() || !it->second.has_stats) return -1;
+    *out = it->second.stats;
+    return 0;
+}
+
+int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, int32_t * ordinals, int32_t cap) {
+    const llama_vp_context * vp = vp_of(ctx);
+    if (!vp) return 0;
+    auto it = vp->seqs.find(seq);
+    if (it == vp->seqs.end()) return 0;
+    const auto & kept = it->second.kept;
+    for (int32_t i = 0; i < cap && i < (int32_t) kept.size(); ++i) ordinals[i] = kept[i];
+    return (int32_t) kept.size();
+}
+
+void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq) {
+    llama_vp_context * vp = vp_of(ctx);
+    if (!vp) return;
+    for (auto & [s, st] : vp->seqs) {
+        if (seq >= 0 && s != seq) continue;
+        st.stats = {};
+        st.has_stats = false;
+        st.kept.clear();
+        if (vp->params.mode == LLAMA_VP_MODE_STATIC) { // a new prompt is ranked anew
+            st.forced.clear();
+            st.has_forced = false;
+        }
+    }
+}

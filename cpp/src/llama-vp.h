@@ -1,0 +1,55 @@
+// VisionPulse internals shared by our sources and the hooks in the patched tree.
+#pragma once
+
+#include "llama-visionpulse.h"
+
+#include <cstdint>
+#include <map>
+#include <random>
+#include <utility>
+#include <vector>
+
+struct ggml_tensor;
+struct llm_graph_context;
+struct llm_graph_result;
+class llama_kv_cache_context;
+class llm_graph_input_vp;
+
+struct llama_vp_seq {
+    std::vector<std::pair<llama_pos, llama_pos>> marks; // explicit visual ranges [p0, p1)
+    std::vector<int32_t> forced;                        // FORCED: kept visual ordinals (sorted)
+    bool has_forced = false;
+    llama_vp_stats stats = {};
+    bool has_stats = false;
+    std::vector<int32_t> kept;                          // kept ordinals of the last step
+};
+
+// Per llama_context state; owned by the context (cparams.vp), freed with it.
+struct llama_vp_context {
+    llama_vp_params params = {};
+    bool enabled = false;
+    int32_t anchor = -1;
+    std::map<llama_seq_id, llama_vp_seq> seqs;
+    std::mt19937 rng;
+};
+
+// Hooks called from the patched upstream files.
+
+// In build_attn, before the attention itself: returns the mask this layer should use.
+// `base`/`swa`: the cache contexts of the full-attention and sliding-window caches
+// (`swa` is null for models with a single cache); `is_swa`: this layer's kind.
+ggml_tensor * llama_vp_build_attn(
+        const llm_graph_context & g,
+        const llama_kv_cache_context * base,
+        const llama_kv_cache_context * swa,
+        bool          is_swa,
+        ggml_tensor * q,
+        ggml_tensor * k,
+        ggml_tensor * kq_mask,
+        float         kq_scale,
+        int           il);
+
+// After a ubatch's graph was computed: read the step's selection and stats back.
+void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res);
+
+void llama_vp_free(llama_vp_context * vp);

@@ -1,0 +1,83 @@
+"""ctypes mirror of cpp/include/llama-visionpulse.h (our additions to libllama).
+
+Like llama-cpp-python's own layer: plain structs and functions, bound from the
+libllama that llama_cpp already loaded (one copy per process).
+"""
+from __future__ import annotations
+
+import ctypes
+from ctypes import POINTER, Structure, c_bool, c_char_p, c_float, c_int32, c_int64, c_uint32, c_void_p
+
+from ._libs import llama_cpp as L
+
+_lib = L._lib
+
+LLAMA_VP_MODE_DENSE = 0
+LLAMA_VP_MODE_DYNAMIC = 1
+LLAMA_VP_MODE_FIXED = 2
+LLAMA_VP_MODE_RANDOM = 3
+LLAMA_VP_MODE_STATIC = 4
+LLAMA_VP_MODE_FORCED = 5
+
+
+class llama_vp_params(Structure):
+    _fields_ = [
+        ("mode", c_int32),
+        ("anchor_layer", c_int32),
+        ("tau", c_float),
+        ("budget_min", c_float),
+        ("budget_max", c_float),
+        ("ratio", c_float),
+        ("seed", c_uint32),
+        ("auto_mark", c_bool),
+    ]
+
+
+class llama_vp_stats(Structure):
+    _fields_ = [
+        ("step", c_int64),
+        ("n_kv", c_int32),
+        ("n_visual", c_int32),
+        ("n_kept", c_int32),
+        ("mass", c_float),
+        ("mass_kept", c_float),
+    ]
+
+
+def _bind(name: str, argtypes: list, restype):
+    f = getattr(_lib, name)
+    f.argtypes, f.restype = argtypes, restype
+    return f
+
+
+_ctx = c_void_p
+llama_vp_default_params = _bind("llama_vp_default_params", [], llama_vp_params)
+llama_vp_preset_params = _bind("llama_vp_preset_params", [c_int32], llama_vp_params)
+llama_vp_enable = _bind("llama_vp_enable", [_ctx, POINTER(llama_vp_params)], c_int32)
+llama_vp_disable = _bind("llama_vp_disable", [_ctx], None)
+llama_vp_enabled = _bind("llama_vp_enabled", [_ctx], c_bool)
+llama_vp_anchor_layer = _bind("llama_vp_anchor_layer", [_ctx], c_int32)
+llama_vp_last_error = _bind("llama_vp_last_error", [], c_char_p)
+llama_vp_mark_visual = _bind("llama_vp_mark_visual", [_ctx, c_int32, c_int32, c_int32], c_int32)
+llama_vp_clear_marks = _bind("llama_vp_clear_marks", [_ctx, c_int32], c_int32)
+llama_vp_n_visual = _bind("llama_vp_n_visual", [_ctx, c_int32], c_int32)
+llama_vp_set_forced = _bind("llama_vp_set_forced", [_ctx, c_int32, POINTER(c_int32), c_int32], c_int32)
+llama_vp_get_stats = _bind("llama_vp_get_stats", [_ctx, c_int32, POINTER(llama_vp_stats)], c_int32)
+llama_vp_get_kept = _bind("llama_vp_get_kept", [_ctx, c_int32, POINTER(c_int32), c_int32], c_int32)
+llama_vp_reset = _bind("llama_vp_reset", [_ctx, c_int32], None)
+
+
+def get_kept(ctx, seq: int) -> list[int]:
+    n = llama_vp_get_kept(ctx, seq, None, 0)
+    buf = (c_int32 * max(n, 1))()
+    n = llama_vp_get_kept(ctx, seq, buf, len(buf))
+    return list(buf[:n])
+
+
+def last_error() -> str:
+    e = llama_vp_last_error()
+    return e.decode(errors="replace") if e else ""
+
+
+__all__ = [n for n in dir() if n.startswith(("llama_vp", "LLAMA_VP"))] + ["get_kept", "last_error"]
+_ = ctypes  # keep the import for users of this module's namespace

@@ -1,0 +1,134 @@
+"""VisionPulse settings and per-step reports (Python side of cpp/include/llama-visionpulse.h)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence, Union
+
+from . import _vp_ctypes as V
+
+MODES = {
+    "dense": V.LLAMA_VP_MODE_DENSE,          # nothing dropped; stats only
+    "visionpulse": V.LLAMA_VP_MODE_DYNAMIC,  # the method: budget from the visual mass
+    "fixed": V.LLAMA_VP_MODE_FIXED,          # fixed ratio per step
+    "random": V.LLAMA_VP_MODE_RANDOM,        # same budget as visionpulse, random tokens (control)
+    "static": V.LLAMA_VP_MODE_STATIC,        # FastV-style: ranked once at the last prompt token
+    "forced": V.LLAMA_VP_MODE_FORCED,        # a given set (tests, tools)
+}
+PRESETS = {5: (0.1, 0.01, 0.05), 10: (0.4, 0.05, 0.10)}  # tau, budget_min, budget_max
+
+
+@dataclass
+class VisionPulse:
+    """Per-step visual token selection settings.
+
+    ``VisionPulse()`` is the paper's "<=5%" preset; ``VisionPulse(preset=10)`` the "<=10%" one.
+    Every knob can be overridden; ``ratio`` is the kept fraction of ``fixed``/``static``
+    (default: the preset's upper budget).
+    """
+    mode: str = "visionpulse"
+    preset: int = 5
+    tau: float | None = None
+    budget_min: float | None = None
+    budget_max: float | None = None
+    ratio: float | None = None
+    anchor_layer: int | None = None  # None: the full-attention layer nearest 47% of depth
+    seed: int = 0
+    forced: Sequence[int] | None = None  # mode "forced": kept visual ordinals
+
+    @classmethod
+    def parse(cls, spec: Union["VisionPulse", str, int, None], mode: str | None = None) -> "VisionPulse | None":
+        """``None``/"off" -> None; 5/"5"/10/"10" -> that preset (with ``mode`` if given)."""
+        if spec is None or isinstance(spec, VisionPulse):
+            if spec is not None and mode is not None:
+                spec.mode = mode
+            return spec if spec is not None else (cls(mode=mode) if mode and mode != "off" else None)
+        s = str(spec).strip().lower()
+        if s in ("off", "none", ""):
+            return None
+        if s not in ("5", "10"):
+            raise ValueError(f"unknown VisionPulse preset {spec!r}: use 5, 10 or off")
+        return cls(preset=int(s), mode=mode or "visionpulse")
+
+    def resolved(self) -> dict[str, Any]:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown VisionPulse preset {self.preset!r}: use 5 or 10")
+        tau, bmin, bmax = PRESETS[self.preset]
+        d = dict(tau=self.tau if self.tau is not None else tau,
+                 budget_min=self.budget_min if self.budget_min is not None else bmin,
+                 budget_max=self.budget_max if self.budget_max is not None else bmax)
+        d["ratio"] = self.ratio if self.ratio is not None else d["budget_max"]
+        return d
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown VisionPulse mode {self.mode!r}: one of {', '.join(MODES)}")
+        r = self.resolved()
+        for k, v in r.items():
+            if not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
+                raise ValueError(f"VisionPulse {k} must be a finite number, got {v!r}")
+        if r["tau"] <= 0:
+            raise ValueError(f"VisionPulse tau must be > 0, got {r['tau']}")
+        for k in ("budget_min", "budget_max", "ratio"):
+            if not 0 < r[k] <= 1:
+                raise ValueError(f"VisionPulse {k} must be in (0, 1], got {r[k]}")
+        if r["budget_min"] > r["budget_max"]:
+            raise ValueError(f"VisionPulse budget_min ({r['budget_min']}) exceeds budget_max ({r['budget_max']})")
+        if self.mode == "forced" and self.forced is None:
+            raise ValueError("VisionPulse mode 'forced' needs the kept ordinals (forced=[...])")
+
+    def to_c(self) -> V.llama_vp_params:
+        self.check()
+        r = self.resolved()
+        p = V.llama_vp_params()
+        p.mode = MODES[self.mode]
+        p.anchor_layer = -1 if self.anchor_layer is None else int(self.anchor_layer)
+        p.tau, p.budget_min, p.budget_max, p.ratio = r["tau"], r["budget_min"], r["budget_max"], r["ratio"]
+        p.seed = self.seed & 0xFFFFFFFF
+        p.auto_mark = True
+        return p
+
+
+@dataclass
+class StepStats:
+    """One decode step's selection (sequence 0)."""
+    step: int
+    n_kv: int
+    n_visual: int
+    n_kept: int
+    mass: float        # max over heads of the tau-softmax mass on visual tokens
+    mass_kept: float   # share of the (head-mean) visual mass on the kept tokens
+    kept: list[int] = field(default_factory=list)  # visual ordinals (images in order, row-major)
+
+    @property
+    def retention(self) -> float:
+        return self.n_kept / self.n_visual if self.n_visual else 1.0
+
+
+@dataclass
+class VisionPulseReport:
+    mode: str
+    anchor_layer: int
+    settings: dict[str, Any]
+    steps: list[StepStats]
+    _last_step: int = field(default=0, repr=False)  # the C side's step counter at the last record
+
+    def summary(self) -> dict[str, float]:
+        if not self.steps:
+            return {"steps": 0}
+        ret = [s.retention for s in self.steps]
+        mass = [s.mass for s in self.steps]
+        cov = [s.mass_kept for s in self.steps]
+        return {
+            "steps": len(self.steps),
+            "retention_mean": sum(ret) / len(ret), "retention_min": min(ret), "retention_max": max(ret),
+            "mass_mean": sum(mass) / len(mass), "mass_min": min(mass), "mass_max": max(mass),
+            "mass_kept_mean": sum(cov) / len(cov),
+        }
+
+    def to_dict(self, per_step: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {"mode": self.mode, "anchor_layer": self.anchor_layer,
+                             "settings": self.settings, "summary": self.summary()}
+        if per_step:
+            d["steps"] = [asdict(s) for s in self.steps]
+        return d
