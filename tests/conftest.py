@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+
+os.environ.setdefault("GGML_NO_BACKTRACE", "1")  # an abort in a test should not start gdb
 from pathlib import Path
 
 import numpy as np

@@ -4,11 +4,13 @@ from __future__ import annotations
 from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileError,
                      ProjectorMismatchError, PromptError, VPGGUFError)
 from .model import ModelParams, SamplingParams, VisionModel
-from .result import GenerationResult, Timings
+from .result import GenerationResult, ImageSpan, Timings
+from .visionpulse import StepStats, VisionPulse, VisionPulseReport
 
 __version__ = "0.1.0"
 __all__ = [
-    "VisionModel", "ModelParams", "SamplingParams", "GenerationResult", "Timings",
+    "VisionModel", "ModelParams", "SamplingParams", "GenerationResult", "Timings", "ImageSpan",
+    "VisionPulse", "VisionPulseReport", "StepStats",
     "VPGGUFError", "ModelFileError", "ProjectorMismatchError", "ImageError", "PromptError",
     "ContextOverflowError", "DecodeError",
 ]

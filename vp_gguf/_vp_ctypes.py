@@ -30,6 +30,7 @@ class llama_vp_params(Structure):
         ("ratio", c_float),
         ("seed", c_uint32),
         ("auto_mark", c_bool),
+        ("first_pruned_layer", c_int32),
     ]
 
 

@@ -24,12 +24,13 @@ from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileErr
                      ProjectorMismatchError, PromptError)
 from .gguf_file import read_gguf_info
 from .images import ImageInput, describe, load_bitmap
-from .result import GenerationResult, Timings
+from .result import GenerationResult, ImageSpan, Timings
 from .visionpulse import StepStats, VisionPulse, VisionPulseReport
 
 DEFAULT_MARKER = "<__media__>"
 _FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+_KV_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type ids
 _NO_POST_DECODE = M.mtmd_helper_post_decode_callback()  # a NULL function pointer
 _NON_CAUSAL_IMAGE_PROJECTORS = {"gemma3", "gemma4v", "gemma4uv", "deepseek4v"}
 
@@ -46,6 +47,11 @@ class ModelParams:
     mmproj_use_gpu: bool = True  # the projector follows n_gpu_layers != 0 unless this is False
     warmup: bool = True          # run the projector once at load, as llama.cpp's tools do
     verbose: bool = False        # llama.cpp's logs on stderr
+    n_seq_max: int = 1           # sequences one context can hold (for multi-sequence use)
+    kv_unified: bool = True      # one KV stream for all sequences (False: one per sequence)
+    type_k: str = "f16"          # KV cache types: "f16" or "q8_0" (quantized V needs flash attention)
+    type_v: str = "f16"
+    capture: tuple[str, ...] = ()  # debugging: names of graph tensors to copy out at every step
 
     def check(self) -> None:
         if self.n_ctx < 16:
@@ -54,6 +60,10 @@ class ModelParams:
             raise ValueError("n_batch and n_ubatch must be positive")
         if self.n_threads is not None and self.n_threads < 1:
             raise ValueError(f"n_threads must be positive, got {self.n_threads}")
+        if self.type_k not in _KV_TYPES or self.type_v not in _KV_TYPES:
+            raise ValueError(f"type_k/type_v must be one of {sorted(_KV_TYPES)}")
+        if self.n_seq_max < 1:
+            raise ValueError("n_seq_max must be >= 1")
         if self.flash_attn not in _FLASH_ATTN:
             raise ValueError(f"flash_attn must be one of {sorted(_FLASH_ATTN)}, got {self.flash_attn!r}")
 
@@ -157,6 +167,14 @@ class VisionModel:
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.flash_attn_type = _FLASH_ATTN[p.flash_attn]
         cp.no_perf = True
+        cp.n_seq_max = p.n_seq_max
+        cp.kv_unified = p.kv_unified
+        cp.type_k, cp.type_v = _KV_TYPES[p.type_k], _KV_TYPES[p.type_v]
+        self.captured: dict[str, list] = {}
+        if p.capture:
+            from ._capture import make_eval_callback
+            self._cb_eval = make_eval_callback(set(p.capture), self.captured)
+            cp.cb_eval = self._cb_eval
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
             raise ModelFileError(f"llama.cpp could not create a context for {self.model_path} "
@@ -282,6 +300,57 @@ class VisionModel:
         finally:
             self._lock.release()
 
+    def teacher_forced(self, prompt: str, images: Sequence[ImageInput], tokens: Sequence[int],
+                       visionpulse: VisionPulse | str | int | None = None,
+                       after_prefill=None):
+        """Logits at every step when ``tokens`` are fed as the answer (no sampling).
+
+        Returns ``(logits, report)``: logits is a float32 array [len(tokens), n_vocab] whose
+        row i predicts tokens[i] (row 0 comes from the dense prefill); report holds the
+        per-step VisionPulse selection (or None). ``after_prefill(model, image_spans)``, if
+        given, runs between the prompt and the first forced token (tests use it to edit the cache)."""
+        import numpy as np
+        vp = VisionPulse.parse(visionpulse)
+        if vp is not None:
+            vp.check()
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this VisionModel is already generating (one generation at a time)")
+        n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        out = np.zeros((len(tokens), n_vocab), dtype=np.float32)
+        prep = None
+        try:
+            V.llama_vp_disable(self._ctx)
+            V.llama_vp_reset(self._ctx, -1)
+            prep = self._prepare(prompt, list(images), False)
+            n_past = self._eval_prompt(prep, Timings(), vp)
+            if after_prefill is not None:
+                after_prefill(self, list(self._image_spans))
+            report = None
+            if vp is not None:
+                if vp.mode != "static":
+                    self._enable_vp(vp)
+                report = VisionPulseReport(mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx),
+                                           settings=vp.resolved(), steps=[])
+                report._last_step = self._vp_step_no()
+            tok_arr = (L.llama_token * 1)()
+            for i, tok in enumerate(tokens):
+                ptr = L.llama_get_logits_ith(self._ctx, -1)
+                out[i] = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+                if i == len(tokens) - 1:
+                    break
+                tok_arr[0] = tok
+                self._check_decode(L.llama_decode(self._ctx, L.llama_batch_get_one(tok_arr, 1)),
+                                   "a forced token")
+                n_past += 1
+                if report is not None:
+                    self._vp_step(report)
+            return out, report
+        finally:
+            V.llama_vp_disable(self._ctx)
+            if prep is not None:
+                self._free_prepared(prep)
+            self._lock.release()
+
     def _prompt_text(self, prompt: str, n_images: int, chat_template: bool) -> str:
         n_markers = prompt.count(self.marker)
         if n_markers == 0 and n_images:
@@ -388,6 +457,7 @@ class VisionModel:
         With VisionPulse "static", the last prompt token is decoded on its own with the
         selection on, so that its query ranks the visual tokens once (FastV-style)."""
         L.llama_memory_clear(L.llama_get_memory(self._ctx), True)
+        self._image_spans: list[ImageSpan] = []
         n_past = 0
         n = M.mtmd_input_chunks_size(prep.chunks)
         for i in range(n):
@@ -410,6 +480,11 @@ class VisionModel:
                     self._check_decode(rc, "the prompt text")
                 t.prefill_ms += (time.perf_counter() - t0) * 1e3
             else:
+                img = M.mtmd_input_chunk_get_tokens_image(ch)
+                self._image_spans.append(ImageSpan(
+                    pos=n_past, n_tokens=M.mtmd_input_chunk_get_n_tokens(ch),
+                    n_pos=M.mtmd_input_chunk_get_n_pos(ch),
+                    nx=M.mtmd_image_tokens_get_nx(img), ny=M.mtmd_image_tokens_get_ny(img)))
                 t0 = time.perf_counter()
                 if M.mtmd_encode_chunk(self._mctx, ch) != 0:
                     raise ImageError(f"the projector failed to encode image chunk {i}: "
@@ -507,7 +582,7 @@ class VisionModel:
             self.last_result = GenerationResult(
                 text="".join(text_parts), tokens=tokens, n_prompt_tokens=prep.n_tokens,
                 n_image_tokens=prep.n_image_tokens, n_generated=len(tokens), stop_reason=stop,
-                timings=t, visionpulse=report)
+                timings=t, visionpulse=report, images=list(self._image_spans))
         finally:
             V.llama_vp_disable(self._ctx)
             L.llama_sampler_free(sampler)

@@ -34,6 +34,16 @@ class Timings:
 
 
 @dataclass
+class ImageSpan:
+    """Where one image chunk sits in the sequence: its first position, its token grid."""
+    pos: int        # position of its first token
+    n_tokens: int
+    n_pos: int      # positions it takes (M-RoPE: max(nx, ny); else n_tokens)
+    nx: int         # token grid columns
+    ny: int         # token grid rows
+
+
+@dataclass
 class GenerationResult:
     text: str
     tokens: list[int]
@@ -43,9 +53,10 @@ class GenerationResult:
     stop_reason: str       # "eos" | "length" | "context"
     timings: Timings
     visionpulse: Any = None  # VisionPulseReport when a selection mode was on
+    images: list[ImageSpan] = field(default_factory=list)
 
     def to_dict(self, per_step: bool = True) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in ("timings", "visionpulse")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("timings", "visionpulse", "images")}
         d["timings"] = self.timings.to_dict()
         if self.visionpulse is not None:
             d["visionpulse"] = self.visionpulse.to_dict(per_step=per_step)

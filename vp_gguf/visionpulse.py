@@ -33,6 +33,7 @@ class VisionPulse:
     budget_max: float | None = None
     ratio: float | None = None
     anchor_layer: int | None = None  # None: the full-attention layer nearest 47% of depth
+    first_pruned_layer: int | None = None  # None: the layer after the anchor ("forced" may go lower)
     seed: int = 0
     forced: Sequence[int] | None = None  # mode "forced": kept visual ordinals
 
@@ -86,6 +87,7 @@ class VisionPulse:
         p.tau, p.budget_min, p.budget_max, p.ratio = r["tau"], r["budget_min"], r["budget_max"], r["ratio"]
         p.seed = self.seed & 0xFFFFFFFF
         p.auto_mark = True
+        p.first_pruned_layer = -1 if self.first_pruned_layer is None else int(self.first_pruned_layer)
         return p
 
 

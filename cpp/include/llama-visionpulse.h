@@ -34,6 +34,8 @@ struct llama_vp_params {
     float    ratio;         // FIXED/STATIC: kept fraction, in (0, 1]
     uint32_t seed;          // RANDOM: seed of the per-step choice
     bool     auto_mark;     // treat cells written from embeddings as visual (default true)
+    int32_t  first_pruned_layer; // < 0: anchor + 1. FORCED may prune from any layer (even 0);
+                                 // the other modes select at the anchor, so only after it
 };
 
 // Preset "5": tau 0.1, budget [0.01, 0.05]. Preset "10": tau 0.4, budget [0.05, 0.10].

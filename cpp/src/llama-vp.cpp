@@ -291,6 +291,17 @@ static llm_graph_input_vp * vp_begin_graph(
     return raw;
 }
 
+static ggml_tensor * vp_forced_drop(const llm_graph_context & g, llm_graph_input_vp * inp) {
+    if (!inp->t_drop) {
+        inp->t_drop = vp_input(g.ctx0, GGML_TYPE_F32, inp->n_kv, inp->n_rows, 1, inp->n_stream, "vp_drop");
+    }
+    return inp->t_drop;
+}
+
+static ggml_tensor * vp_as_mask_type(ggml_context * ctx, ggml_tensor * m, const ggml_tensor * like) {
+    return like->type == GGML_TYPE_F32 ? m : ggml_cast(ctx, m, like->type);
+}
+
 // The probe and the selection, at the anchor layer.
 static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * inp,
         ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale) {
@@ -330,10 +341,12 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
 
     ggml_tensor * keep_base = nullptr; // F32 [n_kv, R, 1, S]: 1 = visual and kept
     if (inp->mode == LLAMA_VP_MODE_FORCED) {
-        inp->t_drop = vp_input(ctx, GGML_TYPE_F32, n_kv, R, 1, S, "vp_drop");
-        // keep = visual * (1 + drop/BIG)
-        keep_base = ggml_mul(ctx, inp->t_vis, ggml_scale_bias(ctx, inp->t_drop, 1.0f / VP_BIG, 1.0f));
-        inp->mask_base = ggml_add(ctx, mask, inp->t_drop);
+        // keep = visual * (1 + drop/BIG); the mask itself may already exist (pruning from below the anchor)
+        ggml_tensor * drop = vp_forced_drop(g, inp);
+        keep_base = ggml_mul(ctx, inp->t_vis, ggml_scale_bias(ctx, drop, 1.0f / VP_BIG, 1.0f));
+        if (!inp->mask_base) {
+            inp->mask_base = vp_as_mask_type(ctx, ggml_add(ctx, mask, drop), kq_mask);
+        }
     } else if (inp->mode != LLAMA_VP_MODE_DENSE) {
         const int64_t KM = inp->k_max;
         ggml_tensor * K;
@@ -389,8 +402,8 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
     }
     inp->o_cov_den = vp_output(g.gf, ggml_sum_rows(ctx, ggml_mul(ctx, pmean, inp->t_vis)), "vp_cov_den");
 
-    if (inp->mask_base && kq_mask->type != GGML_TYPE_F32) {
-        inp->mask_base = ggml_cast(ctx, inp->mask_base, kq_mask->type);
+    if (inp->mask_base && inp->mode != LLAMA_VP_MODE_FORCED) {
+        inp->mask_base = vp_as_mask_type(ctx, inp->mask_base, kq_mask);
     }
     inp->anchor_built = true;
 }
@@ -405,7 +418,7 @@ static ggml_tensor * vp_build_swa_mask(const llm_graph_context & g, llm_graph_in
     ggml_tensor * keep;
     if (inp->mode == LLAMA_VP_MODE_FORCED) {
         // FORCED keeps per base cell in t_drop: gather it through the map
-        ggml_tensor * kd = ggml_scale_bias(ctx, inp->t_drop, 1.0f / VP_BIG, 1.0f); // 1 keep, 0 drop
+        ggml_tensor * kd = ggml_scale_bias(ctx, vp_forced_drop(g, inp), 1.0f / VP_BIG, 1.0f); // 1 keep, 0 drop
         ggml_tensor * kfull = ggml_concat(ctx, ggml_reshape_4d(ctx, kd, 1, inp->n_kv, R, S),
                                           ggml_fill(ctx, ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, 1, R, S), 0.0f), 1);
         keep = ggml_get_rows(ctx, kfull, inp->t_swa_map);
@@ -443,21 +456,28 @@ ggml_tensor * llama_vp_build_attn(
     if (!inp) {
         return kq_mask;
     }
+    const bool pruned = il >= vp->first_pruned;
+    if (pruned && inp->mode == LLAMA_VP_MODE_FORCED && !is_swa && !inp->mask_base) {
+        // FORCED needs no probe: its mask can serve layers below the anchor too
+        ggml_tensor * mask = kq_mask->type == GGML_TYPE_F32 ? kq_mask : ggml_cast(g.ctx0, kq_mask, GGML_TYPE_F32);
+        inp->mask_base = vp_as_mask_type(g.ctx0, ggml_add(g.ctx0, mask, vp_forced_drop(g, inp)), kq_mask);
+    }
+    ggml_tensor * res = kq_mask;
+    if (pruned && (inp->mode == LLAMA_VP_MODE_FORCED || inp->anchor_built)) {
+        if (is_swa) {
+            if (!inp->mask_swa && (inp->mode == LLAMA_VP_MODE_FORCED || inp->keep_full)) {
+                inp->mask_swa = vp_build_swa_mask(g, inp, kq_mask);
+            }
+            res = inp->mask_swa ? inp->mask_swa : kq_mask;
+        } else if (inp->mask_base) {
+            res = inp->mask_base;
+        }
+    }
     if (il == vp->anchor) {
         GGML_ASSERT(!is_swa && "the VisionPulse anchor must be a full-attention layer");
-        vp_build_anchor(g, inp, q, k, kq_mask, kq_scale);
-        return kq_mask; // the anchor itself stays dense
+        vp_build_anchor(g, inp, q, k, kq_mask, kq_scale); // probes the dense attention
     }
-    if (il < vp->anchor || !inp->anchor_built || !inp->mask_base) {
-        return kq_mask;
-    }
-    if (is_swa) {
-        if (!inp->mask_swa) {
-            inp->mask_swa = vp_build_swa_mask(g, inp, kq_mask);
-        }
-        return inp->mask_swa;
-    }
-    return inp->mask_base;
+    return res;
 }
 
 //
@@ -549,6 +569,7 @@ struct llama_vp_params llama_vp_preset_params(int32_t preset) {
     p.ratio        = 0.05f;
     p.seed         = 0;
     p.auto_mark    = true;
+    p.first_pruned_layer = -1;
     if (preset == 10) {
         p.tau = 0.4f; p.budget_min = 0.05f; p.budget_max = 0.10f; p.ratio = 0.10f;
     } else if (preset != 5) {
@@ -594,10 +615,18 @@ int32_t llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params
     } else if (hp.is_swa(anchor)) {
         return vp_fail(-1, "anchor_layer " + std::to_string(anchor) + " is a sliding-window layer; pick a full-attention layer");
     }
+    int32_t first = p.first_pruned_layer < 0 ? anchor + 1 : p.first_pruned_layer;
+    if (first > n_layer) {
+        return vp_fail(-1, "first_pruned_layer out of range");
+    }
+    if (first <= anchor && p.mode != LLAMA_VP_MODE_FORCED) {
+        return vp_fail(-1, "only FORCED mode can prune at or below the anchor layer (the selection is made there)");
+    }
     llama_vp_context * vp = vp_of(ctx);
     if (!vp) vp = new llama_vp_context();
     vp->params  = p;
     vp->anchor  = anchor;
+    vp->first_pruned = first;
     vp->enabled = true;
     vp->rng.seed(p.seed);
     ctx->set_vp(vp);

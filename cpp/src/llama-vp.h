@@ -29,6 +29,7 @@ struct llama_vp_context {
     llama_vp_params params = {};
     bool enabled = false;
     int32_t anchor = -1;
+    int32_t first_pruned = -1; // resolved: layers >= this one use the selection
     std::map<llama_seq_id, llama_vp_seq> seqs;
     std::mt19937 rng;
 };

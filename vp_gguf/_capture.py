@@ -1,0 +1,40 @@
+"""Debugging aid: copy named graph tensors out at every step (llama.cpp's cb_eval).
+
+Used by the oracle tests to read the anchor layer's attention probabilities
+(``kq_soft_max-<layer>``, non-flash-attention path) exactly as the graph computed them.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from ._libs import llama_cpp as L
+
+_ggml = ctypes.CDLL(L._lib._name.replace("libllama", "libggml-base"))
+_ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+_ggml.ggml_get_name.restype = ctypes.c_char_p
+_ggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
+_ggml.ggml_nbytes.restype = ctypes.c_size_t
+_ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+_ggml.ggml_backend_tensor_get.restype = None
+
+_GGML_TYPE_F32 = 0
+_NE_OFFSET = 16  # struct ggml_tensor { enum ggml_type type; buffer*; int64_t ne[4]; ... }
+
+
+def make_eval_callback(names: set[str], sink: dict[str, list]):
+    @L.ggml_backend_sched_eval_callback
+    def cb(t, ask, user_data):
+        name = (_ggml.ggml_get_name(t) or b"").decode()
+        if ask:
+            return name in names
+        if name in names:
+            typ = ctypes.c_int32.from_address(t).value
+            ne = [ctypes.c_int64.from_address(t + _NE_OFFSET + 8 * i).value for i in range(4)]
+            if typ == _GGML_TYPE_F32:
+                arr = np.empty(ne[::-1], dtype=np.float32)
+                _ggml.ggml_backend_tensor_get(t, arr.ctypes.data, 0, _ggml.ggml_nbytes(t))
+                sink.setdefault(name, []).append(arr)
+        return True
+    return cb
