@@ -46,3 +46,25 @@ def test_run_reports_errors_clearly(tiny_paths, tmp_path):
 def test_help_shows_an_example():
     r = vp("run", "--help")
     assert r.returncode == 0 and "example:" in r.stdout and "--mmproj" in r.stdout
+
+
+def test_run_with_visionpulse_json(tiny_paths, images):
+    model, mmproj = tiny_paths("gemma3")
+    r = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
+           "-c", 1024, "-t", 2, "--visionpulse", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)["visionpulse"]
+    assert v["mode"] == "visionpulse" and v["settings"]["tau"] == 0.1
+    assert len(v["steps"]) == v["summary"]["steps"] > 0
+    assert {"n_visual", "n_kept", "mass", "mass_kept", "kept"} <= set(v["steps"][0])
+    t = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
+           "-c", 1024, "-t", 2, "--visionpulse", "10", "--mode", "random")
+    assert t.returncode == 0 and "visionpulse random" in t.stderr
+
+
+def test_run_rejects_bad_visionpulse_settings(tiny_paths, images):
+    model, mmproj = tiny_paths("llava")
+    for args, msg in ((["--visionpulse", "7"], "preset"), (["--visionpulse", "5", "--vp-tau", "0"], "tau"),
+                      (["--visionpulse", "5", "--vp-budget-min", "0.5", "--vp-budget-max", "0.1"], "exceeds")):
+        r = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "x", *args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr

@@ -10,6 +10,7 @@ from .errors import VPGGUFError
 
 EXAMPLE = """example:
   vp-gguf run -m model.gguf --mmproj mmproj.gguf --image photo.png -p "Describe the image." -n 64
+  vp-gguf run -m model.gguf --mmproj mmproj.gguf --image photo.png -p "Describe it." --visionpulse 5 --json
   vp-gguf run -m model.gguf --mmproj mmproj.gguf --image a.png --image b.png \\
       -p "What differs between <__media__> and <__media__>?" --json
 """
@@ -38,7 +39,19 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="flash attention (default auto)")
     p.add_argument("--chat-template", action="store_true",
                    help="wrap the prompt in the model's chat template (default: raw prompt)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    g = p.add_argument_group("VisionPulse (per-step visual token selection)")
+    g.add_argument("--visionpulse", default="off", metavar="5|10|off",
+                   help="preset: 5 (keep <=5%% of visual tokens per step), 10, or off (default)")
+    g.add_argument("--mode", default=None, choices=["visionpulse", "dense", "fixed", "random", "static"],
+                   help="selection mode to compare with (default visionpulse when a preset is on)")
+    g.add_argument("--vp-tau", type=float, default=None, help="temperature of the visual-mass softmax")
+    g.add_argument("--vp-budget-min", type=float, default=None, help="lower clamp of the kept fraction")
+    g.add_argument("--vp-budget-max", type=float, default=None, help="upper clamp of the kept fraction")
+    g.add_argument("--vp-ratio", type=float, default=None, help="kept fraction for --mode fixed/static")
+    g.add_argument("--vp-anchor", type=int, default=None, help="anchor layer (default: nearest 47%% of depth)")
+    g.add_argument("--vp-seed", type=int, default=0, help="seed of --mode random")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of the text (with per-step VisionPulse stats)")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's logs")
 
 
@@ -52,8 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def visionpulse_from_args(a: argparse.Namespace):
+    from .visionpulse import VisionPulse
+    vp = VisionPulse.parse(a.visionpulse, mode=a.mode)
+    if vp is None and a.mode is not None:
+        vp = VisionPulse(mode=a.mode)
+    if vp is not None:
+        vp.tau, vp.budget_min, vp.budget_max = a.vp_tau, a.vp_budget_min, a.vp_budget_max
+        vp.ratio, vp.anchor_layer, vp.seed = a.vp_ratio, a.vp_anchor, a.vp_seed
+        vp.check()
+    return vp
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from .model import VisionModel, ModelParams, SamplingParams
+
+    try:
+        vp = visionpulse_from_args(a)
+    except ValueError as e:
+        print(f"vp-gguf: error: {e}", file=sys.stderr)
+        return 2
 
     params = ModelParams(n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads,
                          n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn, verbose=a.verbose)
@@ -61,12 +92,12 @@ def cmd_run(a: argparse.Namespace) -> int:
     with VisionModel(a.model, a.mmproj, params) as model:
         if a.json:
             res = model.generate(a.prompt, images=a.image, max_tokens=a.n_predict,
-                                 sampling=sampling, chat_template=a.chat_template)
+                                 sampling=sampling, chat_template=a.chat_template, visionpulse=vp)
             json.dump(res.to_dict(), sys.stdout)
             sys.stdout.write("\n")
         else:
             for piece in model.stream(a.prompt, images=a.image, max_tokens=a.n_predict,
-                                      sampling=sampling, chat_template=a.chat_template):
+                                      sampling=sampling, chat_template=a.chat_template, visionpulse=vp):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
@@ -77,6 +108,12 @@ def cmd_run(a: argparse.Namespace) -> int:
                       f"{res.n_generated} generated; encode {t.image_encode_ms:.0f} ms, "
                       f"prefill {t.prefill_tok_s:.1f} tok/s, decode {t.decode_tok_s:.1f} tok/s]",
                       file=sys.stderr)
+                if res.visionpulse is not None and res.visionpulse.steps:
+                    sm = res.visionpulse.summary()
+                    print(f"[visionpulse {res.visionpulse.mode}, anchor layer {res.visionpulse.anchor_layer}: "
+                          f"kept {100 * sm['retention_mean']:.1f}% of visual tokens per step "
+                          f"(min {100 * sm['retention_min']:.1f}%, max {100 * sm['retention_max']:.1f}%), "
+                          f"visual mass {sm['mass_mean']:.3f}]", file=sys.stderr)
     return 0
 
 
