@@ -300,3 +300,30 @@ def test_presets_parse():
     assert VisionPulse.parse("10").resolved() == {"tau": 0.4, "budget_min": 0.05, "budget_max": 0.1, "ratio": 0.1}
     with pytest.raises(ValueError, match="preset"):
         VisionPulse.parse("7")
+
+
+def test_state_reload_needs_remarking(load_model, images):
+    """A saved sequence state does not carry the auto marks (documented): after loading it the
+    image is invisible to VisionPulse (a dense no-op) until llama_vp_mark_visual re-marks it."""
+    m = load_model("llava", flash_attn="off")
+    toks = dense_tokens(m, [images["a"]])
+    _, ref = m.teacher_forced(P, [images["a"]], toks, VisionPulse(mode="fixed", ratio=0.25))
+    span = m._image_spans[0]
+
+    def reload_state(model, spans):
+        ctx = model._ctx
+        n = L.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * n)()
+        assert L.llama_state_seq_get_data(ctx, buf, n, 0) == n
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        assert L.llama_state_seq_set_data(ctx, buf, n, 0) == n
+        assert V.llama_vp_n_visual(ctx, 0) == 0  # marks lost with the reload
+        assert V.llama_vp_mark_visual(ctx, 0, spans[0].pos, spans[0].pos + spans[0].n_tokens) == 0
+        assert V.llama_vp_n_visual(ctx, 0) == spans[0].n_tokens
+    try:
+        _, rep = m.teacher_forced(P, [images["a"]], toks, VisionPulse(mode="fixed", ratio=0.25),
+                                  after_prefill=reload_state)
+    finally:
+        V.llama_vp_clear_marks(m._ctx, -1)
+    assert [s.kept for s in rep.steps] == [s.kept for s in ref.steps]
+    assert span.n_tokens == rep.steps[0].n_visual
