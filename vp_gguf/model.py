@@ -325,13 +325,7 @@ class VisionModel:
             n_past = self._eval_prompt(prep, Timings(), vp)
             if after_prefill is not None:
                 after_prefill(self, list(self._image_spans))
-            report = None
-            if vp is not None:
-                if vp.mode != "static":
-                    self._enable_vp(vp)
-                report = VisionPulseReport(mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx),
-                                           settings=vp.resolved(), steps=[])
-                report._last_step = self._vp_step_no()
+            report = self._start_vp(vp)
             tok_arr = (L.llama_token * 1)()
             for i, tok in enumerate(tokens):
                 ptr = L.llama_get_logits_ith(self._ctx, -1)
@@ -507,6 +501,17 @@ class VisionModel:
             arr = (ctypes.c_int32 * max(1, len(vp.forced)))(*vp.forced)
             V.llama_vp_set_forced(self._ctx, 0, arr, len(vp.forced))
 
+    def _start_vp(self, vp: VisionPulse | None) -> VisionPulseReport | None:
+        """Switch the selection on for generation (after the dense prefill)."""
+        if vp is None:
+            return None
+        if vp.mode != "static":  # static: on since the last prompt token ranked the image
+            self._enable_vp(vp)
+        report = VisionPulseReport(mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx),
+                                   settings=vp.resolved(), steps=[])
+        report._last_step = self._vp_step_no()
+        return report
+
     def _vp_step_no(self) -> int:
         st = V.llama_vp_stats()
         return int(st.step) if V.llama_vp_get_stats(self._ctx, 0, ctypes.byref(st)) == 0 else 0
@@ -539,15 +544,9 @@ class VisionModel:
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop = "length"
         tok_arr = (L.llama_token * 1)()
-        report = None
         try:
             n_past = self._eval_prompt(prep, t, vp)
-            if vp is not None:
-                if vp.mode != "static":  # static: on since the last prompt token ranked the image
-                    self._enable_vp(vp)
-                report = VisionPulseReport(mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx),
-                                           settings=vp.resolved(), steps=[])
-                report._last_step = self._vp_step_no()
+            report = self._start_vp(vp)
             t_dec = None
             while len(tokens) < max_tokens:
                 tok = L.llama_sampler_sample(sampler, self._ctx, -1)
