@@ -327,3 +327,24 @@ def test_state_reload_needs_remarking(load_model, images):
         V.llama_vp_clear_marks(m._ctx, -1)
     assert [s.kept for s in rep.steps] == [s.kept for s in ref.steps]
     assert span.n_tokens == rep.steps[0].n_visual
+
+
+@pytest.mark.parametrize("family,grid", [("llava", (6, 6)), ("qwen2vl", None), ("gemma3", (4, 4))])
+def test_kept_tokens_map_to_image_patches(load_model, images, family, grid):
+    m = load_model(family)
+    r = m.generate(P, images=[images["a"], images["b"]] if family != "qwen2vl" else [images["a"]],
+                   max_tokens=4, visionpulse=VisionPulse(mode="fixed", ratio=0.5))
+    spans = r.images
+    if grid is not None:
+        assert spans[0].grid == grid
+    rows, cols = spans[0].grid
+    assert rows * cols == spans[0].n_tokens
+    seen = set()
+    for s in r.visionpulse.steps:
+        for o in s.kept:
+            i, row, col = vp_gguf.locate(spans, o)
+            assert 0 <= i < len(spans) and 0 <= row < spans[i].grid[0] and 0 <= col < spans[i].grid[1]
+            seen.add(i)
+    assert seen  # kept tokens land in real patches
+    with pytest.raises(IndexError):
+        vp_gguf.locate(spans, sum(sp.n_tokens for sp in spans))

@@ -4,13 +4,13 @@ from __future__ import annotations
 from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileError,
                      ProjectorMismatchError, PromptError, VPGGUFError)
 from .model import ModelParams, SamplingParams, VisionModel
-from .result import GenerationResult, ImageSpan, Timings
+from .result import GenerationResult, ImageSpan, Timings, locate
 from .visionpulse import StepStats, VisionPulse, VisionPulseReport
 
 __version__ = "0.1.0"
 __all__ = [
     "VisionModel", "ModelParams", "SamplingParams", "GenerationResult", "Timings", "ImageSpan",
-    "VisionPulse", "VisionPulseReport", "StepStats",
+    "VisionPulse", "VisionPulseReport", "StepStats", "locate",
     "VPGGUFError", "ModelFileError", "ProjectorMismatchError", "ImageError", "PromptError",
     "ContextOverflowError", "DecodeError",
 ]

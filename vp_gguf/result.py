@@ -39,8 +39,28 @@ class ImageSpan:
     pos: int        # position of its first token
     n_tokens: int
     n_pos: int      # positions it takes (M-RoPE: max(nx, ny); else n_tokens)
-    nx: int         # token grid columns
-    ny: int         # token grid rows
+    nx: int         # token grid columns, as libmtmd reports them
+    ny: int         # token grid rows (1 for projectors that report a flat sequence)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the image's tokens; a flat square sequence is read as a square."""
+        if self.ny > 1:
+            return self.ny, self.nx
+        side = int(round(self.n_tokens ** 0.5))
+        return (side, side) if side * side == self.n_tokens else (1, self.n_tokens)
+
+
+def locate(spans: "list[ImageSpan]", ordinal: int) -> tuple[int, int, int]:
+    """(image index, row, col) of a visual-token ordinal (as VisionPulse reports kept tokens)."""
+    if ordinal < 0:
+        raise IndexError(ordinal)
+    for i, sp in enumerate(spans):
+        if ordinal < sp.n_tokens:
+            rows, cols = sp.grid
+            return i, ordinal // cols, ordinal % cols
+        ordinal -= sp.n_tokens
+    raise IndexError("ordinal beyond the images of this prompt")
 
 
 @dataclass
