@@ -53,6 +53,7 @@ class GGUFTensorInfo:
 class GGUFInfo:
     path: Path
     version: int
+    data_offset: int = 0  # file offset of the tensor data section
     metadata: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, GGUFTensorInfo] = field(default_factory=dict)
 
@@ -133,6 +134,7 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
             info.tensors[name] = GGUFTensorInfo(name, shape, r.scalar(4), r.scalar(10))
         align = int(info.metadata.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
         data_start = (f.tell() + align - 1) // align * align
+    info.data_offset = data_start
     need = data_start
     for t in info.tensors.values():
         nb = t.nbytes()

@@ -1,0 +1,154 @@
+"""A projector fitted in closed form that lets a text-only GGUF model read glyph images.
+
+The mmproj is of libmtmd's LLaVA "mlp" type with a single vision block, so the
+vision tower runs no transformer layer (LLaVA reads the second-to-last layer):
+patch conv -> (+ zero class/position embeddings, no layer norms) -> mm.0 -> GELU -> mm.2.
+That path is linear in the pixels up to the GELU, and we solve it exactly:
+
+    conv   f = T^+ x              T = the glyph tiles as columns (normalised pixels)
+    mm.0   h = 32 f - 16          -> +16 for the tile's own glyph, -16 for every other
+    GELU   ggml passes x >= 10 through and returns 0 for x <= -10
+    mm.2   out = E h / 16         E = the glyph tokens' input embeddings
+
+so a tile of glyph g comes out as token g's input embedding, as the model's own
+token path produces it (dequantised token_embd row, times sqrt(n_embd) for the
+Gemma family, whose graph scales token inputs but not embedding inputs). The
+only error is the pseudo-inverse's rounding (~1e-7 relative).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..gguf_file import GGUFInfo, read_gguf_info
+from ..testing.tiny_vlm import _finish, _import_gguf, _tname, find_llama_cpp_root
+from .glyphs import BLANK, CHARS, PATCH, tile
+
+_SQRT_SCALED_ARCHS = {"gemma", "gemma2", "gemma3"}  # scale token inputs by sqrt(n_embd)
+_MEAN, _STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)       # x = pixel / 255
+HI, LO = 16.0, -16.0                                 # beyond ggml's GELU cut-offs (+-10)
+
+
+def glyph_token_ids(info: GGUFInfo, chars: str = CHARS) -> dict[str, int]:
+    """The single token each glyph stands for (a space is SentencePiece's '▁')."""
+    tokens = info.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ValueError(f"{info.path} has no tokenizer")
+    index = {t: i for i, t in enumerate(tokens)}
+    out = {}
+    for ch in chars:
+        for cand in ((ch,) if ch != " " else ("▁", " ", "Ġ")):
+            if cand in index:
+                out[ch] = index[cand]
+                break
+        else:
+            raise ValueError(f"the vocabulary of {info.path.name} has no single token for {ch!r}")
+    return out
+
+
+def token_embeddings(info: GGUFInfo, ids: list[int]) -> np.ndarray:
+    """Rows of token_embd as the graph's token path produces them (float32, [len(ids), n_embd])."""
+    t = info.tensors.get("token_embd.weight")
+    if t is None:
+        raise ValueError(f"{info.path} has no token_embd.weight")
+    n_embd, n_vocab = t.shape
+    rows = []
+    with open(info.path, "rb") as f:
+        for i in ids:
+            if not 0 <= i < n_vocab:
+                raise ValueError(f"token id {i} out of range")
+            if t.ggml_type == 0:      # F32
+                f.seek(info.data_offset + t.offset + i * n_embd * 4)
+                rows.append(np.frombuffer(f.read(n_embd * 4), dtype=np.float32))
+            elif t.ggml_type == 1:    # F16
+                f.seek(info.data_offset + t.offset + i * n_embd * 2)
+                rows.append(np.frombuffer(f.read(n_embd * 2), dtype=np.float16).astype(np.float32))
+            elif t.ggml_type == 8:    # Q8_0: blocks of (fp16 d, 32 x int8); value = q * d, exact in f32
+                nb = n_embd // 32
+                f.seek(info.data_offset + t.offset + i * nb * 34)
+                blk = np.frombuffer(f.read(nb * 34), dtype=np.uint8).reshape(nb, 34)
+                d = blk[:, :2].copy().view(np.float16).astype(np.float32)
+                q = blk[:, 2:].copy().view(np.int8).astype(np.float32)
+                rows.append((q * d).reshape(-1))
+            else:
+                raise ValueError(f"token_embd type {t.ggml_type} is not supported (F32, F16, Q8_0)")
+    e = np.stack(rows).astype(np.float32)
+    arch = info.architecture
+    if arch in _SQRT_SCALED_ARCHS:
+        e = e * np.float32(math.sqrt(float(n_embd)))  # ggml_scale(inp, sqrtf(n_embd)) in float32
+    return e
+
+
+def tile_matrix(chars: str, patch: int = PATCH) -> np.ndarray:
+    """Normalised tiles as columns, flattened in the conv kernel's (channel, y, x) order."""
+    cols = [(tile(ch, patch).astype(np.float32) / np.float32(255.0)).transpose(2, 0, 1).reshape(-1)
+            for ch in chars]
+    return np.stack(cols, axis=1)
+
+
+def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int,
+                       chars: str = CHARS, patch: int = PATCH) -> Path:
+    """Write an mmproj whose n_side x n_side tile grid reads as the glyphs' tokens."""
+    info = read_gguf_info(model_path)
+    arch = info.architecture
+    n_embd = int(info.get(f"{arch}.embedding_length"))
+    ids = glyph_token_ids(info, chars)
+    emb = token_embeddings(info, [ids[c] for c in chars])             # [G, n_embd]
+    T = tile_matrix(chars, patch)                                      # [3 P^2, G]
+    G = len(chars)
+    if np.linalg.matrix_rank(T.astype(np.float64)) < G:
+        raise ValueError("glyph tiles are not linearly independent; use a larger patch")
+    conv = np.linalg.pinv(T.astype(np.float64)).astype(np.float32)    # [G, 3 P^2]
+    d = G                        # vision width: one channel per glyph
+    n_ff = d + 8                 # clip.cpp swaps up/down when n_ff == d; the block never runs anyway
+    n_patches = n_side * n_side
+
+    gguf = _import_gguf(find_llama_cpp_root())
+    MT = gguf.MODEL_TENSOR
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    w = gguf.GGUFWriter(str(tmp), "clip")
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_name(f"vp-gguf glyph projector for {info.get('general.name', arch)}")
+    w.add_description(f"closed-form glyph reader: {n_side}x{n_side} tiles of {patch}px, glyphs {chars!r}")
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type("mlp")
+    w.add_vision_projection_dim(n_embd)
+    w.add_vision_image_size(n_side * patch)
+    w.add_vision_patch_size(patch)
+    w.add_vision_embedding_length(d)
+    w.add_vision_feed_forward_length(n_ff)
+    w.add_vision_block_count(1)
+    w.add_vision_head_count(1)
+    w.add_vision_attention_layernorm_eps(1e-5)
+    w.add_vision_image_mean(list(_MEAN))
+    w.add_vision_image_std(list(_STD))
+    z = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
+    w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH), conv.reshape(d, 3, patch, patch))
+    w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_CLS, suffix=None), z(d))
+    w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_POS), z(n_patches + 1, d))
+    # block 0 is loaded but never run (LLaVA stops at the second-to-last layer)
+    for tensor in (MT.V_ENC_INPUT_NORM, MT.V_ENC_POST_ATTN_NORM):
+        w.add_tensor(_tname(gguf, tensor, 0), z(d))
+        w.add_tensor(_tname(gguf, tensor, 0, "bias"), z(d))
+    for tensor in (MT.V_ENC_ATTN_Q, MT.V_ENC_ATTN_K, MT.V_ENC_ATTN_V, MT.V_ENC_ATTN_O):
+        w.add_tensor(_tname(gguf, tensor, 0), z(d, d))
+        w.add_tensor(_tname(gguf, tensor, 0, "bias"), z(d))
+    w.add_tensor(_tname(gguf, MT.V_ENC_FFN_UP, 0), z(n_ff, d))
+    w.add_tensor(_tname(gguf, MT.V_ENC_FFN_UP, 0, "bias"), z(n_ff))
+    w.add_tensor(_tname(gguf, MT.V_ENC_FFN_DOWN, 0), z(d, n_ff))
+    w.add_tensor(_tname(gguf, MT.V_ENC_FFN_DOWN, 0, "bias"), z(d))
+    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 0), (np.eye(d, dtype=np.float32) * np.float32(HI - LO)))
+    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 0, "bias"), np.full(d, LO, dtype=np.float32))
+    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 2), (emb.T / np.float32(HI)).astype(np.float32))
+    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 2, "bias"), z(n_embd))
+    _finish(w)
+    tmp.replace(out_path)
+    return out_path
+
+
+__all__ = ["build_glyph_mmproj", "glyph_token_ids", "token_embeddings", "tile_matrix", "BLANK"]
