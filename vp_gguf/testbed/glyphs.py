@@ -25,14 +25,20 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 @lru_cache(maxsize=None)
 def tile(ch: str, patch: int = PATCH) -> np.ndarray:
-    """The uint8 RGB tile of one character (black on white), patch x patch x 3."""
-    img = Image.new("RGB", (patch, patch), (255, 255, 255))
+    """The uint8 RGB tile of one character, pure black on white, patch x patch x 3.
+
+    Pure black and white keeps every pixel exact through libmtmd's F16 im2col
+    (0 and 1 after normalisation), which the projector's exactness relies on."""
+    img = Image.new("L", (patch, patch), 255)
     if ch != BLANK:
         d = ImageDraw.Draw(img)
         f = _font(patch - 2)
         l, t, r, b = d.textbbox((0, 0), ch, font=f)
-        d.text(((patch - (r - l)) / 2 - l, (patch - (b - t)) / 2 - t), ch, fill=(0, 0, 0), font=f)
-    return np.asarray(img, dtype=np.uint8).copy()
+        d.text(((patch - (r - l)) / 2 - l, (patch - (b - t)) / 2 - t), ch, fill=0, font=f)
+    ink = np.asarray(img) < 160
+    out = np.full((patch, patch, 3), 255, dtype=np.uint8)
+    out[ink] = 0
+    return out
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,21 @@
 
 The mmproj is of libmtmd's LLaVA "mlp" type with a single vision block, so the
 vision tower runs no transformer layer (LLaVA reads the second-to-last layer):
-patch conv -> (+ zero class/position embeddings, no layer norms) -> mm.0 -> GELU -> mm.2.
-That path is linear in the pixels up to the GELU, and we solve it exactly:
+patch conv -> (+ zero position embeddings; no class token, no layer norms) -> mm.0
+-> GELU -> mm.2. Tiles are pure black and white, so after normalisation every
+pixel is 0 or 1, exact even in libmtmd's F16 im2col, and we build the path so
+that every number on it is a small integer until the last, exact, step:
 
-    conv   f = T^+ x              T = the glyph tiles as columns (normalised pixels)
-    mm.0   h = 32 f - 16          -> +16 for the tile's own glyph, -16 for every other
-    GELU   ggml passes x >= 10 through and returns 0 for x <= -10
-    mm.2   out = E h / 16         E = the glyph tokens' input embeddings
+    conv   c_g = sum_i w_gi x_i,  w_g = +1 on glyph g's ink, -1 elsewhere, x = 1 - ink
+    mm.0   h_g = -32 c_g + 32 (sum_i w_gi - |ink_g|) + 16
+           = 16 for the tile's own glyph, <= -16 for any other (tiles differ in >= 1 pixel)
+    GELU   ggml passes x >= 10 through unchanged and returns exactly 0 for x <= -10
+    mm.2   out = E h / 16        E = the glyphs' token input embeddings
 
-so a tile of glyph g comes out as token g's input embedding, as the model's own
-token path produces it (dequantised token_embd row, times sqrt(n_embd) for the
-Gemma family, whose graph scales token inputs but not embedding inputs). The
-only error is the pseudo-inverse's rounding (~1e-7 relative).
+so a tile of glyph g comes out bit for bit as token g's input embedding as the
+model's own token path produces it (the dequantised token_embd row, times
+sqrt(n_embd) for the Gemma family, whose graph scales token inputs but not
+embedding inputs).
 """
 from __future__ import annotations
 
@@ -81,11 +84,10 @@ def token_embeddings(info: GGUFInfo, ids: list[int]) -> np.ndarray:
     return e
 
 
-def tile_matrix(chars: str, patch: int = PATCH) -> np.ndarray:
-    """Normalised tiles as columns, flattened in the conv kernel's (channel, y, x) order."""
-    cols = [(tile(ch, patch).astype(np.float32) / np.float32(255.0)).transpose(2, 0, 1).reshape(-1)
-            for ch in chars]
-    return np.stack(cols, axis=1)
+def ink_matrix(chars: str, patch: int = PATCH) -> np.ndarray:
+    """Tiles' ink (1 = black) as rows of 0/1, flattened in the conv kernel's (channel, y, x) order."""
+    rows = [(tile(ch, patch) == 0).astype(np.float32).transpose(2, 0, 1).reshape(-1) for ch in chars]
+    return np.stack(rows)
 
 
 def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int,
@@ -96,11 +98,13 @@ def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int
     n_embd = int(info.get(f"{arch}.embedding_length"))
     ids = glyph_token_ids(info, chars)
     emb = token_embeddings(info, [ids[c] for c in chars])             # [G, n_embd]
-    T = tile_matrix(chars, patch)                                      # [3 P^2, G]
+    ink = ink_matrix(chars, patch)                                     # [G, 3 P^2] of 0/1
     G = len(chars)
-    if np.linalg.matrix_rank(T.astype(np.float64)) < G:
-        raise ValueError("glyph tiles are not linearly independent; use a larger patch")
-    conv = np.linalg.pinv(T.astype(np.float64)).astype(np.float32)    # [G, 3 P^2]
+    if len({r.tobytes() for r in ink}) < G:
+        raise ValueError("two glyphs render to the same tile; use a larger patch or fewer glyphs")
+    sign = 2.0 * ink - 1.0                                             # +1 on ink, -1 elsewhere
+    conv = sign.astype(np.float32)                                     # c_g = sign_g . x, x = 1 - ink
+    bias0 = (HI - LO) * (sign.sum(1) - ink.sum(1)) + HI                # integers: exact in F32
     d = G                        # vision width: one channel per glyph
     n_ff = d + 8                 # clip.cpp swaps up/down when n_ff == d; the block never runs anyway
     n_patches = n_side * n_side
@@ -129,8 +133,8 @@ def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int
     w.add_vision_image_std(list(_STD))
     z = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
     w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH), conv.reshape(d, 3, patch, patch))
-    w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_CLS, suffix=None), z(d))
-    w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_POS), z(n_patches + 1, d))
+    # no class token: with one, libmtmd's LLaVA graph drops the first patch and keeps the class row
+    w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_POS), z(n_patches, d))
     # block 0 is loaded but never run (LLaVA stops at the second-to-last layer)
     for tensor in (MT.V_ENC_INPUT_NORM, MT.V_ENC_POST_ATTN_NORM):
         w.add_tensor(_tname(gguf, tensor, 0), z(d))
@@ -142,8 +146,8 @@ def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int
     w.add_tensor(_tname(gguf, MT.V_ENC_FFN_UP, 0, "bias"), z(n_ff))
     w.add_tensor(_tname(gguf, MT.V_ENC_FFN_DOWN, 0), z(d, n_ff))
     w.add_tensor(_tname(gguf, MT.V_ENC_FFN_DOWN, 0, "bias"), z(d))
-    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 0), (np.eye(d, dtype=np.float32) * np.float32(HI - LO)))
-    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 0, "bias"), np.full(d, LO, dtype=np.float32))
+    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 0), (np.eye(d, dtype=np.float32) * np.float32(-(HI - LO))))
+    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 0, "bias"), bias0.astype(np.float32))
     w.add_tensor(_tname(gguf, MT.V_MMPROJ, 2), (emb.T / np.float32(HI)).astype(np.float32))
     w.add_tensor(_tname(gguf, MT.V_MMPROJ, 2, "bias"), z(n_embd))
     _finish(w)
@@ -151,4 +155,4 @@ def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int
     return out_path
 
 
-__all__ = ["build_glyph_mmproj", "glyph_token_ids", "token_embeddings", "tile_matrix", "BLANK"]
+__all__ = ["build_glyph_mmproj", "glyph_token_ids", "token_embeddings", "ink_matrix", "BLANK"]
