@@ -17,12 +17,22 @@ def kept_strip(image: str | Path | Image.Image, spans: Sequence[ImageSpan], kept
     rows, cols = spans[0].grid
     W, H = base.width * scale, base.height * scale
     pw, ph = W / cols, H / rows
+    # drop the empty rows at the bottom (and keep every row a kept patch is in)
+    import numpy as np
+    ink_rows = np.nonzero((np.asarray(base.convert("L")) < 250).any(axis=1))[0]
+    last = int(ink_rows[-1] * rows // base.height) if len(ink_rows) else 0
+    for kept in kept_per_step:
+        for o in kept:
+            i, r, _ = locate(list(spans), o)
+            if i == 0:
+                last = max(last, r)
+    H = int(round((last + 1) * ph))
     n = len(kept_per_step)
     picks = sorted({round(i * (n - 1) / max(n_frames - 1, 1)) for i in range(min(n_frames, n))}) if n else []
     font = ImageFont.load_default(size=14)
     cap_h = 40
     strip = Image.new("RGB", (max(1, len(picks)) * (W + 8), H + cap_h), (255, 255, 255))
-    big = base.resize((W, H), Image.NEAREST)
+    big = base.resize((W, int(round(rows * ph))), Image.NEAREST).crop((0, 0, W, H))
     for f, step in enumerate(picks):
         frame = Image.blend(big, Image.new("RGB", (W, H), (255, 255, 255)), 0.6)
         d = ImageDraw.Draw(frame)
