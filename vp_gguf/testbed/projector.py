@@ -156,3 +156,22 @@ def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int
 
 
 __all__ = ["build_glyph_mmproj", "glyph_token_ids", "token_embeddings", "ink_matrix", "BLANK"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m vp_gguf.testbed.projector [--model M] --grid 16 --out glyph-mmproj.gguf"""
+    import argparse
+    ap = argparse.ArgumentParser(description="write the closed-form glyph projector for a GGUF text model")
+    ap.add_argument("--model", help="text model GGUF (default: the testbed's Gemma 3 270M)")
+    ap.add_argument("--grid", type=int, default=16, help="tiles per side (image size = grid x 14 px)")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    if a.model is None:
+        from .assets import gemma_path
+        a.model = gemma_path()
+    print(build_glyph_mmproj(a.model, a.out, a.grid))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
