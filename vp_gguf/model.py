@@ -368,37 +368,36 @@ class VisionModel:
             if rc != 0:
                 raise ImageError(f"libmtmd could not preprocess the prompt's images (code {rc}): "
                                  f"{_log.last_error() or 'see logs with verbose=True'}")
+            self._check_prepared(prep)
         except BaseException:
             self._free_prepared(prep)
             raise
-        n = M.mtmd_input_chunks_size(prep.chunks)
+        return prep
+
+    def _check_prepared(self, prep: _Prepared) -> None:
+        """Count the tokens and refuse what llama.cpp would abort on."""
         last_type = None
-        for i in range(n):
+        for i in range(M.mtmd_input_chunks_size(prep.chunks)):
             ch = M.mtmd_input_chunks_get(prep.chunks, i)
             last_type = M.mtmd_input_chunk_get_type(ch)
             if last_type != M.MTMD_INPUT_CHUNK_TYPE_TEXT:
                 nt = M.mtmd_input_chunk_get_n_tokens(ch)
                 prep.n_image_tokens += nt
                 if self.projector_type in _NON_CAUSAL_IMAGE_PROJECTORS and nt > self.n_ubatch:
-                    self._free_prepared(prep)
                     raise ContextOverflowError(
                         f"an image takes {nt} tokens but n_batch is {self.n_ubatch}; this model "
                         f"attends to an image as a whole, so raise n_batch to at least {nt}")
         prep.n_tokens = M.mtmd_helper_get_n_tokens(prep.chunks)
         prep.n_pos = M.mtmd_helper_get_n_pos(prep.chunks)
         if last_type is not None and last_type != M.MTMD_INPUT_CHUNK_TYPE_TEXT:
-            self._free_prepared(prep)
             raise PromptError("the prompt ends with an image: put the question (some text) after the "
                               "last image marker")
         if prep.n_tokens == 0:
-            self._free_prepared(prep)
             raise PromptError("the prompt is empty")
         if prep.n_pos + 1 > self.n_ctx or prep.n_tokens + 1 > self.n_ctx:
-            self._free_prepared(prep)
             raise ContextOverflowError(
                 f"the prompt needs {prep.n_tokens} tokens ({prep.n_image_tokens} for images) but the "
                 f"context holds {self.n_ctx}: raise n_ctx (-c) or use fewer/smaller images")
-        return prep
 
     @staticmethod
     def _free_prepared(prep: _Prepared) -> None:

@@ -32,7 +32,9 @@ def gemma_path() -> Path:
 
 
 def _code_hash() -> str:
-    h = hashlib.sha256()
+    """Changes when the tiles could: our code, or Pillow (its built-in font draws them)."""
+    import PIL
+    h = hashlib.sha256(PIL.__version__.encode())
     for mod in (glyphs, projector):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:10]

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..gguf_file import GGUFInfo, read_gguf_info
-from ..testing.tiny_vlm import _finish, _import_gguf, _tname, find_llama_cpp_root
+from ..testing.tiny_vlm import _finish, _import_gguf, _tname, _VisionSpec, find_llama_cpp_root, start_mmproj
 from .glyphs import BLANK, CHARS, PATCH, tile
 
 _SQRT_SCALED_ARCHS = {"gemma", "gemma2", "gemma3"}  # scale token inputs by sqrt(n_embd)
@@ -114,23 +114,11 @@ def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
-    w = gguf.GGUFWriter(str(tmp), "clip")
-    w.add_type(gguf.GGUFType.MMPROJ)
-    w.add_name(f"vp-gguf glyph projector for {info.get('general.name', arch)}")
-    w.add_description(f"closed-form glyph reader: {n_side}x{n_side} tiles of {patch}px, glyphs {chars!r}")
-    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    w.add_clip_has_vision_encoder(True)
-    w.add_clip_projector_type("mlp")
-    w.add_vision_projection_dim(n_embd)
-    w.add_vision_image_size(n_side * patch)
-    w.add_vision_patch_size(patch)
-    w.add_vision_embedding_length(d)
-    w.add_vision_feed_forward_length(n_ff)
-    w.add_vision_block_count(1)
-    w.add_vision_head_count(1)
-    w.add_vision_attention_layernorm_eps(1e-5)
-    w.add_vision_image_mean(list(_MEAN))
-    w.add_vision_image_std(list(_STD))
+    spec = _VisionSpec(projector="mlp", image_size=n_side * patch, patch_size=patch, n_embd=d, n_layer=1,
+                       n_head=1, n_ff=n_ff, eps=1e-5, mean=_MEAN, std=_STD)
+    w = start_mmproj(gguf, tmp, f"vp-gguf glyph projector for {info.get('general.name', arch)}",
+                     f"closed-form glyph reader: {n_side}x{n_side} tiles of {patch}px, glyphs {chars!r}",
+                     spec, n_embd)
     z = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
     w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH), conv.reshape(d, 3, patch, patch))
     # no class token: with one, libmtmd's LLaVA graph drops the first patch and keeps the class row

@@ -90,8 +90,12 @@ def make_second(rng: random.Random, idx: int, grid: int, n_digits: int, out: Pat
 
 SUITES = {
     # name: list of (generator, grid, size, count)
-    "default": [(make_copy, 16, 40, 4), (make_lookup, 16, 12, 4), (make_second, 16, 24, 3),
-                (make_copy, 32, 40, 1), (make_lookup, 32, 48, 2), (make_lookup, 64, 160, 1)],
+    # default: the tasks Gemma 3 270M solves densely (validity first) - 256 visual tokens
+    "default": [(make_copy, 16, 40, 5), (make_lookup, 16, 12, 5)],
+    # extended: larger images and two images. Not valid yet: with long runs of blank tiles,
+    # or two images, or 48+ pairs, the 270M model itself fails densely (see docs/testbed)
+    "extended": [(make_second, 16, 24, 3), (make_copy, 32, 40, 1), (make_lookup, 32, 48, 2),
+                 (make_lookup, 64, 160, 1)],
     "quick": [(make_copy, 16, 40, 2), (make_lookup, 16, 12, 2)],
 }
 

@@ -567,6 +567,28 @@ def _write_text_model(gguf, path: Path, family: str, t: _TextSpec, vocab: _Vocab
 # mmproj
 # --------------------------------------------------------------------------
 
+def start_mmproj(gguf, path: Path, name: str, description: str, v: _VisionSpec, n_embd_text: int):
+    """A GGUFWriter for an F32 clip mmproj with the vision hyper-parameters of `v` written."""
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name(name)
+    writer.add_description(description)
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type(v.projector)
+    writer.add_vision_projection_dim(n_embd_text)
+    writer.add_vision_image_size(v.image_size)
+    writer.add_vision_patch_size(v.patch_size)
+    writer.add_vision_embedding_length(v.n_embd)
+    writer.add_vision_feed_forward_length(v.n_ff)
+    writer.add_vision_block_count(v.n_layer)
+    writer.add_vision_head_count(v.n_head)
+    writer.add_vision_attention_layernorm_eps(v.eps)
+    writer.add_vision_image_mean(list(v.mean))
+    writer.add_vision_image_std(list(v.std))
+    return writer
+
+
 def _write_mmproj(gguf, path: Path, family: str, v: _VisionSpec, n_embd_text: int, seed: int) -> None:
     MT = gguf.MODEL_TENSOR
     w = _Weights(seed, np.float32)
@@ -585,23 +607,8 @@ def _write_mmproj(gguf, path: Path, family: str, v: _VisionSpec, n_embd_text: in
         per_side = int(round(v.tokens_per_image ** 0.5))
         assert per_side * per_side == v.tokens_per_image and n_side % per_side == 0
 
-    writer = gguf.GGUFWriter(str(path), "clip")
-    writer.add_type(gguf.GGUFType.MMPROJ)
-    writer.add_name(f"vp-gguf tiny {family} mmproj")
-    writer.add_description(f"random-weight test projector ({family}), seed {seed}")
-    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    writer.add_clip_has_vision_encoder(True)
-    writer.add_clip_projector_type(v.projector)
-    writer.add_vision_projection_dim(n_embd_text)
-    writer.add_vision_image_size(v.image_size)
-    writer.add_vision_patch_size(v.patch_size)
-    writer.add_vision_embedding_length(d)
-    writer.add_vision_feed_forward_length(v.n_ff)
-    writer.add_vision_block_count(v.n_layer)
-    writer.add_vision_head_count(v.n_head)
-    writer.add_vision_attention_layernorm_eps(v.eps)
-    writer.add_vision_image_mean(list(v.mean))
-    writer.add_vision_image_std(list(v.std))
+    writer = start_mmproj(gguf, path, f"vp-gguf tiny {family} mmproj",
+                          f"random-weight test projector ({family}), seed {seed}", v, n_embd_text)
     if v.use_gelu:
         writer.add_vision_use_gelu(True)
     if v.projector == "gemma3":
