@@ -68,3 +68,14 @@ def test_run_rejects_bad_visionpulse_settings(tiny_paths, images):
                       (["--visionpulse", "5", "--vp-budget-min", "0.5", "--vp-budget-max", "0.1"], "exceeds")):
         r = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "x", *args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prompt_escapes_like_llama_cpp(tiny_paths, images, load_model):
+    model, mmproj = tiny_paths("llava")
+    common = ["run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-n", 6, "-c", 1024, "-t", 2,
+              "--json"]
+    esc = json.loads(vp(*common, "-p", r"Line one\nLine two").stdout)
+    raw = json.loads(vp(*common, "-p", r"Line one\nLine two", "--no-escape").stdout)
+    ref = load_model("llava").generate("Line one\nLine two", images=[images["a"]], max_tokens=6)
+    assert esc["tokens"] == ref.tokens
+    assert esc["n_prompt_tokens"] != raw["n_prompt_tokens"] or esc["tokens"] != raw["tokens"]

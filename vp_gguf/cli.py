@@ -25,6 +25,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="image file; repeat for several images (in the order of the markers)")
     p.add_argument("-p", "--prompt", required=True,
                    help="prompt; images go where the marker <__media__> is, else before the prompt")
+    p.add_argument("--no-escape", dest="escape", action="store_false",
+                   help="do not process escapes (\\n, \\t, ...) in the prompt (llama.cpp does by default)")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default 0)")
     p.add_argument("--top-k", type=int, default=40)
@@ -65,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "'": "'", '"': '"', "\\": "\\"}
+
+
+def process_escapes(s: str) -> str:
+    """llama.cpp's prompt escapes: \\n \\r \\t \\' \\" \\\\ (anything else is kept as typed)."""
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[s[i + 1]])
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
 def visionpulse_from_args(a: argparse.Namespace):
     from .visionpulse import VisionPulse
     vp = VisionPulse.parse(a.visionpulse, mode=a.mode)
@@ -86,6 +104,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         print(f"vp-gguf: error: {e}", file=sys.stderr)
         return 2
 
+    if a.escape:
+        a.prompt = process_escapes(a.prompt)
     params = ModelParams(n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads,
                          n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn, verbose=a.verbose)
     sampling = SamplingParams(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
