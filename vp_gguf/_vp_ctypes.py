@@ -5,7 +5,6 @@ libllama that llama_cpp already loaded (one copy per process).
 """
 from __future__ import annotations
 
-import ctypes
 from ctypes import POINTER, Structure, c_bool, c_char_p, c_float, c_int32, c_int64, c_uint32, c_void_p
 
 from ._libs import llama_cpp as L
@@ -79,6 +78,3 @@ def last_error() -> str:
     e = llama_vp_last_error()
     return e.decode(errors="replace") if e else ""
 
-
-__all__ = [n for n in dir() if n.startswith(("llama_vp", "LLAMA_VP"))] + ["get_kept", "last_error"]
-_ = ctypes  # keep the import for users of this module's namespace

@@ -112,7 +112,7 @@ public:
     ggml_tensor * t_vis_swa  = nullptr; // F32 [n_kv_swa, n_rows, 1, n_stream]
 
     // outputs read back after the step
-    ggml_tensor * o_mass = nullptr, * o_k = nullptr, * o_idx = nullptr, * o_keep = nullptr;
+    ggml_tensor * o_mass = nullptr, * o_idx = nullptr, * o_keep = nullptr;
     ggml_tensor * o_cov_num = nullptr, * o_cov_den = nullptr;
 
     // built at the anchor, used by the layers after it
@@ -358,7 +358,7 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
             K = ggml_floor(ctx, ggml_mul(ctx, K, inp->t_nv));
             K = ggml_clamp(ctx, K, 1.0f, 1e9f);
         }
-        inp->o_k = vp_output(g.gf, K, "vp_k_out");
+        ggml_set_name(K, "vp_k");
 
         // ranking: head-mean pre-softmax score (or random), visual cells only
         ggml_tensor * score;
@@ -499,7 +499,6 @@ void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res)
     if (!inp || !inp->anchor_built) return;
     const int64_t R = inp->n_rows * inp->n_stream, KM = inp->k_max;
     const auto mass = vp_get_f32(inp->o_mass);
-    const auto kk   = vp_get_f32(inp->o_k);
     const auto keep = vp_get_f32(inp->o_keep);
     const auto num  = vp_get_f32(inp->o_cov_num);
     const auto den  = vp_get_f32(inp->o_cov_den);
@@ -533,7 +532,6 @@ void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res)
         st.stats.n_kept    = (int32_t) kept.size();
         st.stats.mass      = mass.empty() ? 0.0f : mass[r];
         st.stats.mass_kept = (num.empty() || den.empty() || den[r] <= 0.0f) ? 1.0f : num[r] / den[r];
-        (void) kk;
         if (inp->rank_only) {
             st.forced = kept;
             st.has_forced = true;
