@@ -97,7 +97,8 @@ def main() -> int:
     meta = {"suite": a.suite, "seed": a.seed, "n_items": len(items), "modes": modes,
             "model": B.assets.PACKAGE, "machine": platform.platform(), "threads": a.threads,
             "elapsed_s": round(elapsed, 1)}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "tables": tables, "items": results}, indent=1))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "tables": tables, "items": results},
+                                               separators=(",", ":")))  # compact: it holds every step's kept set
     cmd = "python3 scripts/testbed_bench.py" + ("" if a.suite == "default" else f" --suite {a.suite}")
     md = [f"# Glyph testbed: does per-step selection keep the answer?", "",
           f"Written by `{cmd}` ({elapsed / 60:.1f} min on {platform.machine()}, CPU). Model: Gemma 3 270M "

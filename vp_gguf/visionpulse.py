@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence, Union
 
 from . import _vp_ctypes as V
@@ -40,10 +40,10 @@ class VisionPulse:
     @classmethod
     def parse(cls, spec: Union["VisionPulse", str, int, None], mode: str | None = None) -> "VisionPulse | None":
         """``None``/"off" -> None; 5/"5"/10/"10" -> that preset (with ``mode`` if given)."""
-        if spec is None or isinstance(spec, VisionPulse):
-            if spec is not None and mode is not None:
-                spec.mode = mode
-            return spec if spec is not None else (cls(mode=mode) if mode and mode != "off" else None)
+        if isinstance(spec, VisionPulse):
+            return spec if mode is None else replace(spec, mode=mode)  # the caller's object stays as it was
+        if spec is None:
+            return cls(mode=mode) if mode and mode != "off" else None
         s = str(spec).strip().lower()
         if s in ("off", "none", ""):
             return None

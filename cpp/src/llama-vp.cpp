@@ -44,14 +44,15 @@ static int32_t vp_fail(int32_t code, const std::string & msg) {
 // which cells are visual
 //
 
-static bool vp_cell_is_visual(const llama_vp_context & vp, const llama_kv_cells & cells, uint32_t i, llama_seq_id seq) {
+// marks: the seq's explicit ranges, or null to use the auto marks (cells written from embeddings)
+static bool vp_cell_is_visual(const llama_vp_context & vp, const std::vector<std::pair<llama_pos, llama_pos>> * marks,
+                              const llama_kv_cells & cells, uint32_t i, llama_seq_id seq) {
     if (cells.is_empty(i) || !cells.seq_has(i, seq)) {
         return false;
     }
-    auto it = vp.seqs.find(seq);
-    if (it != vp.seqs.end() && !it->second.marks.empty()) {
+    if (marks) {
         const llama_pos p = cells.pos_get(i);
-        for (const auto & r : it->second.marks) {
+        for (const auto & r : *marks) {
             if (p >= r.first && p < r.second) {
                 return true;
             }
@@ -65,9 +66,11 @@ static bool vp_cell_is_visual(const llama_vp_context & vp, const llama_kv_cells 
 // i.e. images in prompt order, each row-major (M-RoPE images share pos, differ in y/x).
 static std::vector<int32_t> vp_visual_cells(const llama_vp_context & vp, const llama_kv_cells & cells, uint32_t n_kv, llama_seq_id seq) {
     std::vector<int32_t> res;
+    const auto it = vp.seqs.find(seq); // once per sequence, not per cell
+    const auto * marks = it != vp.seqs.end() && !it->second.marks.empty() ? &it->second.marks : nullptr;
     const uint32_t n = std::min<uint32_t>(n_kv, cells.size());
     for (uint32_t i = 0; i < n; ++i) {
-        if (vp_cell_is_visual(vp, cells, i, seq)) {
+        if (vp_cell_is_visual(vp, marks, cells, i, seq)) {
             res.push_back((int32_t) i);
         }
     }

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..gguf_file import GGUFInfo, read_gguf_info
-from ..testing.tiny_vlm import _finish, _import_gguf, _tname, _VisionSpec, find_llama_cpp_root, start_mmproj
+from ..testing.tiny_vlm import _finish, _import_gguf, _tname, VisionSpec, find_llama_cpp_root, start_mmproj
 from .glyphs import BLANK, CHARS, PATCH, tile
 
 _SQRT_SCALED_ARCHS = {"gemma", "gemma2", "gemma3"}  # scale token inputs by sqrt(n_embd)
@@ -114,7 +114,7 @@ def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
-    spec = _VisionSpec(projector="mlp", image_size=n_side * patch, patch_size=patch, n_embd=d, n_layer=1,
+    spec = VisionSpec(projector="mlp", image_size=n_side * patch, patch_size=patch, n_embd=d, n_layer=1,
                        n_head=1, n_ff=n_ff, eps=1e-5, mean=_MEAN, std=_STD)
     w = start_mmproj(gguf, tmp, f"vp-gguf glyph projector for {info.get('general.name', arch)}",
                      f"closed-form glyph reader: {n_side}x{n_side} tiles of {patch}px, glyphs {chars!r}",

@@ -368,7 +368,7 @@ class _TextSpec:
 
 
 @dataclass(frozen=True)
-class _VisionSpec:
+class VisionSpec:
     projector: str
     image_size: int
     patch_size: int
@@ -384,27 +384,27 @@ class _VisionSpec:
     spatial_merge: int | None = None     # qwen2vl
 
 
-_SPECS: dict[str, tuple[_TextSpec, _VisionSpec]] = {
+_SPECS: dict[str, tuple[_TextSpec, VisionSpec]] = {
     # 32000-token vocab: n_embd 48 keeps token_embd (F16, tied) at ~3 MB
     "llava": (
         # head_dim 32: a multiple of Q8_0's block, so quantized KV caches can be tested
         _TextSpec(arch="llama", n_embd=48, n_layer=4, n_head=4, n_head_kv=2, n_ff=128,
                   n_ctx_train=2048, rope_freq_base=10000.0, rms_eps=1e-5, head_dim=32),
-        _VisionSpec(projector="mlp", image_size=48, patch_size=8, n_embd=64, n_layer=2, n_head=4,
+        VisionSpec(projector="mlp", image_size=48, patch_size=8, n_embd=64, n_layer=2, n_head=4,
                     n_ff=128, eps=1e-5, mean=_CLIP_MEAN, std=_CLIP_STD),
     ),
     "qwen2vl": (
         _TextSpec(arch="qwen2vl", n_embd=64, n_layer=4, n_head=2, n_head_kv=1, n_ff=128,
                   n_ctx_train=4096, rope_freq_base=1000000.0, rms_eps=1e-6,
                   rope_sections=(4, 6, 6, 0), qkv_bias=True),  # its loader takes head_dim = n_embd/n_head
-        _VisionSpec(projector="qwen2vl_merger", image_size=64, patch_size=8, n_embd=64, n_layer=2, n_head=4,
+        VisionSpec(projector="qwen2vl_merger", image_size=64, patch_size=8, n_embd=64, n_layer=2, n_head=4,
                     n_ff=128, eps=1e-6, mean=_CLIP_MEAN, std=_CLIP_STD, spatial_merge=2),
     ),
     "gemma3": (
         _TextSpec(arch="gemma3", n_embd=48, n_layer=12, n_head=4, n_head_kv=2, n_ff=128,
                   n_ctx_train=2048, rope_freq_base=1000000.0, rms_eps=1e-6, head_dim=32,
                   sliding_window=16, rope_freq_base_swa=10000.0),
-        _VisionSpec(projector="gemma3", image_size=64, patch_size=4, n_embd=64, n_layer=2, n_head=4,
+        VisionSpec(projector="gemma3", image_size=64, patch_size=4, n_embd=64, n_layer=2, n_head=4,
                     n_ff=128, eps=1e-6, mean=_SIGLIP_MEAN, std=_SIGLIP_STD, use_gelu=True,
                     tokens_per_image=16),
     ),
@@ -567,7 +567,7 @@ def _write_text_model(gguf, path: Path, family: str, t: _TextSpec, vocab: _Vocab
 # mmproj
 # --------------------------------------------------------------------------
 
-def start_mmproj(gguf, path: Path, name: str, description: str, v: _VisionSpec, n_embd_text: int):
+def start_mmproj(gguf, path: Path, name: str, description: str, v: VisionSpec, n_embd_text: int):
     """A GGUFWriter for an F32 clip mmproj with the vision hyper-parameters of `v` written."""
     writer = gguf.GGUFWriter(str(path), "clip")
     writer.add_type(gguf.GGUFType.MMPROJ)
@@ -589,7 +589,7 @@ def start_mmproj(gguf, path: Path, name: str, description: str, v: _VisionSpec, 
     return writer
 
 
-def _write_mmproj(gguf, path: Path, family: str, v: _VisionSpec, n_embd_text: int, seed: int) -> None:
+def _write_mmproj(gguf, path: Path, family: str, v: VisionSpec, n_embd_text: int, seed: int) -> None:
     MT = gguf.MODEL_TENSOR
     w = _Weights(seed, np.float32)
     S = _INIT_STD
