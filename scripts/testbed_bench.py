@@ -49,7 +49,7 @@ def plot(tables: dict[str, dict], out: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="default", help="default | quick")
+    ap.add_argument("--suite", default="default", help="default | quick | extended")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "testbed"))
     ap.add_argument("--anchors", default="default,5",
@@ -84,6 +84,7 @@ def main() -> int:
             B.progress(k, n_total, t0, f"{label[:12]} {it.id}")
             r = bench.run_item(it, modes, anchor)
             rows.append({"id": it.id, "task": it.task, "grid": it.grid, "answer": it.answer,
+                         "n_visual": it.grid * it.grid * len(it.images),
                          "modes": B.to_jsonable(r)})
             if strip_src is None and it.task == "copy" and anchor is not None:
                 strip_src = (it, anchor)
@@ -106,7 +107,8 @@ def main() -> int:
           "(`vp_gguf/testbed/projector.py`). Tasks: `vp_gguf/testbed/tasks.py`; suite in `suite/`.", "",
           "TF = teacher-forced on the dense answer: per-step top-1 agreement and mean KL(dense || mode).", ""]
     for label, table in tables.items():
-        md += [f"## Anchor {label}", "", B.markdown_table(table, len(items), label), ""]
+        md += [f"## Anchor {label}", "", B.markdown_table(table, len(items), label), "",
+               "Correct items per task:", "", B.by_task_table(results[label], modes), ""]
     md += ["![accuracy vs retention](accuracy_vs_retention.png)", "",
            "Kept patches per step for one item (red: kept at that step; caption: the token it produced):", "",
            "![kept patches](kept_strip.png)", ""]

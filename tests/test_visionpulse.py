@@ -35,16 +35,18 @@ def dense_tokens(m, imgs, n=N):
 
 # -- (a) ------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("attn", ["mask", "gather"])
 @pytest.mark.parametrize("fa,kv", [("off", "f16"), ("on", "f16"), ("on", "q8_0")])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_budget_is_bit_identical_to_dense(load_model, images, family, fa, kv):
+def test_full_budget_is_bit_identical_to_dense(load_model, images, family, fa, kv, attn):
     m = load_model(family, flash_attn=fa, type_k=kv, type_v=kv)
     toks = dense_tokens(m, [images["a"]])
     dense, none = m.teacher_forced(P, [images["a"]], toks)
     assert none is None
-    for spec in (VisionPulse(mode="fixed", ratio=1.0),
-                 VisionPulse(mode="visionpulse", budget_min=1.0, budget_max=1.0),
-                 VisionPulse(mode="dense")):
+    for spec in (VisionPulse(mode="fixed", ratio=1.0, attn=attn),
+                 VisionPulse(mode="visionpulse", budget_min=1.0, budget_max=1.0, attn=attn),
+                 VisionPulse(mode="fixed", ratio=1.0, attn=attn, lagged=True),
+                 VisionPulse(mode="dense", attn=attn)):
         lg, rep = m.teacher_forced(P, [images["a"]], toks, spec)
         assert np.array_equal(lg, dense), (spec.mode, float(np.abs(lg - dense).max()))
         assert len(rep.steps) == len(toks) - 1
@@ -65,8 +67,9 @@ def test_pruning_changes_the_computation(load_model, images, family):
 
 # -- (b) ------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("attn", ["mask", "gather"])
 @pytest.mark.parametrize("fa", ["off", "on"])
-def test_forced_selection_equals_removing_the_other_cells(load_model, images, fa):
+def test_forced_selection_equals_removing_the_other_cells(load_model, images, fa, attn):
     m = load_model("llava", flash_attn=fa)
     r = m.generate(P, images=[images["a"]], max_tokens=N)
     span = r.images[0]
@@ -82,7 +85,8 @@ def test_forced_selection_equals_removing_the_other_cells(load_model, images, fa
     b, _ = m.teacher_forced(P, [images["a"]], r.tokens, after_prefill=drop_others)
     # Removing cells hides them from every layer: force the set from layer 0 on to compare.
     anchor0, rep0 = m.teacher_forced(P, [images["a"]], r.tokens,
-                                     VisionPulse(mode="forced", forced=keep, first_pruned_layer=0))
+                                     VisionPulse(mode="forced", forced=keep, first_pruned_layer=0, attn=attn))
+    assert rep0.attn == attn
     assert all(s.kept == keep for s in rep0.steps)
     tol = 1e-4 if fa == "off" else 2e-2  # FA accumulates V in F16; removed cells change its order
     assert np.allclose(anchor0[1:], b[1:], rtol=tol, atol=tol), float(np.abs(anchor0[1:] - b[1:]).max())

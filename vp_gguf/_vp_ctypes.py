@@ -18,6 +18,10 @@ LLAMA_VP_MODE_RANDOM = 3
 LLAMA_VP_MODE_STATIC = 4
 LLAMA_VP_MODE_FORCED = 5
 
+LLAMA_VP_ATTN_AUTO = 0
+LLAMA_VP_ATTN_MASK = 1
+LLAMA_VP_ATTN_GATHER = 2
+
 
 class llama_vp_params(Structure):
     _fields_ = [
@@ -30,6 +34,9 @@ class llama_vp_params(Structure):
         ("seed", c_uint32),
         ("auto_mark", c_bool),
         ("first_pruned_layer", c_int32),
+        ("attn", c_int32),
+        ("lagged", c_bool),
+        ("prune_swa", c_bool),
     ]
 
 
@@ -58,6 +65,7 @@ llama_vp_disable = _bind("llama_vp_disable", [_ctx], None)
 llama_vp_enabled = _bind("llama_vp_enabled", [_ctx], c_bool)
 llama_vp_anchor_layer = _bind("llama_vp_anchor_layer", [_ctx], c_int32)
 llama_vp_last_error = _bind("llama_vp_last_error", [], c_char_p)
+llama_vp_last_attn = _bind("llama_vp_last_attn", [_ctx], c_int32)
 llama_vp_mark_visual = _bind("llama_vp_mark_visual", [_ctx, c_int32, c_int32, c_int32], c_int32)
 llama_vp_clear_marks = _bind("llama_vp_clear_marks", [_ctx, c_int32], c_int32)
 llama_vp_n_visual = _bind("llama_vp_n_visual", [_ctx, c_int32], c_int32)

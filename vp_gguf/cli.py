@@ -52,6 +52,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--vp-ratio", type=float, default=None, help="kept fraction for --mode fixed/static")
     g.add_argument("--vp-anchor", type=int, default=None, help="anchor layer (default: nearest 47%% of depth)")
     g.add_argument("--vp-seed", type=int, default=0, help="seed of --mode random")
+    g.add_argument("--vp-attn", choices=["auto", "mask", "gather"], default="auto",
+                   help="how later layers skip dropped tokens (default auto: per backend; same result)")
+    g.add_argument("--vp-lagged", action="store_true",
+                   help="also prune the layers before the anchor with the previous step's set (opt-in)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the text (with per-step VisionPulse stats)")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's logs")
@@ -91,6 +95,7 @@ def visionpulse_from_args(a: argparse.Namespace):
     if vp is not None:
         vp.tau, vp.budget_min, vp.budget_max = a.vp_tau, a.vp_budget_min, a.vp_budget_max
         vp.ratio, vp.anchor_layer, vp.seed = a.vp_ratio, a.vp_anchor, a.vp_seed
+        vp.attn, vp.lagged = a.vp_attn, a.vp_lagged
         vp.check()
     return vp
 

@@ -25,7 +25,7 @@ from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileErr
 from .gguf_file import read_gguf_info
 from .images import ImageInput, describe, load_bitmap
 from .result import GenerationResult, ImageSpan, Timings
-from .visionpulse import StepStats, VisionPulse, VisionPulseReport
+from .visionpulse import ATTN_NAMES, StepStats, VisionPulse, VisionPulseReport
 
 DEFAULT_MARKER = "<__media__>"
 _FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -519,6 +519,7 @@ class VisionModel:
         st = V.llama_vp_stats()
         if V.llama_vp_get_stats(self._ctx, 0, ctypes.byref(st)) == 0 and st.step > report._last_step:
             report._last_step = int(st.step)
+            report.attn = ATTN_NAMES.get(V.llama_vp_last_attn(self._ctx), report.attn)
             report.steps.append(StepStats(step=int(st.step), n_kv=st.n_kv, n_visual=st.n_visual,
                                           n_kept=st.n_kept, mass=float(st.mass),
                                           mass_kept=float(st.mass_kept),

@@ -15,6 +15,8 @@ MODES = {
     "static": V.LLAMA_VP_MODE_STATIC,        # FastV-style: ranked once at the last prompt token
     "forced": V.LLAMA_VP_MODE_FORCED,        # a given set (tests, tools)
 }
+ATTN = {"auto": V.LLAMA_VP_ATTN_AUTO, "mask": V.LLAMA_VP_ATTN_MASK, "gather": V.LLAMA_VP_ATTN_GATHER}
+ATTN_NAMES = {v: k for k, v in ATTN.items()}
 PRESETS = {5: (0.1, 0.01, 0.05), 10: (0.4, 0.05, 0.10)}  # tau, budget_min, budget_max
 
 
@@ -36,6 +38,9 @@ class VisionPulse:
     first_pruned_layer: int | None = None  # None: the layer after the anchor ("forced" may go lower)
     seed: int = 0
     forced: Sequence[int] | None = None  # mode "forced": kept visual ordinals
+    attn: str = "auto"  # how later layers skip dropped tokens: auto | mask | gather (same result)
+    lagged: bool = False  # beyond the paper: layers before the anchor use the previous step's set
+    prune_swa: bool = False  # also prune sliding-window layers (their cost is bounded by the window)
 
     @classmethod
     def parse(cls, spec: Union["VisionPulse", str, int, None], mode: str | None = None) -> "VisionPulse | None":
@@ -75,6 +80,8 @@ class VisionPulse:
                 raise ValueError(f"VisionPulse {k} must be in (0, 1], got {r[k]}")
         if r["budget_min"] > r["budget_max"]:
             raise ValueError(f"VisionPulse budget_min ({r['budget_min']}) exceeds budget_max ({r['budget_max']})")
+        if self.attn not in ATTN:
+            raise ValueError(f"unknown VisionPulse attention path {self.attn!r}: one of {', '.join(ATTN)}")
         if self.mode == "forced" and self.forced is None:
             raise ValueError("VisionPulse mode 'forced' needs the kept ordinals (forced=[...])")
 
@@ -88,6 +95,9 @@ class VisionPulse:
         p.seed = self.seed & 0xFFFFFFFF
         p.auto_mark = True
         p.first_pruned_layer = -1 if self.first_pruned_layer is None else int(self.first_pruned_layer)
+        p.attn = ATTN[self.attn]
+        p.lagged = bool(self.lagged)
+        p.prune_swa = bool(self.prune_swa)
         return p
 
 
@@ -113,6 +123,7 @@ class VisionPulseReport:
     anchor_layer: int
     settings: dict[str, Any]
     steps: list[StepStats]
+    attn: str = "none"  # the attention path the steps used: mask | gather
     _last_step: int = field(default=0, repr=False)  # the C side's step counter at the last record
 
     def summary(self) -> dict[str, float]:
@@ -129,7 +140,7 @@ class VisionPulseReport:
         }
 
     def to_dict(self, per_step: bool = True) -> dict[str, Any]:
-        d: dict[str, Any] = {"mode": self.mode, "anchor_layer": self.anchor_layer,
+        d: dict[str, Any] = {"mode": self.mode, "anchor_layer": self.anchor_layer, "attn": self.attn,
                              "settings": self.settings, "summary": self.summary()}
         if per_step:
             d["steps"] = [asdict(s) for s in self.steps]

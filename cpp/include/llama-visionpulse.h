@@ -25,6 +25,15 @@ enum llama_vp_mode {
     LLAMA_VP_MODE_FORCED  = 5, // the set given with llama_vp_set_forced (tests, tools)
 };
 
+// How the layers after the anchor skip the dropped cells.
+enum llama_vp_attn {
+    LLAMA_VP_ATTN_AUTO   = 0, // per backend and step: MASK where the attention kernel skips masked cells
+                              // (CPU flash attention; Metal, with the n_kv_max hint), GATHER elsewhere
+    LLAMA_VP_ATTN_MASK   = 1, // attend to every cell, dropped visual cells masked out (-inf)
+    LLAMA_VP_ATTN_GATHER = 2, // attend to a compact copy of the selected K/V rows (ascending cell order,
+                              // so the result equals MASK); needs one query row per KV stream, else MASK
+};
+
 struct llama_vp_params {
     int32_t  mode;          // enum llama_vp_mode
     int32_t  anchor_layer;  // < 0: the full-attention layer nearest 47% of depth
@@ -36,6 +45,11 @@ struct llama_vp_params {
     bool     auto_mark;     // treat cells written from embeddings as visual (default true)
     int32_t  first_pruned_layer; // < 0: anchor + 1. FORCED may prune from any layer (even 0);
                                  // the other modes select at the anchor, so only after it
+    int32_t  attn;          // enum llama_vp_attn
+    bool     lagged;        // beyond the paper (opt-in): full-attention layers before the anchor use
+                            // the previous step's kept set (DYNAMIC/FIXED/RANDOM); the anchor stays dense
+    bool     prune_swa;     // also prune sliding-window layers (default false: their cost is bounded by
+                            // the window, so there is nothing to save, and they carry the local context)
 };
 
 // Preset "5": tau 0.1, budget [0.01, 0.05]. Preset "10": tau 0.4, budget [0.05, 0.10].
@@ -49,6 +63,8 @@ LLAMA_API void    llama_vp_disable(struct llama_context * ctx);
 LLAMA_API bool    llama_vp_enabled(const struct llama_context * ctx);
 LLAMA_API int32_t llama_vp_anchor_layer(const struct llama_context * ctx); // resolved anchor, -1 if off
 LLAMA_API const char * llama_vp_last_error(void);
+// The attention path (enum llama_vp_attn, never AUTO) the last decode step with a selection used; -1 if none.
+LLAMA_API int32_t llama_vp_last_attn(const struct llama_context * ctx);
 
 // Explicit marks: the cells of seq with positions in [p0, p1) are visual. Once a
 // sequence has explicit marks, only those count for it (auto marks are ignored).

@@ -9,6 +9,11 @@
 // All with standard ggml ops, so it runs wherever the graph runs (CPU, CUDA, Metal).
 // K is data dependent, so the argsort keeps a static k_max = max over rows of the budget's
 // upper bound, and ranks >= K are switched off with step(K - rank).
+//
+// Two ways for the layers after the anchor to skip the dropped cells (enum llama_vp_attn):
+// MASK adds -inf to them (CPU flash attention skips such cells; Metal gets the n_kv_max hint);
+// GATHER copies the selected K/V rows (text cells and kept visual cells, in ascending cell
+// order, so flash attention sees them in the same order as MASK) and attends to the copy.
 
 #include "llama-vp.h"
 
@@ -121,8 +126,28 @@ public:
     // built at the anchor, used by the layers after it
     ggml_tensor * keep_full = nullptr; // F32 [1, n_kv + 1, n_rows, n_stream]
     ggml_tensor * mask_base = nullptr;
+    ggml_tensor * mask_base_f32 = nullptr;
     ggml_tensor * mask_swa  = nullptr;
     bool anchor_built = false;
+
+    // GATHER path
+    int32_t path = -1;              // resolved llama_vp_attn of this step (MASK or GATHER)
+    int64_t n_nonvis_max = 0;       // most non-visual cells among the rows
+    int64_t n_sel = 0;              // gathered cells per stream after the anchor
+    ggml_tensor * t_negcell = nullptr; // F32 [n_kv]: -cell, the ascending-order key
+    ggml_tensor * sel_idx   = nullptr; // I32 [n_sel, n_stream]: gathered cells after the anchor
+    ggml_tensor * mask_gath = nullptr; // their mask (mask type) [n_sel, 1, 1, n_stream]
+    std::vector<int32_t> h_idx;        // FORCED: host-built selection [n_sel, n_stream]
+    ggml_tensor * t_hidx = nullptr;
+
+    // lagged selection below the anchor: the previous step's kept set
+    bool lag = false;
+    int64_t n_lag_sel = 0;
+    std::vector<float>   h_lag_drop;   // [n_kv, n_rows, 1, n_stream]
+    std::vector<int32_t> h_lag_idx;    // [n_lag_sel, n_stream]
+    ggml_tensor * t_lag_drop = nullptr, * t_lag_idx = nullptr;
+    std::map<int64_t, ggml_tensor *> t_iota; // I32 [n, n_stream]: 0..n-1, by n
+    ggml_tensor * mask_lag = nullptr, * mask_lag_f32 = nullptr, * mask_lag_gath = nullptr;
 
     void set_input(const llama_ubatch * ubatch) override;
     bool can_reuse(const llm_graph_params & params) override { GGML_UNUSED(params); return false; }
@@ -179,6 +204,19 @@ void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
         for (auto & x : rnd) x = u(vp->rng);
         vp_set(t_rand, rnd.data());
     }
+    if (t_negcell) {
+        std::vector<float> nc(n_kv);
+        for (int64_t i = 0; i < n_kv; ++i) nc[i] = -(float) i;
+        vp_set(t_negcell, nc.data());
+    }
+    vp_set(t_hidx, h_idx.data());
+    vp_set(t_lag_drop, h_lag_drop.data());
+    vp_set(t_lag_idx, h_lag_idx.data());
+    for (auto & [n, t] : t_iota) {
+        std::vector<int32_t> io(n * n_stream);
+        for (int64_t i = 0; i < (int64_t) io.size(); ++i) io[i] = (int32_t) (i % n);
+        vp_set(t, io.data());
+    }
     if (t_swa_map) {
         std::vector<int32_t> map(n_kv_swa * R, (int32_t) n_kv);
         std::vector<float> vs(n_kv_swa * R, 0.0f);
@@ -210,6 +248,48 @@ static ggml_tensor * vp_output(ggml_cgraph * gf, ggml_tensor * t, const char * n
     ggml_set_output(t);
     ggml_build_forward_expand(gf, t);
     return t;
+}
+
+static std::vector<char> vp_keep_flags(size_t n_vis, const std::vector<int32_t> * ordinals) {
+    std::vector<char> keep(n_vis, 0);
+    if (ordinals) {
+        for (int32_t o : *ordinals) {
+            if (o >= 0 && o < (int32_t) n_vis) keep[o] = 1;
+        }
+    }
+    return keep;
+}
+
+// A selection known before the step (FORCED, or the lagged previous one), one row per stream:
+// the cells each stream attends to in ascending order (non-visual and kept visual), padded
+// with its dropped visual cells (masked, so skipped) to the common count, which is returned.
+// drop (optional): the -BIG mask of the dropped visual cells, [n_kv, n_rows, 1, n_stream].
+static int64_t vp_host_selection(const llm_graph_input_vp & inp, const std::vector<std::vector<char>> & keep,
+                                 std::vector<int32_t> & idx, std::vector<float> * drop) {
+    const int64_t n_kv = inp.n_kv, R = (int64_t) inp.rows.size();
+    std::vector<std::vector<int32_t>> sel(R), pad(R);
+    int64_t n_sel = 0;
+    if (drop) drop->assign(n_kv * R, 0.0f);
+    for (int64_t r = 0; r < R; ++r) {
+        std::vector<char> state(n_kv, 1); // 1 attend, 0 dropped visual
+        const auto & vis = inp.rows[r].vis;
+        for (size_t o = 0; o < vis.size(); ++o) {
+            if (!keep[r][o]) {
+                state[vis[o]] = 0;
+                if (drop) (*drop)[r*n_kv + vis[o]] = -VP_BIG;
+            }
+        }
+        for (int64_t c = 0; c < n_kv; ++c) (state[c] ? sel[r] : pad[r]).push_back((int32_t) c);
+        n_sel = std::max<int64_t>(n_sel, (int64_t) sel[r].size());
+    }
+    n_sel = std::max<int64_t>(n_sel, 1);
+    idx.assign(n_sel * R, 0);
+    for (int64_t r = 0; r < R; ++r) {
+        size_t j = 0;
+        for (int32_t c : sel[r]) idx[r*n_sel + j++] = c;
+        for (int32_t c : pad[r]) { if ((int64_t) j >= n_sel) break; idx[r*n_sel + j++] = c; }
+    }
+    return n_sel;
 }
 
 // Creates the step's input object when the step is a decode step with visual cells.
@@ -289,6 +369,35 @@ static llm_graph_input_vp * vp_begin_graph(
             }
         }
     }
+    for (const auto & rw : inp->rows) {
+        inp->n_nonvis_max = std::max<int64_t>(inp->n_nonvis_max, inp->n_kv - (int64_t) rw.vis.size());
+    }
+    inp->n_sel = std::min<int64_t>(inp->n_kv, inp->n_nonvis_max + inp->k_max);
+    if (inp->mode == LLAMA_VP_MODE_FORCED && inp->n_rows == 1) {
+        std::vector<std::vector<char>> keep;
+        for (const auto & rw : inp->rows) {
+            auto it = vp->seqs.find(rw.seq);
+            keep.push_back(vp_keep_flags(rw.vis.size(), it != vp->seqs.end() ? &it->second.forced : nullptr));
+        }
+        inp->n_sel = vp_host_selection(*inp, keep, inp->h_idx, nullptr);
+    }
+    const bool lag_mode = inp->mode == LLAMA_VP_MODE_DYNAMIC || inp->mode == LLAMA_VP_MODE_FIXED ||
+                          inp->mode == LLAMA_VP_MODE_RANDOM;
+    if (vp->params.lagged && lag_mode && !inp->rank_only) {
+        // every row needs a previous step over the same visual cells
+        std::vector<std::vector<char>> keep;
+        bool ok = true;
+        for (const auto & rw : inp->rows) {
+            auto it = vp->seqs.find(rw.seq);
+            ok = ok && it != vp->seqs.end() && it->second.has_stats && it->second.stats.n_visual == (int32_t) rw.vis.size();
+            if (!ok) break;
+            keep.push_back(vp_keep_flags(rw.vis.size(), &it->second.kept));
+        }
+        if (ok) {
+            inp->lag = true;
+            inp->n_lag_sel = vp_host_selection(*inp, keep, inp->h_lag_idx, &inp->h_lag_drop);
+        }
+    }
     auto * raw = inp.get();
     g.res->add_input(std::move(inp));
     return raw;
@@ -316,12 +425,22 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
     inp->t_vis_neg = vp_input(ctx, GGML_TYPE_F32, n_kv, R, 1, S, "vp_vis_neg");
     inp->t_nv      = vp_input(ctx, GGML_TYPE_F32, 1, R, 1, S, "vp_nv");
 
-    // scores of the current queries against every cell, per head (GQA by broadcast)
-    ggml_tensor * q4 = ggml_view_4d(ctx, q, q->ne[0], q->ne[1], R, S, q->nb[1], q->nb[2], q->nb[2]*R, 0);
-    q4 = ggml_permute(ctx, q4, 0, 2, 1, 3);                         // [d, R, H, S]
+    // scores of the current queries against every cell, per head
     ggml_tensor * kp = ggml_permute(ctx, k, 0, 2, 1, 3);            // [d, n_kv, H_kv, S]
-    ggml_tensor * kq = ggml_mul_mat(ctx, kp, q4);                   // [n_kv, R, H, S]
-    ggml_prec_set_acc(kq, GGML_PREC_F32);
+    const int64_t H_kv = k->ne[1], G = H / H_kv;
+    ggml_tensor * kq;
+    if (R == 1) {
+        // GQA-aware: the G query heads of a KV head are one matrix, so each K row is read once
+        ggml_tensor * qg = ggml_view_4d(ctx, q, q->ne[0], G, H_kv, S, q->nb[1], q->nb[1]*G, q->nb[2], 0);
+        kq = ggml_mul_mat(ctx, kp, qg);                             // [n_kv, G, H_kv, S]
+        ggml_prec_set_acc(kq, GGML_PREC_F32);
+        kq = ggml_reshape_4d(ctx, kq, n_kv, 1, H, S);               // [n_kv, R, H, S]
+    } else {
+        ggml_tensor * q4 = ggml_view_4d(ctx, q, q->ne[0], q->ne[1], R, S, q->nb[1], q->nb[2], q->nb[2]*R, 0);
+        q4 = ggml_permute(ctx, q4, 0, 2, 1, 3);                     // [d, R, H, S]
+        kq = ggml_mul_mat(ctx, kp, q4);                             // [n_kv, R, H, S] (GQA by broadcast)
+        ggml_prec_set_acc(kq, GGML_PREC_F32);
+    }
     if (g.hparams.attn_soft_cap) {
         kq = ggml_scale(ctx, kq, 1.0f / g.hparams.f_attn_logit_softcapping);
         kq = ggml_tanh(ctx, kq);
@@ -348,7 +467,8 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
         ggml_tensor * drop = vp_forced_drop(g, inp);
         keep_base = ggml_mul(ctx, inp->t_vis, ggml_scale_bias(ctx, drop, 1.0f / VP_BIG, 1.0f));
         if (!inp->mask_base) {
-            inp->mask_base = vp_as_mask_type(ctx, ggml_add(ctx, mask, drop), kq_mask);
+            inp->mask_base_f32 = ggml_add(ctx, mask, drop);
+            inp->mask_base = vp_as_mask_type(ctx, inp->mask_base_f32, kq_mask);
         }
     } else if (inp->mode != LLAMA_VP_MODE_DENSE) {
         const int64_t KM = inp->k_max;
@@ -395,7 +515,17 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
         if (!inp->rank_only) {
             // drop = visual and not kept
             ggml_tensor * drop = ggml_scale(ctx, ggml_sub(ctx, inp->t_vis, keep_base), -VP_BIG);
-            inp->mask_base = ggml_add(ctx, mask, drop);
+            inp->mask_base = inp->mask_base_f32 = ggml_add(ctx, mask, drop);
+            if (inp->n_rows == 1) {
+                // the cells to gather: text and kept visual first, in ascending cell order
+                // (key = attended * 2 n_kv - cell), then dropped visual cells as padding
+                inp->t_negcell = vp_input(ctx, GGML_TYPE_F32, n_kv, 1, 1, 1, "vp_negcell");
+                ggml_tensor * att = ggml_add(ctx, ggml_scale_bias(ctx, inp->t_vis, -1.0f, 1.0f), keep_base);
+                ggml_tensor * key = ggml_add(ctx, ggml_scale(ctx, att, 2.0f * (float) n_kv), inp->t_negcell);
+                ggml_tensor * ord = ggml_argsort(ctx, key, GGML_SORT_ORDER_DESC);       // [n_kv, 1, 1, S]
+                ord = ggml_cont(ctx, ggml_view_4d(ctx, ord, inp->n_sel, 1, 1, S, ord->nb[1], ord->nb[2], ord->nb[3], 0));
+                inp->sel_idx = ggml_reshape_2d(ctx, ord, inp->n_sel, S);
+            }
         }
     }
 
@@ -437,16 +567,96 @@ static ggml_tensor * vp_build_swa_mask(const llm_graph_context & g, llm_graph_in
     return res;
 }
 
+// MASK or GATHER for this step (AUTO: MASK where masked cells cost nothing, GATHER elsewhere).
+static int32_t vp_resolve_path(const llm_graph_context & g, const llm_graph_input_vp & inp, const ggml_tensor * k) {
+    if (inp.n_rows != 1) {
+        return LLAMA_VP_ATTN_MASK; // queries of several sequences share the stream's cells
+    }
+    if (inp.vp->params.attn != LLAMA_VP_ATTN_AUTO) {
+        return inp.vp->params.attn;
+    }
+    const ggml_tensor * src = k->view_src ? k->view_src : k;
+    ggml_backend_buffer_t buf = src->buffer;
+    if (!buf || ggml_backend_buffer_is_host(buf)) {
+        // CPU flash attention skips -inf cells; the non-FA CPU path reads every cell
+        return g.cparams.flash_attn ? LLAMA_VP_ATTN_MASK : LLAMA_VP_ATTN_GATHER;
+    }
+    const char * name = ggml_backend_buft_name(ggml_backend_buffer_get_type(buf));
+    if (g.cparams.flash_attn && name && std::strncmp(name, "MTL", 3) == 0) {
+        return LLAMA_VP_ATTN_MASK; // Metal's flash attention takes the n_kv_max hint
+    }
+    return LLAMA_VP_ATTN_GATHER;
+}
+
+// get_rows yields F32; F16/BF16 rows survive the cast back bit for bit, and so do
+// quantized rows re-quantized into the same type (the block scale is recovered exactly),
+// so the attention kernel runs the same dot products as on the cache itself.
+static ggml_tensor * vp_to_cache_type(ggml_context * ctx, ggml_tensor * rows, ggml_type type, ggml_tensor * iota) {
+    if (!ggml_is_quantized(type)) {
+        return type == GGML_TYPE_F32 ? rows : ggml_cast(ctx, rows, type);
+    }
+    ggml_tensor * dst = ggml_new_tensor_3d(ctx, type, rows->ne[0], rows->ne[1], rows->ne[2]);
+    return ggml_set_rows(ctx, dst, rows, iota);
+}
+
+// Rows idx ([n_sel, S]) of a cache view laid out [d, H_kv, n_kv, S] (one contiguous row per cell).
+static ggml_tensor * vp_gather_rows(ggml_context * ctx, ggml_tensor * t, ggml_tensor * idx, ggml_tensor * iota) {
+    const int64_t n_sel = idx->ne[0];
+    ggml_tensor * t3 = ggml_view_3d(ctx, t, t->ne[0]*t->ne[1], t->ne[2], t->ne[3], t->nb[2], t->nb[3], 0);
+    ggml_tensor * r = vp_to_cache_type(ctx, ggml_get_rows(ctx, t3, idx), t->type, iota);
+    return ggml_reshape_4d(ctx, r, t->ne[0], t->ne[1], n_sel, t->ne[3]);
+}
+
+// Columns idx of a transposed V view [n_kv, H_kv, d, S] (one row per dimension), kept transposed.
+static ggml_tensor * vp_gather_cols(ggml_context * ctx, ggml_tensor * v, ggml_tensor * idx) {
+    const int64_t n_sel = idx->ne[0], S = v->ne[3], E = v->ne[1]*v->ne[2];
+    ggml_tensor * cols = ggml_view_4d(ctx, v, 1, v->ne[0], E, S, ggml_element_size(v), v->nb[2], v->nb[3], 0);
+    ggml_tensor * ir = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, idx, n_sel, 1, S), n_sel, E, S, 1);
+    ggml_tensor * r = ggml_get_rows(ctx, cols, ir); // [1, n_sel, E, S]; V^T is never quantized (needs FA)
+    r = v->type == GGML_TYPE_F32 ? r : ggml_cast(ctx, r, v->type);
+    const size_t es = ggml_element_size(r);
+    return ggml_view_4d(ctx, r, n_sel, v->ne[1], v->ne[2], S, v->ne[2]*n_sel*es, n_sel*es, E*n_sel*es, 0);
+}
+
+// The mask of the gathered cells: mask_f32 [n_kv, 1, 1, S] -> [n_sel, 1, 1, S], in the mask's type.
+static ggml_tensor * vp_gather_mask(ggml_context * ctx, ggml_tensor * mask_f32, ggml_tensor * idx, const ggml_tensor * like) {
+    const int64_t n_sel = idx->ne[0], S = idx->ne[1];
+    ggml_tensor * m = ggml_reshape_4d(ctx, mask_f32, 1, mask_f32->ne[0], S, 1);
+    m = ggml_reshape_4d(ctx, ggml_get_rows(ctx, m, idx), n_sel, 1, 1, S);
+    return vp_as_mask_type(ctx, m, like);
+}
+
+// Swap k/v for their selected rows (GATHER) and return the matching mask.
+static ggml_tensor * vp_apply_gather(llm_graph_input_vp & inp, ggml_context * ctx, ggml_tensor ** k, ggml_tensor ** v,
+                                     ggml_tensor * idx, ggml_tensor *& mask_cache, ggml_tensor * mask_f32,
+                                     const ggml_tensor * like) {
+    if (!mask_cache) {
+        mask_cache = vp_gather_mask(ctx, mask_f32, idx, like);
+    }
+    ggml_tensor * iota = nullptr; // row numbers 0..n_sel-1 for re-quantizing (host input, shared)
+    if (ggml_is_quantized((*k)->type) || ggml_is_quantized((*v)->type)) {
+        auto & t = inp.t_iota[idx->ne[0]];
+        if (!t) t = vp_input(ctx, GGML_TYPE_I32, idx->ne[0], idx->ne[1], 1, 1, "vp_iota");
+        iota = t;
+    }
+    *k = vp_gather_rows(ctx, *k, idx, iota);
+    const bool v_trans = (*v)->nb[1] > (*v)->nb[2];
+    *v = v_trans ? vp_gather_cols(ctx, *v, idx) : vp_gather_rows(ctx, *v, idx, iota);
+    return mask_cache;
+}
+
 ggml_tensor * llama_vp_build_attn(
         const llm_graph_context & g,
         const llama_kv_cache_context * base,
         const llama_kv_cache_context * swa,
-        bool          is_swa,
-        ggml_tensor * q,
-        ggml_tensor * k,
-        ggml_tensor * kq_mask,
-        float         kq_scale,
-        int           il) {
+        bool           is_swa,
+        ggml_tensor *  q,
+        ggml_tensor ** k,
+        ggml_tensor ** v,
+        ggml_tensor *  kq_mask,
+        float          kq_scale,
+        int            il,
+        int64_t *      n_kv_max) {
     llama_vp_context * vp = g.cparams.vp;
     if (!vp || !vp->enabled) {
         return kq_mask;
@@ -459,26 +669,66 @@ ggml_tensor * llama_vp_build_attn(
     if (!inp) {
         return kq_mask;
     }
+    ggml_context * ctx = g.ctx0;
+    ggml_tensor * k_full = *k; // the anchor probes every cell
+    if (inp->path < 0) {
+        inp->path = vp_resolve_path(g, *inp, *k);
+        vp->last_attn = inp->path;
+    }
+    const bool gather = inp->path == LLAMA_VP_ATTN_GATHER;
+    const bool hint = kq_mask->type == GGML_TYPE_F16; // flash attention
+
     const bool pruned = il >= vp->first_pruned;
     if (pruned && inp->mode == LLAMA_VP_MODE_FORCED && !is_swa && !inp->mask_base) {
         // FORCED needs no probe: its mask can serve layers below the anchor too
-        ggml_tensor * mask = kq_mask->type == GGML_TYPE_F32 ? kq_mask : ggml_cast(g.ctx0, kq_mask, GGML_TYPE_F32);
-        inp->mask_base = vp_as_mask_type(g.ctx0, ggml_add(g.ctx0, mask, vp_forced_drop(g, inp)), kq_mask);
+        ggml_tensor * mask = kq_mask->type == GGML_TYPE_F32 ? kq_mask : ggml_cast(ctx, kq_mask, GGML_TYPE_F32);
+        inp->mask_base_f32 = ggml_add(ctx, mask, vp_forced_drop(g, inp));
+        inp->mask_base = vp_as_mask_type(ctx, inp->mask_base_f32, kq_mask);
     }
     ggml_tensor * res = kq_mask;
     if (pruned && (inp->mode == LLAMA_VP_MODE_FORCED || inp->anchor_built)) {
         if (is_swa) {
+            if (!vp->params.prune_swa) {
+                return kq_mask;
+            }
             if (!inp->mask_swa && (inp->mode == LLAMA_VP_MODE_FORCED || inp->keep_full)) {
                 inp->mask_swa = vp_build_swa_mask(g, inp, kq_mask);
             }
             res = inp->mask_swa ? inp->mask_swa : kq_mask;
         } else if (inp->mask_base) {
             res = inp->mask_base;
+            if (gather && inp->mode == LLAMA_VP_MODE_FORCED) {
+                if (!inp->t_hidx) {
+                    inp->t_hidx = vp_input(ctx, GGML_TYPE_I32, inp->n_sel, inp->n_stream, 1, 1, "vp_hidx");
+                }
+                res = vp_apply_gather(*inp, ctx, k, v, inp->t_hidx, inp->mask_gath, inp->mask_base_f32, kq_mask);
+            } else if (gather && inp->sel_idx) {
+                res = vp_apply_gather(*inp, ctx, k, v, inp->sel_idx, inp->mask_gath, inp->mask_base_f32, kq_mask);
+            } else if (hint) {
+                *n_kv_max = inp->n_sel;
+            }
+        }
+    } else if (inp->lag && !is_swa && il < vp->anchor) {
+        // lagged: the previous step's selection, below the anchor
+        if (!inp->mask_lag) {
+            inp->t_lag_drop = vp_input(ctx, GGML_TYPE_F32, inp->n_kv, inp->n_rows, 1, inp->n_stream, "vp_lag_drop");
+            ggml_tensor * mask = kq_mask->type == GGML_TYPE_F32 ? kq_mask : ggml_cast(ctx, kq_mask, GGML_TYPE_F32);
+            inp->mask_lag_f32 = ggml_add(ctx, mask, inp->t_lag_drop);
+            inp->mask_lag = vp_as_mask_type(ctx, inp->mask_lag_f32, kq_mask);
+        }
+        res = inp->mask_lag;
+        if (gather) {
+            if (!inp->t_lag_idx) {
+                inp->t_lag_idx = vp_input(ctx, GGML_TYPE_I32, inp->n_lag_sel, inp->n_stream, 1, 1, "vp_lag_idx");
+            }
+            res = vp_apply_gather(*inp, ctx, k, v, inp->t_lag_idx, inp->mask_lag_gath, inp->mask_lag_f32, kq_mask);
+        } else if (hint) {
+            *n_kv_max = inp->n_lag_sel;
         }
     }
     if (il == vp->anchor) {
         GGML_ASSERT(!is_swa && "the VisionPulse anchor must be a full-attention layer");
-        vp_build_anchor(g, inp, q, k, kq_mask, kq_scale); // probes the dense attention
+        vp_build_anchor(g, inp, q, k_full, kq_mask, kq_scale); // probes the dense attention
     }
     return res;
 }
@@ -571,12 +821,20 @@ struct llama_vp_params llama_vp_preset_params(int32_t preset) {
     p.seed         = 0;
     p.auto_mark    = true;
     p.first_pruned_layer = -1;
+    p.attn         = LLAMA_VP_ATTN_AUTO;
+    p.lagged       = false;
+    p.prune_swa    = false;
     if (preset == 10) {
         p.tau = 0.4f; p.budget_min = 0.05f; p.budget_max = 0.10f; p.ratio = 0.10f;
     } else if (preset != 5) {
         p.mode = -1;
     }
     return p;
+}
+
+int32_t llama_vp_last_attn(const struct llama_context * ctx) {
+    const llama_vp_context * vp = vp_of(ctx);
+    return vp ? vp->last_attn : -1;
 }
 
 const char * llama_vp_last_error(void) {
@@ -597,6 +855,9 @@ int32_t llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params
     if (!vp_frac_ok(p.budget_min) || !vp_frac_ok(p.budget_max)) return vp_fail(-1, "budget_min and budget_max must be in (0, 1]");
     if (p.budget_min > p.budget_max) return vp_fail(-1, "budget_min must not exceed budget_max");
     if (!vp_frac_ok(p.ratio)) return vp_fail(-1, "ratio must be in (0, 1]");
+    if (p.attn < LLAMA_VP_ATTN_AUTO || p.attn > LLAMA_VP_ATTN_GATHER) {
+        return vp_fail(-1, "unknown attention path " + std::to_string(p.attn) + " (0 auto, 1 mask, 2 gather)");
+    }
 
     const auto & hp = ctx->get_model().hparams;
     const int32_t n_layer = (int32_t) hp.n_layer();

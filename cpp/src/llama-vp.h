@@ -32,23 +32,28 @@ struct llama_vp_context {
     int32_t first_pruned = -1; // resolved: layers >= this one use the selection
     std::map<llama_seq_id, llama_vp_seq> seqs;
     std::mt19937 rng;
+    int32_t last_attn = -1;    // path of the last step with a selection
 };
 
 // Hooks called from the patched upstream files.
 
-// In build_attn, before the attention itself: returns the mask this layer should use.
+// In build_attn, before the attention itself: returns the mask this layer should use and
+// may replace *k and *v by compact copies of the selected rows (GATHER path).
 // `base`/`swa`: the cache contexts of the full-attention and sliding-window caches
 // (`swa` is null for models with a single cache); `is_swa`: this layer's kind.
+// *n_kv_max: set to a bound on the finite mask entries per row (flash attention's sparse hint), or 0.
 ggml_tensor * llama_vp_build_attn(
         const llm_graph_context & g,
         const llama_kv_cache_context * base,
         const llama_kv_cache_context * swa,
-        bool          is_swa,
-        ggml_tensor * q,
-        ggml_tensor * k,
-        ggml_tensor * kq_mask,
-        float         kq_scale,
-        int           il);
+        bool           is_swa,
+        ggml_tensor *  q,
+        ggml_tensor ** k,
+        ggml_tensor ** v,
+        ggml_tensor *  kq_mask,
+        float          kq_scale,
+        int            il,
+        int64_t *      n_kv_max);
 
 // After a ubatch's graph was computed: read the step's selection and stats back.
 void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res);

@@ -27,6 +27,7 @@ MODES: dict[str, dict[str, Any] | None] = {
     "fixed-1%": dict(mode="fixed", ratio=0.01),
     "random-5": dict(mode="random", preset=5, seed=1),
     "static-5%": dict(mode="static", ratio=0.05),
+    "visionpulse-5-lagged": dict(mode="visionpulse", preset=5, lagged=True),  # opt-in, beyond the paper
 }
 
 
@@ -133,6 +134,18 @@ def markdown_table(table: dict[str, dict[str, float]], n_items: int, anchor_desc
     return "\n".join(lines)
 
 
+def by_task_table(results: list[dict[str, Any]], modes: list[str]) -> str:
+    """Correct items per task and visual-token count, per mode (where each mode loses answers)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(f"{r['task']} ({r['n_visual']} tokens)", []).append(r)
+    lines = ["| task (visual tokens) | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    for g, rs in groups.items():
+        cells = [f"{sum(r['modes'][m]['correct'] for r in rs)}/{len(rs)}" for m in modes]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def progress(i: int, n: int, t0: float, label: str) -> None:
     """A one-line progress bar on stderr (the benchmark takes minutes)."""
     done = int(30 * i / max(n, 1))
@@ -147,4 +160,4 @@ def to_jsonable(r: dict[str, ModeResult]) -> dict[str, Any]:
     return {k: v.__dict__ for k, v in r.items()}
 
 
-__all__ = ["Bench", "MODES", "mode_spec", "summarize", "markdown_table", "progress", "to_jsonable"]
+__all__ = ["Bench", "MODES", "mode_spec", "summarize", "markdown_table", "by_task_table", "progress", "to_jsonable"]

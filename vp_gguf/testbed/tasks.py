@@ -5,11 +5,12 @@ only be read from the image. Generators are seeded and deterministic. A suite is
 a folder with `items.jsonl` (one item per line) and the PNGs it names:
 
     {"id": "copy-256-0", "task": "copy", "grid": 16, "images": ["copy-256-0.png"],
-     "prompt": "Sequence:<__media__>\\nSequence again:", "answer": "2 9 1 ...", "max_tokens": 82}
+     "prompt": "Sequence:<__media__>\\nSequence again: 2 9", "answer": "1 7 ...", "max_tokens": 80}
 
 - copy:   read back N digits laid out in the image (each generated digit needs another patch);
 - lookup: key -> code among many pairs (the evidence is one small region);
 - second: two images, a question about the second;
+- many:   several images, the digits to read back in the last one;
 grids of 16, 32 and 64 tiles a side give 256, 1024 and 4096 visual tokens per image.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from PIL.Image import Image
 
 from .glyphs import GlyphGrid
 
@@ -42,7 +45,7 @@ class Item:
 
 def score(item: Item, text: str) -> bool:
     """Exact match on what the task asks for."""
-    if item.task in ("copy", "second"):
+    if item.task in ("copy", "second", "many"):
         want = item.answer.split()
         return text.split()[:len(want)] == want
     if item.task == "lookup":
@@ -54,48 +57,85 @@ def _digits(rng: random.Random, n: int) -> list[str]:
     return [str(rng.randrange(10)) for _ in range(n)]
 
 
-def make_copy(rng: random.Random, idx: int, grid: int, n_digits: int, out: Path) -> Item:
-    digits = _digits(rng, n_digits)
-    name = f"copy-{grid * grid}-{idx}"
-    GlyphGrid(grid).render(" " + " ".join(digits)).save(out / f"{name}.png")
-    return Item(name, "copy", grid, [f"{name}.png"], f"Sequence:{MARKER}\nSequence again:",
-                " ".join(digits), 2 * n_digits + 2, {"n_digits": n_digits})
+# The answer is primed with its first PRIME digits, as in the plain-text probe of the
+# model ("Sequence again: 2 9" and let it continue): without them the 270M base model
+# often starts counting "1 2 3 ..." whatever it was shown.
+PRIME = 2
 
 
-def make_lookup(rng: random.Random, idx: int, grid: int, n_pairs: int, out: Path) -> Item:
+def _copy_prompt(prefix: str, digits: list[str]) -> str:
+    return f"{prefix}Sequence:{MARKER}\nSequence again: " + " ".join(digits[:PRIME])
+
+
+def _sequence_image(rng: random.Random, grid: int, n_digits: int, fill: bool) -> tuple[list[str], Image]:
+    """n_digits to read back; with fill the rest of the grid holds more digits (no blank runs)."""
+    g = GlyphGrid(grid)
+    digits = _digits(rng, g.n_cells // 2 if fill else n_digits)
+    return digits, g.render((" " + " ".join(digits))[:g.n_cells])
+
+
+def _codes_image(rng: random.Random, grid: int, n_pairs: int) -> tuple[list[str], list[str], Image]:
     keys: list[str] = []
     while len(keys) < n_pairs:
         k = rng.choice(KEY_LETTERS) + str(rng.randrange(10))
         if k not in keys:
             keys.append(k)
     codes = ["".join(_digits(rng, 4)) for _ in keys]
+    img = GlyphGrid(grid).render(" " + "|".join(f"{k}:{c}" for k, c in zip(keys, codes)))
+    return keys, codes, img
+
+
+def make_copy(rng: random.Random, idx: int, grid: int, n_digits: int, out: Path) -> Item:
+    """Read back n_digits from one image. Grids over 16 tiles a side are filled with digits:
+    long blank runs make the model itself fail (see docs/testbed/RESULTS.md)."""
+    fill = grid > 16
+    digits, img = _sequence_image(rng, grid, n_digits, fill)
+    name = f"copy-{grid * grid}-{idx}"
+    img.save(out / f"{name}.png")
+    return Item(name, "copy", grid, [f"{name}.png"], _copy_prompt("", digits),
+                " ".join(digits[PRIME:n_digits]), 2 * n_digits, {"n_digits": n_digits, "filled": fill})
+
+
+def make_lookup(rng: random.Random, idx: int, grid: int, n_pairs: int, out: Path) -> Item:
+    keys, codes, img = _codes_image(rng, grid, n_pairs)
     q = rng.randrange(n_pairs)
     name = f"lookup-{grid * grid}-{idx}"
-    body = "|".join(f"{k}:{c}" for k, c in zip(keys, codes))
-    GlyphGrid(grid).render(" " + body).save(out / f"{name}.png")
+    img.save(out / f"{name}.png")
     return Item(name, "lookup", grid, [f"{name}.png"], f"Codes:{MARKER}\n{keys[q]}:", codes[q], 5,
                 {"n_pairs": n_pairs, "key": keys[q], "pair_index": q})
 
 
-def make_second(rng: random.Random, idx: int, grid: int, n_digits: int, out: Path) -> Item:
-    name = f"second-{grid * grid}x2-{idx}"
-    seqs = [_digits(rng, n_digits), _digits(rng, n_digits)]
+def _many(rng: random.Random, name: str, task: str, grid: int, n_images: int, n_digits: int, out: Path) -> Item:
+    """n_images - 1 images of key:code pairs, then the sequence to read back."""
     files = []
-    for j, s in enumerate(seqs):
+    for j in range(n_images - 1):
         files.append(f"{name}-{j}.png")
-        GlyphGrid(grid).render(" " + " ".join(s)).save(out / files[-1])
-    return Item(name, "second", grid, files, f"First:{MARKER}\nSecond:{MARKER}\nSecond again:",
-                " ".join(seqs[1]), 2 * n_digits + 2, {"n_digits": n_digits})
+        _codes_image(rng, grid, 12)[2].save(out / files[-1])
+    digits, img = _sequence_image(rng, grid, n_digits, False)
+    files.append(f"{name}-{n_images - 1}.png")
+    img.save(out / files[-1])
+    prompt = f"Codes:{MARKER}\n" * (n_images - 1)
+    return Item(name, task, grid, files, _copy_prompt(prompt, digits), " ".join(digits[PRIME:]),
+                2 * n_digits, {"n_digits": n_digits, "n_images": n_images})
+
+
+def make_second(rng: random.Random, idx: int, grid: int, n_digits: int, out: Path) -> Item:
+    """Two images, a question about the second: codes first, then the digits to read back."""
+    return _many(rng, f"second-{grid * grid}x2-{idx}", "second", grid, 2, n_digits, out)
+
+
+def make_many(rng: random.Random, idx: int, grid: int, n_images: int, out: Path) -> Item:
+    """Several images (n_images x grid^2 visual tokens); the digits are in the last one."""
+    return _many(rng, f"many-{grid * grid}x{n_images}-{idx}", "many", grid, n_images, 40, out)
 
 
 SUITES = {
-    # name: list of (generator, grid, size, count)
-    # default: the tasks Gemma 3 270M solves densely (validity first) - 256 visual tokens
-    "default": [(make_copy, 16, 40, 5), (make_lookup, 16, 12, 5)],
-    # extended: larger images and two images. Not valid yet: with long runs of blank tiles,
-    # or two images, or 48+ pairs, the 270M model itself fails densely (see docs/testbed)
-    "extended": [(make_second, 16, 24, 3), (make_copy, 32, 40, 1), (make_lookup, 32, 48, 2),
-                 (make_lookup, 64, 160, 1)],
+    # name: list of (generator, grid, size, count); size = digits, pairs or images
+    # default: 256 to 4096 visual tokens, one image or several
+    "default": [(make_copy, 16, 40, 4), (make_lookup, 16, 12, 4), (make_second, 16, 40, 3),
+                (make_copy, 32, 40, 2), (make_copy, 64, 40, 1), (make_many, 16, 16, 1)],
+    # extended: what the 270M model itself cannot do densely (kept to show it)
+    "extended": [(make_lookup, 32, 48, 2), (make_lookup, 64, 160, 1)],
     "quick": [(make_copy, 16, 40, 2), (make_lookup, 16, 12, 2)],
 }
 

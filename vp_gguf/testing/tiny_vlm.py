@@ -494,21 +494,15 @@ def _tname(gguf, tensor, bid: int | None = None, suffix: str | None = "weight") 
 # text model
 # --------------------------------------------------------------------------
 
-def _write_text_model(gguf, path: Path, family: str, t: _TextSpec, vocab: _Vocab, seed: int) -> None:
-    MT = gguf.MODEL_TENSOR
-    w = _Weights(seed, np.float16)
-    S = _INIT_STD
-    n_vocab = vocab.n_tokens
+def text_model_writer(gguf, path: Path, name: str, description: str, file_type: int, t: _TextSpec, vocab: _Vocab):
+    """A GGUFWriter with the text model's hyperparameters and tokenizer written (tensors to add)."""
     head_dim = t.head_dim or t.n_embd // t.n_head
-    n_q = head_dim * t.n_head
-    n_kv = head_dim * t.n_head_kv
-
     writer = gguf.GGUFWriter(str(path), t.arch)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(f"vp-gguf tiny {family}")
-    writer.add_description(f"random-weight test model ({family}), seed {seed}; vocab from {vocab.source}")
-    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-    writer.add_vocab_size(n_vocab)
+    writer.add_name(name)
+    writer.add_description(description)
+    writer.add_file_type(file_type)
+    writer.add_vocab_size(vocab.n_tokens)
     writer.add_context_length(t.n_ctx_train)
     writer.add_embedding_length(t.n_embd)
     writer.add_block_count(t.n_layer)
@@ -532,6 +526,20 @@ def _write_text_model(gguf, path: Path, family: str, t: _TextSpec, vocab: _Vocab
         writer.add_key_value(key, kv.value.tolist() if isinstance(kv.value, np.ndarray) else kv.value,
                              gguf.GGUFValueType(kv.vtype),
                              None if kv.sub_type is None else gguf.GGUFValueType(kv.sub_type))
+    return writer
+
+
+def _write_text_model(gguf, path: Path, family: str, t: _TextSpec, vocab: _Vocab, seed: int) -> None:
+    MT = gguf.MODEL_TENSOR
+    w = _Weights(seed, np.float16)
+    S = _INIT_STD
+    n_vocab = vocab.n_tokens
+    head_dim = t.head_dim or t.n_embd // t.n_head
+    n_q = head_dim * t.n_head
+    n_kv = head_dim * t.n_head_kv
+    writer = text_model_writer(gguf, path, f"vp-gguf tiny {family}",
+                               f"random-weight test model ({family}), seed {seed}; vocab from {vocab.source}",
+                               int(gguf.LlamaFileType.MOSTLY_F16), t, vocab)
 
     # small token embeddings: the residual stream at the last position is then
     # dominated by attention/FFN outputs, so the (tied) logits depend on context

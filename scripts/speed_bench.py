@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""Decode speed with VisionPulse against dense and a text-only floor (llama-bench-like).
+
+    python3 scripts/speed_bench.py                  # both models -> docs/speed/
+    python3 scripts/speed_bench.py --models gemma --sizes 576,4096 --reps 2 --out /tmp/sp
+
+Per model and number of visual tokens N_v: a sequence of N_v visual cells followed by
+256 text cells is put in the KV cache (a synthetic state with random F16 K/V, see
+vp_gguf/testing/kv_state.py: a real 32K prefill would take an hour here), then
+--steps tokens are decoded one by one in each mode, modes interleaved, --reps times:
+
+  dense     VisionPulse off
+  vp5       VisionPulse preset 5 (attention path: auto)
+  vp5-gather / vp5-mask   the same selection through each attention path (forced)
+  probe     the probe and the stats only (mode dense): what scoring costs
+  vp5-lag   preset 5 plus the lagged selection below the anchor (opt-in)
+  floor     the same context without the visual cells (text only)
+
+Prefill (real, token input) is timed at the --prefill-sizes with VisionPulse off and on.
+Writes results.json, RESULTS.md and speed.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vp_gguf import VisionPulse  # noqa: E402
+from vp_gguf import _vp_ctypes as V  # noqa: E402
+from vp_gguf._libs import llama_cpp as L  # noqa: E402
+from vp_gguf.testing import kv_state  # noqa: E402
+
+MODES = {
+    "dense": None,
+    "vp5": VisionPulse(),
+    "vp5-mask": VisionPulse(attn="mask"),
+    "vp5-gather": VisionPulse(attn="gather"),
+    "probe": VisionPulse(mode="dense"),
+    "vp5-lag": VisionPulse(lagged=True),
+    "floor": None,
+}
+
+
+def model_path(name: str, cache: Path) -> tuple[Path, str]:
+    if name == "synthetic":
+        from vp_gguf.testing.speed_model import SPEC_NAME, build_speed_model
+        p = cache / "qwen25vl3b-lm-random-q4k.gguf"
+        if not p.exists():
+            print(f"writing the synthetic model to {p} (once) ...", file=sys.stderr)
+            build_speed_model(p.with_suffix(".tmp"))
+            p.with_suffix(".tmp").rename(p)
+        return p, SPEC_NAME
+    if name == "gemma":
+        from vp_gguf.testbed import assets
+        return assets.gemma_path(), f"Gemma 3 270M Q4_K_M ({assets.PACKAGE})"
+    raise SystemExit(f"unknown model {name!r}: synthetic | gemma")
+
+
+class Runner:
+    def __init__(self, path: Path, n_ctx: int, threads: int) -> None:
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 999
+        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"could not load {path}")
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, 512, 512
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.n_seq_max = 1
+        cp.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError(f"could not create a context of {n_ctx} for {path}")
+        self.n_layer = L.llama_model_n_layer(self.model)
+        self.n_swa = L.llama_model_n_swa(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.mem = L.llama_get_memory(self.ctx)
+        self.decode_tokens([1, 2])  # the template: the real layout of this context's state
+        self.caches = kv_state.parse_template(self.get_state(), self.n_layer)
+        self.flash_attn = "on" if not any(c.v_trans for c in self.caches) else "off"
+
+    def get_state(self) -> bytes:
+        n = L.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * n)()
+        n = L.llama_state_seq_get_data(self.ctx, buf, n, 0)
+        return bytes(buf[:n])
+
+    def load(self, n_visual: int, n_text: int) -> None:
+        n = n_visual + n_text
+        cells, first = [n], [0]
+        if len(self.caches) > 1:  # sliding-window cache: only the window is kept
+            w = min(n, self.n_swa)
+            cells, first = [n, w], [0, n - w]
+        state = kv_state.synth_state(self.caches, cells, first, seed=n)
+        L.llama_memory_clear(self.mem, True)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if L.llama_state_seq_set_data(self.ctx, buf, len(state), 0) != len(state):
+            raise RuntimeError("llama_state_seq_set_data refused the synthetic state")
+
+    def decode_tokens(self, toks: list[int]) -> None:
+        arr = (L.llama_token * len(toks))(*toks)
+        for i in range(0, len(toks), 512):
+            n = min(512, len(toks) - i)
+            rc = L.llama_decode(self.ctx, L.llama_batch_get_one(ctypes.cast(ctypes.byref(arr, 4 * i),
+                                                                            ctypes.POINTER(L.llama_token)), n))
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc})")
+
+    def set_mode(self, vp: VisionPulse | None, n_visual: int) -> None:
+        V.llama_vp_disable(self.ctx)
+        V.llama_vp_clear_marks(self.ctx, -1)
+        V.llama_vp_reset(self.ctx, -1)
+        if vp is not None and n_visual > 0:
+            p = vp.to_c()
+            if V.llama_vp_enable(self.ctx, ctypes.byref(p)) != 0:
+                raise RuntimeError(V.last_error())
+            V.llama_vp_mark_visual(self.ctx, 0, 0, n_visual)
+
+    def run_decode(self, steps: int) -> tuple[float, list[float]]:
+        ret = []
+        t0 = time.perf_counter()
+        for i in range(steps):
+            self.decode_tokens([(i * 7919) % self.n_vocab])
+            st = V.llama_vp_stats()
+            if V.llama_vp_get_stats(self.ctx, 0, ctypes.byref(st)) == 0 and st.n_visual:
+                ret.append(st.n_kept / st.n_visual)
+        return time.perf_counter() - t0, ret
+
+    def prefill(self, n_tokens: int) -> float:
+        L.llama_memory_clear(self.mem, True)
+        toks = [(i * 104729) % self.n_vocab for i in range(n_tokens)]
+        t0 = time.perf_counter()
+        self.decode_tokens(toks)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        L.llama_free(self.ctx)
+        L.llama_model_free(self.model)
+
+
+def progress(i: int, n: int, t0: float, label: str) -> None:
+    eta = (time.time() - t0) / max(i, 1) * (n - i)
+    sys.stderr.write(f"\r[{'#' * int(30 * i / max(n, 1)):<30}] {i}/{n} {label:<34} eta {eta:5.0f}s")
+    if i == n:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
+    path, desc = model_path(name, cache)
+    sizes = [int(x) for x in a.sizes.split(",")]
+    modes = a.modes.split(",")
+    r = Runner(path, max(sizes) + a.text + a.steps + 16, a.threads)
+    anchor = None
+    out = {"model": desc, "file": path.name, "n_layer": r.n_layer, "flash_attn": r.flash_attn,
+           "sizes": {}, "prefill": {}}
+    n_work = len(sizes) * a.reps * len(modes)
+    k, t0 = 0, time.time()
+    for nv in sizes:
+        times = {m: [] for m in modes}
+        rets = {m: [] for m in modes}
+        paths = {}
+        for rep in range(a.reps):
+            for m in modes:  # interleaved: drift on a shared machine hits every mode alike
+                progress(k, n_work, t0, f"{name} N_v={nv} {m}")
+                floor = m == "floor"
+                r.load(0 if floor else nv, a.text)
+                r.set_mode(MODES[m], 0 if floor else nv)
+                if MODES[m] is not None:
+                    anchor = V.llama_vp_anchor_layer(r.ctx)
+                dt, ret = r.run_decode(a.steps)
+                if MODES[m] is not None:
+                    paths[m] = {1: "mask", 2: "gather"}.get(V.llama_vp_last_attn(r.ctx), "-")
+                times[m].append(dt / a.steps)
+                rets[m] += ret
+                k += 1
+        row = {}
+        for m in modes:
+            med, best = statistics.median(times[m]), min(times[m])
+            row[m] = {"ms_per_tok_median": 1e3 * med, "ms_per_tok_min": 1e3 * best, "tok_s": 1 / med,
+                      "retention_mean": statistics.fmean(rets[m]) if rets[m] else 1.0, "path": paths.get(m, "-")}
+        d = row["dense"]["ms_per_tok_median"]
+        f = row.get("floor", {}).get("ms_per_tok_median")
+        for m in modes:
+            t = row[m]["ms_per_tok_median"]
+            row[m]["speedup"] = d / t
+            row[m]["gap_closed"] = (d - t) / (d - f) if f is not None and d > f else None
+        out["sizes"][nv] = row
+    progress(n_work, n_work, t0, "done")
+    r.set_mode(None, 0)
+    for n in [int(x) for x in a.prefill_sizes.split(",") if x]:
+        res = {}
+        for m in ("dense", "vp5"):
+            ts = []
+            for _ in range(a.prefill_reps):
+                r.set_mode(MODES[m], n)  # VisionPulse on or off: prefill must cost the same
+                ts.append(r.prefill(n + a.text))
+            res[m] = {"tok_s": (n + a.text) / statistics.median(ts), "s_min": min(ts), "s_median": statistics.median(ts)}
+        res["ratio"] = res["vp5"]["tok_s"] / res["dense"]["tok_s"]
+        out["prefill"][n] = res
+    out["anchor_layer"] = anchor
+    r.close()
+    return out
+
+
+def markdown(results: dict, meta: dict) -> str:
+    md = ["# Decode speed: VisionPulse against dense", "",
+          f"Written by `{meta['command']}` ({meta['elapsed_min']:.1f} min, {meta['machine']}, "
+          f"{meta['threads']} threads, CPU only). {meta['text']} text tokens after the visual ones, "
+          f"{meta['steps']} decode steps per run, {meta['reps']} interleaved repetitions; times are the "
+          "median (min) per token. Speedup = dense time / mode time; gap closed = share of the "
+          "dense-minus-floor time that the mode removes. The KV cache is a synthetic state "
+          "(random F16 K/V, `vp_gguf/testing/kv_state.py`); the weights' work is real.", ""]
+    for name, r in results.items():
+        md += [f"## {r['model']}", "",
+               f"{r['n_layer']} layers, anchor layer {r['anchor_layer']}, flash attention {r['flash_attn']}.", "",
+               "| visual tokens | mode | path | ms/token median (min) | tok/s | speedup vs dense | gap closed | kept |",
+               "|---|---|---|---|---|---|---|---|"]
+        for nv, row in r["sizes"].items():
+            for m, x in row.items():
+                gap = "-" if x["gap_closed"] is None or m in ("dense", "floor") else f"{100 * x['gap_closed']:.0f}%"
+                md.append(f"| {nv} | {m} | {x['path']} | {x['ms_per_tok_median']:.1f} ({x['ms_per_tok_min']:.1f}) | "
+                          f"{x['tok_s']:.2f} | {x['speedup']:.2f}x | {gap} | {100 * x['retention_mean']:.1f}% |")
+        if r["prefill"]:
+            md += ["", "Prefill (real, token input; VisionPulse is dense during prefill by design):", "",
+                   "| visual + text tokens | dense tok/s | vp5 tok/s | vp5 / dense |", "|---|---|---|---|"]
+            for n, x in r["prefill"].items():
+                md.append(f"| {n} + {meta['text']} | {x['dense']['tok_s']:.1f} | {x['vp5']['tok_s']:.1f} | {x['ratio']:.3f} |")
+        md.append("")
+    md += ["![decode speed](speed.png)", ""]
+    return "\n".join(md)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, (name, r) in zip(axes[0], results.items()):
+        sizes = list(r["sizes"])
+        for m in next(iter(r["sizes"].values())):
+            ax.plot(sizes, [r["sizes"][n][m]["tok_s"] for n in sizes], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("visual tokens in context")
+        ax.set_ylabel("decode tokens / s")
+        ax.set_title(r["model"][:60], fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="synthetic,gemma")
+    ap.add_argument("--sizes", default="576,4096,8192,16384,32768")
+    ap.add_argument("--modes", default="dense,vp5,vp5-mask,vp5-gather,probe,vp5-lag,floor")
+    ap.add_argument("--text", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prefill-sizes", default="576")
+    ap.add_argument("--prefill-reps", type=int, default=1)
+    ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default=str(ROOT / "docs" / "speed"))
+    ap.add_argument("--cache", default=str(ROOT / ".vp-cache" / "bench"))
+    a = ap.parse_args()
+    for m in a.modes.split(","):
+        if m not in MODES:
+            raise SystemExit(f"unknown mode {m!r}: {', '.join(MODES)}")
+    if "dense" not in a.modes.split(","):
+        a.modes = "dense," + a.modes
+    t0 = time.time()
+    results = {name: bench_model(name, a, Path(a.cache)) for name in a.models.split(",")}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    argv = " ".join(sys.argv[1:])
+    meta = {"command": f"python3 scripts/speed_bench.py {argv}".strip(), "machine": platform.platform(),
+            "threads": a.threads, "text": a.text, "steps": a.steps, "reps": a.reps,
+            "elapsed_min": (time.time() - t0) / 60}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / "RESULTS.md").write_text(markdown(results, meta))
+    try:
+        plot(results, out / "speed.png")
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+    print(markdown(results, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The attention paths of the layers after the anchor (enum llama_vp_attn).
+
+MASK masks the dropped visual cells; GATHER attends to a compact copy of the selected
+K/V rows in ascending cell order. Both must give the same result: bit for bit with
+flash attention (same cells, same order), to float rounding without it (the matrix
+products sum over fewer columns). The full-budget (a) and forced (b) oracles run on
+both paths in test_visionpulse.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vp_gguf import VisionPulse
+
+from conftest import FAMILIES
+
+P = "Describe the picture."
+WIDE = dict(tau=0.5, budget_min=0.05, budget_max=0.6)
+
+
+def _both(m, img, spec_kw):
+    toks = m.generate(P, images=[img], max_tokens=10).tokens
+    out = {}
+    for attn in ("mask", "gather"):
+        lg, rep = m.teacher_forced(P, [img], toks, VisionPulse(attn=attn, **spec_kw))
+        assert rep.attn == attn
+        out[attn] = (lg, rep)
+    return out
+
+
+@pytest.mark.parametrize("spec", [dict(mode="fixed", ratio=0.25), dict(mode="visionpulse", **WIDE),
+                                  dict(mode="fixed", ratio=0.25, lagged=True)])
+@pytest.mark.parametrize("fa", ["on", "off"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gather_equals_mask(load_model, images, family, fa, spec):
+    m = load_model(family, flash_attn=fa)
+    out = _both(m, images["a"], spec)
+    (a, ra), (b, rb) = out["mask"], out["gather"]
+    assert [s.kept for s in ra.steps] == [s.kept for s in rb.steps]
+    assert all(s.n_kept < s.n_visual for s in ra.steps)
+    if fa == "on":
+        assert np.array_equal(a, b), float(np.abs(a - b).max())
+    else:
+        # the matrix products sum over n_sel instead of n_kv columns: other rounding, amplified
+        # by the random tiny models' strong V/O weights (same 1e-4 scale as oracle (b))
+        assert np.allclose(a, b, rtol=1e-3, atol=1e-3), float(np.abs(a - b).max())
+        assert (a.argmax(1) == b.argmax(1)).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lagged_prunes_below_the_anchor(load_model, images, family):
+    m = load_model(family, flash_attn="on")
+    toks = m.generate(P, images=[images["a"]], max_tokens=10).tokens
+    plain, rp = m.teacher_forced(P, [images["a"]], toks, VisionPulse(mode="fixed", ratio=0.25))
+    lag, rl = m.teacher_forced(P, [images["a"]], toks, VisionPulse(mode="fixed", ratio=0.25, lagged=True))
+    # step 1 has no previous selection: identical; later steps differ below the anchor
+    assert np.array_equal(plain[:2], lag[:2])
+    if family == "gemma3":  # every layer below its anchor is sliding-window: lagged leaves those alone
+        assert np.array_equal(plain, lag)
+    else:
+        assert not np.allclose(plain[2:], lag[2:])
+    assert all(s.n_kept == p.n_kept for s, p in zip(rl.steps, rp.steps))
+
+
+@pytest.mark.parametrize("fa,want", [("on", "mask"), ("off", "gather")])
+def test_auto_picks_per_backend(load_model, images, fa, want):
+    """CPU: flash attention skips masked cells (MASK); the non-FA path reads every cell (GATHER)."""
+    m = load_model("llava", flash_attn=fa)
+    r = m.generate(P, images=[images["a"]], max_tokens=4, visionpulse=VisionPulse())
+    assert r.visionpulse.attn == want
+
+
+def test_unknown_path_is_a_clear_error(load_model, images):
+    m = load_model("llava")
+    with pytest.raises(ValueError, match="attention path"):
+        m.generate(P, images=[images["a"]], max_tokens=2, visionpulse=VisionPulse(attn="sparse"))
+    assert m.generate(P, images=[images["a"]], max_tokens=2).n_generated == 2
