@@ -8,7 +8,7 @@ CMAKE_ARGS ?=
 export CCACHE_DIR ?= $(HOME)/.cache/ccache
 export CCACHE_BASEDIR ?= $(CURDIR)
 
-.PHONY: install deps demo test bench patches patches-check fetch clean
+.PHONY: bench-speed install deps demo test bench patches patches-check fetch clean
 
 fetch:
 	$(PYTHON) scripts/fetch_llama_cpp.py
@@ -32,10 +32,15 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q tests
 
-# the fidelity benchmark of the glyph testbed -> docs/testbed (about 20 minutes on 2 cores)
+# the fidelity benchmark of the glyph testbed -> docs/testbed (about 30 minutes on 2 cores)
 bench: install
 	$(PIP) install -q "matplotlib>=3.7"
 	$(PYTHON) scripts/testbed_bench.py
+
+# decode speed, VisionPulse against dense and a text-only floor -> docs/speed (about 20 minutes)
+bench-speed: install
+	$(PIP) install -q "matplotlib>=3.7"
+	$(PYTHON) scripts/speed_bench.py
 
 patches:
 	$(PYTHON) scripts/patches.py regenerate

@@ -12,6 +12,7 @@ vp_gguf/testing/kv_state.py: a real 32K prefill would take an hour here), then
   dense     VisionPulse off
   vp5       VisionPulse preset 5 (attention path: auto)
   vp5-gather / vp5-mask   the same selection through each attention path (forced)
+  fixed5    always 5% kept (the preset's upper budget: the most vp5 can cost)
   probe     the probe and the stats only (mode dense): what scoring costs
   vp5-lag   preset 5 plus the lagged selection below the anchor (opt-in)
   floor     the same context without the visual cells (text only)
@@ -44,6 +45,7 @@ MODES = {
     "vp5": VisionPulse(),
     "vp5-mask": VisionPulse(attn="mask"),
     "vp5-gather": VisionPulse(attn="gather"),
+    "fixed5": VisionPulse(mode="fixed", ratio=0.05),
     "probe": VisionPulse(mode="dense"),
     "vp5-lag": VisionPulse(lagged=True),
     "floor": None,
@@ -84,7 +86,7 @@ class Runner:
         self.n_swa = L.llama_model_n_swa(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         self.mem = L.llama_get_memory(self.ctx)
-        self.decode_tokens([1, 2])  # the template: the real layout of this context's state
+        self.decode_tokens([1, 2, 3, 4])  # the template: the real layout of this context's state
         self.caches = kv_state.parse_template(self.get_state(), self.n_layer)
         self.flash_attn = "on" if not any(c.v_trans for c in self.caches) else "off"
 
@@ -94,13 +96,15 @@ class Runner:
         n = L.llama_state_seq_get_data(self.ctx, buf, n, 0)
         return bytes(buf[:n])
 
-    def load(self, n_visual: int, n_text: int) -> None:
+    def make_state(self, n_visual: int, n_text: int) -> bytes:
         n = n_visual + n_text
         cells, first = [n], [0]
         if len(self.caches) > 1:  # sliding-window cache: only the window is kept
             w = min(n, self.n_swa)
             cells, first = [n, w], [0, n - w]
-        state = kv_state.synth_state(self.caches, cells, first, seed=n)
+        return kv_state.synth_state(self.caches, cells, first, seed=n)
+
+    def load(self, state: bytes) -> None:
         L.llama_memory_clear(self.mem, True)
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         if L.llama_state_seq_set_data(self.ctx, buf, len(state), 0) != len(state):
@@ -126,6 +130,7 @@ class Runner:
             V.llama_vp_mark_visual(self.ctx, 0, 0, n_visual)
 
     def run_decode(self, steps: int) -> tuple[float, list[float]]:
+        self.decode_tokens([11])  # warm-up step (caches, first graph), not timed
         ret = []
         t0 = time.perf_counter()
         for i in range(steps):
@@ -161,11 +166,12 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
     modes = a.modes.split(",")
     r = Runner(path, max(sizes) + a.text + a.steps + 16, a.threads)
     anchor = None
-    out = {"model": desc, "file": path.name, "n_layer": r.n_layer, "flash_attn": r.flash_attn,
+    out = {"model": desc, "file": path.name, "n_layer": r.n_layer, "n_swa": r.n_swa, "flash_attn": r.flash_attn,
            "sizes": {}, "prefill": {}}
     n_work = len(sizes) * a.reps * len(modes)
     k, t0 = 0, time.time()
     for nv in sizes:
+        states = {False: r.make_state(nv, a.text), True: r.make_state(0, a.text)}
         times = {m: [] for m in modes}
         rets = {m: [] for m in modes}
         paths = {}
@@ -173,7 +179,7 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
             for m in modes:  # interleaved: drift on a shared machine hits every mode alike
                 progress(k, n_work, t0, f"{name} N_v={nv} {m}")
                 floor = m == "floor"
-                r.load(0 if floor else nv, a.text)
+                r.load(states[floor])
                 r.set_mode(MODES[m], 0 if floor else nv)
                 if MODES[m] is not None:
                     anchor = V.llama_vp_anchor_layer(r.ctx)
@@ -230,6 +236,13 @@ def markdown(results: dict, meta: dict) -> str:
                 gap = "-" if x["gap_closed"] is None or m in ("dense", "floor") else f"{100 * x['gap_closed']:.0f}%"
                 md.append(f"| {nv} | {m} | {x['path']} | {x['ms_per_tok_median']:.1f} ({x['ms_per_tok_min']:.1f}) | "
                           f"{x['tok_s']:.2f} | {x['speedup']:.2f}x | {gap} | {100 * x['retention_mean']:.1f}% |")
+        tb = time_budget(r, 16384)
+        if tb:
+            md += ["", "Where a vp5 step's time goes at 16384 visual tokens (derived from the medians: "
+                   "rest = floor; probe = probe-only mode minus dense; dense layers = the dense-minus-floor "
+                   "attention time of the layers up to the anchor, pro rata; sparse layers = what remains):", "",
+                   "| part | ms | share |", "|---|---|---|"]
+            md += [f"| {k} | {v:.1f} | {100 * v / sum(tb.values()):.0f}% |" for k, v in tb.items()]
         if r["prefill"]:
             md += ["", "Prefill (real, token input; VisionPulse is dense during prefill by design):", "",
                    "| visual + text tokens | dense tok/s | vp5 tok/s | vp5 / dense |", "|---|---|---|---|"]
@@ -238,6 +251,21 @@ def markdown(results: dict, meta: dict) -> str:
         md.append("")
     md += ["![decode speed](speed.png)", ""]
     return "\n".join(md)
+
+
+def time_budget(r: dict, nv: int) -> dict[str, float] | None:
+    row = r["sizes"].get(nv) or r["sizes"].get(str(nv))
+    if not row or not all(m in row for m in ("dense", "vp5", "probe", "floor")):
+        return None
+    t = {m: row[m]["ms_per_tok_median"] for m in ("dense", "vp5", "probe", "floor")}
+    if r.get("n_swa", 1 if "gemma" in r["file"].lower() else 0):
+        return None  # sliding-window layers: the pro-rata split below would not hold
+    n_dense = (r["anchor_layer"] + 1) / r["n_layer"]  # layers 0..anchor read every cell
+    dense_layers = (t["dense"] - t["floor"]) * n_dense
+    probe = max(0.0, t["probe"] - t["dense"])
+    return {"rest (weights, norms, text; = floor)": t["floor"], "probe at the anchor": probe,
+            "dense layers (0..anchor)": dense_layers,
+            "sparse layers (after the anchor)": max(0.0, t["vp5"] - t["floor"] - probe - dense_layers)}
 
 
 def plot(results: dict, out: Path) -> None:
@@ -263,7 +291,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="synthetic,gemma")
     ap.add_argument("--sizes", default="576,4096,8192,16384,32768")
-    ap.add_argument("--modes", default="dense,vp5,vp5-mask,vp5-gather,probe,vp5-lag,floor")
+    ap.add_argument("--modes", default="dense,vp5,vp5-mask,vp5-gather,fixed5,probe,vp5-lag,floor")
     ap.add_argument("--text", type=int, default=256)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
@@ -272,7 +300,14 @@ def main() -> int:
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=str(ROOT / "docs" / "speed"))
     ap.add_argument("--cache", default=str(ROOT / ".vp-cache" / "bench"))
+    ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md and the plot from results.json")
     a = ap.parse_args()
+    out = Path(a.out)
+    if a.render:
+        d = json.loads((out / "results.json").read_text())
+        (out / "RESULTS.md").write_text(markdown(d["results"], d["meta"]))
+        plot(d["results"], out / "speed.png")
+        return 0
     for m in a.modes.split(","):
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}: {', '.join(MODES)}")
@@ -280,7 +315,6 @@ def main() -> int:
         a.modes = "dense," + a.modes
     t0 = time.time()
     results = {name: bench_model(name, a, Path(a.cache)) for name in a.models.split(",")}
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     argv = " ".join(sys.argv[1:])
     meta = {"command": f"python3 scripts/speed_bench.py {argv}".strip(), "machine": platform.platform(),

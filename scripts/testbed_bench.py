@@ -105,7 +105,13 @@ def main() -> int:
           f"Written by `{cmd}` ({elapsed / 60:.1f} min on {platform.machine()}, CPU). Model: Gemma 3 270M "
           f"Q4_K_M (`{B.assets.PACKAGE}`) reading glyph images through a closed-form projector "
           "(`vp_gguf/testbed/projector.py`). Tasks: `vp_gguf/testbed/tasks.py`; suite in `suite/`.", "",
-          "TF = teacher-forced on the dense answer: per-step top-1 agreement and mean KL(dense || mode).", ""]
+          "TF = teacher-forced on the dense answer: per-step top-1 agreement and mean KL(dense || mode).", "",
+          "Task design (validity first, the 270M base model must solve the suite densely): copy answers are "
+          "primed with their first two digits, as in the model's plain-text probe (unprimed it often counts "
+          "\"1 2 3 ...\"); images over 256 tokens are filled with digits (long blank runs make it fail "
+          "densely); the two-image item shows key:code pairs first and the digits second (two digit images "
+          "confuse it); many-256x16 is 15 images of pairs, then the digits. Lookups with 48+ pairs fail "
+          "densely (`--suite extended`).", ""]
     for label, table in tables.items():
         md += [f"## Anchor {label}", "", B.markdown_table(table, len(items), label), "",
                "Correct items per task:", "", B.by_task_table(results[label], modes), ""]

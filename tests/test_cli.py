@@ -57,6 +57,10 @@ def test_run_with_visionpulse_json(tiny_paths, images):
     assert v["mode"] == "visionpulse" and v["settings"]["tau"] == 0.1
     assert len(v["steps"]) == v["summary"]["steps"] > 0
     assert {"n_visual", "n_kept", "mass", "mass_kept", "kept"} <= set(v["steps"][0])
+    g = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
+           "-c", 1024, "-t", 2, "--visionpulse", "5", "--vp-attn", "gather", "--vp-lagged", "--json")
+    assert g.returncode == 0, g.stderr
+    assert json.loads(g.stdout)["visionpulse"]["attn"] == "gather"
     t = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
            "-c", 1024, "-t", 2, "--visionpulse", "10", "--mode", "random")
     assert t.returncode == 0 and "visionpulse random" in t.stderr

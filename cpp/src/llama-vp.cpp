@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <unordered_map>
 
@@ -79,14 +80,17 @@ static std::vector<int32_t> vp_visual_cells(const llama_vp_context & vp, const l
             res.push_back((int32_t) i);
         }
     }
-    std::stable_sort(res.begin(), res.end(), [&](int32_t a, int32_t b) {
+    const auto before = [&](int32_t a, int32_t b) {
         const llama_pos pa = cells.pos_get(a), pb = cells.pos_get(b);
         if (pa != pb) return pa < pb;
         const auto & ea = cells.ext_get(a);
         const auto & eb = cells.ext_get(b);
         if (ea.y != eb.y) return ea.y < eb.y;
         return ea.x < eb.x;
-    });
+    };
+    if (!std::is_sorted(res.begin(), res.end(), before)) { // cells usually are in order already
+        std::stable_sort(res.begin(), res.end(), before);
+    }
     return res;
 }
 
@@ -150,7 +154,7 @@ public:
     ggml_tensor * mask_lag = nullptr, * mask_lag_f32 = nullptr, * mask_lag_gath = nullptr;
 
     void set_input(const llama_ubatch * ubatch) override;
-    bool can_reuse(const llm_graph_params & params) override { GGML_UNUSED(params); return false; }
+    bool can_reuse(const llm_graph_params & params) override;
 };
 
 // inputs that no op of this graph ended up using have no buffer
@@ -292,14 +296,16 @@ static int64_t vp_host_selection(const llm_graph_input_vp & inp, const std::vect
     return n_sel;
 }
 
-// Creates the step's input object when the step is a decode step with visual cells.
-static llm_graph_input_vp * vp_begin_graph(
-        const llm_graph_context & g,
+// The step's input object (its shapes and host data) when the step is a decode step with
+// visual cells, else null. Used to build a graph and to decide whether one can be reused.
+static std::unique_ptr<llm_graph_input_vp> vp_plan(
+        const llama_cparams & cparams,
+        const llama_ubatch & ub,
+        int64_t n_head,
         const llama_kv_cache_context * base,
         const llama_kv_cache_context * swa) {
-    llama_vp_context * vp = g.cparams.vp;
-    const llama_ubatch & ub = g.ubatch;
-    if (!vp || !vp->enabled || !ub.token || ub.n_tokens == 0 || !g.cparams.causal_attn) {
+    llama_vp_context * vp = cparams.vp;
+    if (!vp || !vp->enabled || !ub.token || ub.n_tokens == 0 || !cparams.causal_attn || !base) {
         return nullptr;
     }
     // a decode step: at most one token per sequence (prefill stays dense)
@@ -316,9 +322,9 @@ static llm_graph_input_vp * vp_begin_graph(
     inp->vp       = vp;
     inp->mode     = vp->params.mode;
     inp->n_kv     = base->get_n_kv();
-    inp->n_stream = g.cparams.kv_unified ? 1 : ub.n_seqs_unq;
+    inp->n_stream = cparams.kv_unified ? 1 : ub.n_seqs_unq;
     inp->n_rows   = ub.n_tokens / inp->n_stream;
-    inp->n_head   = g.n_head;
+    inp->n_head   = n_head;
     inp->rows.resize(ub.n_tokens);
     bool any = false;
     int64_t nv_max = 0;
@@ -351,7 +357,7 @@ static llm_graph_input_vp * vp_begin_graph(
         default: break;
     }
     inp->k_max = std::clamp<int64_t>((int64_t) std::ceil(frac * (double) nv_max), 1, nv_max);
-    if (swa) {
+    if (swa && vp->params.prune_swa) { // the window's cells map to base cells only when it is pruned
         inp->n_kv_swa = swa->get_n_kv();
         const llama_kv_cache * kvs = swa->get_kv();
         for (auto & rw : inp->rows) {
@@ -397,6 +403,49 @@ static llm_graph_input_vp * vp_begin_graph(
             inp->lag = true;
             inp->n_lag_sel = vp_host_selection(*inp, keep, inp->h_lag_idx, &inp->h_lag_drop);
         }
+    }
+    return inp;
+}
+
+// The memory context's full-attention and sliding-window caches.
+static void vp_caches(const llama_memory_context_i * mctx, const llama_kv_cache_context *& base,
+                      const llama_kv_cache_context *& swa) {
+    base = dynamic_cast<const llama_kv_cache_context *>(mctx);
+    swa = nullptr;
+    if (!base) {
+        if (const auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(mctx)) {
+            base = iswa->get_base();
+            swa  = iswa->get_swa();
+        }
+    }
+}
+
+// The graph of the previous step serves this one when every shape is the same; the host
+// data (visual cells, forced and lagged selections) is taken from the new plan.
+bool llm_graph_input_vp::can_reuse(const llm_graph_params & params) {
+    const llama_kv_cache_context * base, * swa;
+    vp_caches(params.mctx, base, swa);
+    auto nw = vp_plan(params.cparams, params.ubatch, n_head, base, swa);
+    if (!nw || nw->mode != mode || nw->rank_only != rank_only || nw->n_kv != n_kv || nw->n_kv_swa != n_kv_swa ||
+        nw->n_rows != n_rows || nw->n_stream != n_stream || nw->k_max != k_max || nw->n_sel != n_sel ||
+        nw->lag != lag || nw->n_lag_sel != n_lag_sel) {
+        return false;
+    }
+    vp = nw->vp;
+    rows = std::move(nw->rows);
+    h_idx = std::move(nw->h_idx);
+    h_lag_drop = std::move(nw->h_lag_drop);
+    h_lag_idx = std::move(nw->h_lag_idx);
+    return true;
+}
+
+static llm_graph_input_vp * vp_begin_graph(
+        const llm_graph_context & g,
+        const llama_kv_cache_context * base,
+        const llama_kv_cache_context * swa) {
+    auto inp = vp_plan(g.cparams, g.ubatch, g.n_head, base, swa);
+    if (!inp) {
+        return nullptr;
     }
     auto * raw = inp.get();
     g.res->add_input(std::move(inp));
@@ -926,7 +975,9 @@ static llama_vp_context * vp_state(struct llama_context * ctx) {
 int32_t llama_vp_mark_visual(struct llama_context * ctx, llama_seq_id seq, llama_pos p0, llama_pos p1) {
     if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
     if (p1 <= p0 || p0 < 0) return vp_fail(-1, "empty or negative position range");
-    vp_state(ctx)->seqs[seq].marks.emplace_back(p0, p1);
+    llama_vp_context * vp = vp_state(ctx);
+    vp->seqs[seq].marks.emplace_back(p0, p1);
+    ctx->set_vp(vp); // graphs built before the marks are not reused
     return 0;
 }
 
@@ -937,6 +988,7 @@ int32_t llama_vp_clear_marks(struct llama_context * ctx, llama_seq_id seq) {
     for (auto & [s, st] : vp->seqs) {
         if (seq < 0 || s == seq) st.marks.clear();
     }
+    ctx->set_vp(vp);
     return 0;
 }
 
@@ -961,6 +1013,7 @@ int32_t llama_vp_set_forced(struct llama_context * ctx, llama_seq_id seq, const 
     std::sort(st.forced.begin(), st.forced.end());
     st.forced.erase(std::unique(st.forced.begin(), st.forced.end()), st.forced.end());
     st.has_forced = true;
+    ctx->set_vp(vp_of(ctx));
     return 0;
 }
 

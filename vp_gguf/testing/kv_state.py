@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 _EXT_BYTES = 12  # llama_kv_cell_ext: x, y, tok
+_IO_MAGIC = 0xAF143CD8  # llama_state_seq_get_data's header: magic, seq_id
 
 
 @dataclass
@@ -50,12 +51,17 @@ def _parse_cache(buf: bytes, off: int, n_layer_max: int) -> tuple[_Cache, int]:
             continue
         if cache is not None:
             raise ValueError("template has several non-empty streams; use one sequence")
-        for ext in (False, True):  # the metadata size tells whether cells carry the M-RoPE extension
-            o = off + cells * (12 + (_EXT_BYTES if ext else 0))
-            if o + 8 <= len(buf):
-                v_trans, n_layer = struct.unpack_from("<II", buf, o)
-                if v_trans in (0, 1) and 0 < n_layer <= n_layer_max:
-                    break
+        for ext in (False, True):  # does each cell carry the M-RoPE extension? (the template's
+            # cells hold positions 0, 1, 2, ... of sequence 0: only the right layout reads so)
+            size = 12 + (_EXT_BYTES if ext else 0)
+            o = off + cells * size
+            if o + 8 > len(buf):
+                continue
+            ok = all(struct.unpack_from("<iI", buf, off + i * size) == (i, 1) and
+                     struct.unpack_from("<i", buf, off + i * size + size - 4)[0] == 0 for i in range(cells))
+            v_trans, n_layer = struct.unpack_from("<II", buf, o)
+            if ok and v_trans in (0, 1) and 0 < n_layer <= n_layer_max:
+                break
         else:
             raise ValueError("not a KV cache state this module understands")
         cache = _Cache(n_stream, ext, bool(v_trans))
@@ -78,7 +84,10 @@ def _parse_cache(buf: bytes, off: int, n_layer_max: int) -> tuple[_Cache, int]:
 
 def parse_template(state: bytes, n_layer_max: int = 4096) -> list[_Cache]:
     """The caches in a sequence state (one, or base + sliding window)."""
-    caches, off = [], 0
+    magic, _seq = struct.unpack_from("<Ii", state, 0)
+    if magic != _IO_MAGIC:
+        raise ValueError("not a llama_state_seq_get_data buffer")
+    caches, off = [], 8
     while off < len(state):
         c, off = _parse_cache(state, off, n_layer_max)
         caches.append(c)
@@ -96,7 +105,7 @@ def synth_state(caches: list[_Cache], n_cells: list[int], first_pos: list[int], 
     """A state with n_cells[i] consecutive cells from first_pos[i] in cache i, random F16 K/V."""
     rng = np.random.default_rng(seed)
     pool = rng.standard_normal(1 << 18).astype(np.float16)
-    out = bytearray()
+    out = bytearray(struct.pack("<Ii", _IO_MAGIC, 0))
     for c, n, p0 in zip(caches, n_cells, first_pos):
         if any(lay.k_type != 1 or lay.v_type != 1 for lay in c.layers):
             raise ValueError("synthetic states need an F16 KV cache (type_k = type_v = f16)")
