@@ -83,3 +83,29 @@ def test_prompt_escapes_like_llama_cpp(tiny_paths, images, load_model):
     ref = load_model("llava").generate("Line one\nLine two", images=[images["a"]], max_tokens=6)
     assert esc["tokens"] == ref.tokens
     assert esc["n_prompt_tokens"] != raw["n_prompt_tokens"] or esc["tokens"] != raw["tokens"]
+
+
+def test_chat_multi_turn_with_images(tiny_paths, images, tmp_path):
+    model, mmproj = tiny_paths("gemma3")
+    script = f"/image {images['a']}\nWhat is this?\n/image {tmp_path / 'missing.png'}\n" \
+             f"/image {images['b']}\nAnd this one?\n/stats\n/reset\nHello\n/quit\n"
+    r = subprocess.run([sys.executable, "-m", "vp_gguf.cli", "chat", "-m", str(model), "--mmproj", str(mmproj),
+                        "-n", "4", "-c", "2048", "-t", "2", "--visionpulse", "5"],
+                       input=script, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 3  # three replies
+    assert "missing.png: no such file" in r.stderr  # a bad image is reported, the session goes on
+    assert "[visionpulse visionpulse" in r.stderr and "[new conversation]" in r.stderr
+
+
+def test_chat_history_renders_images_in_their_turns(load_model, images):
+    from vp_gguf.chat import Chat
+    m = load_model("gemma3")
+    c = Chat(m, max_tokens=3)
+    c.attach(images["a"])
+    first = "".join(c.say("One?"))
+    c.attach(images["b"])
+    "".join(c.say("Two?"))
+    assert [msg["content"].count(m.marker) for msg in c.messages if msg["role"] == "user"] == [1, 1]
+    assert c.images == [images["a"], images["b"]] and c.last_result.n_image_tokens > 0
+    assert c.messages[1]["content"] == first

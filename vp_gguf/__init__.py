@@ -6,11 +6,13 @@ from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileErr
 from .model import ModelParams, SamplingParams, VisionModel
 from .result import GenerationResult, ImageSpan, Timings, locate
 from .visionpulse import StepStats, VisionPulse, VisionPulseReport
+from .llama_cpp_dropin import VisionPulseSession, enable_visionpulse
+from .fetch import FetchedModel, FetchError, fetch
 
 __version__ = "0.1.0"
 __all__ = [
     "VisionModel", "ModelParams", "SamplingParams", "GenerationResult", "Timings", "ImageSpan",
-    "VisionPulse", "VisionPulseReport", "StepStats", "locate",
+    "VisionPulse", "VisionPulseReport", "StepStats", "locate", "enable_visionpulse", "VisionPulseSession",
     "VPGGUFError", "ModelFileError", "ProjectorMismatchError", "ImageError", "PromptError",
-    "ContextOverflowError", "DecodeError",
+    "ContextOverflowError", "DecodeError", "fetch", "FetchedModel", "FetchError",
 ]

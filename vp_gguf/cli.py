@@ -13,18 +13,18 @@ EXAMPLE = """example:
   vp-gguf run -m model.gguf --mmproj mmproj.gguf --image photo.png -p "Describe it." --visionpulse 5 --json
   vp-gguf run -m model.gguf --mmproj mmproj.gguf --image a.png --image b.png \\
       -p "What differs between <__media__> and <__media__>?" --json
+  vp-gguf run --hf qwen2.5-vl-3b --image photo.png -p "Describe it." --chat-template --visionpulse 5
+  vp-gguf fetch ggml-org/gemma-3-4b-it-GGUF:Q8_0
+  vp-gguf models
 """
 
 
-def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="generate text from images and a prompt",
-                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", required=True, help="language model GGUF")
-    p.add_argument("--mmproj", required=True, help="multimodal projector GGUF that belongs to the model")
-    p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="image file; repeat for several images (in the order of the markers)")
-    p.add_argument("-p", "--prompt", required=True,
-                   help="prompt; images go where the marker <__media__> is, else before the prompt")
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """Model, context, sampling and VisionPulse flags shared by run and chat (llama.cpp's names)."""
+    p.add_argument("-m", "--model", help="language model GGUF")
+    p.add_argument("--mmproj", help="multimodal projector GGUF that belongs to the model")
+    p.add_argument("-hf", "--hf", metavar="REPO[:QUANT]",
+                   help="fetch the model and its mmproj from the hub (a catalog name or owner/repo[:QUANT])")
     p.add_argument("--no-escape", dest="escape", action="store_false",
                    help="do not process escapes (\\n, \\t, ...) in the prompt (llama.cpp does by default)")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
@@ -39,8 +39,6 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="layers to offload to the GPU (default 0; -1 for all)")
     p.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto",
                    help="flash attention (default auto)")
-    p.add_argument("--chat-template", action="store_true",
-                   help="wrap the prompt in the model's chat template (default: raw prompt)")
     g = p.add_argument_group("VisionPulse (per-step visual token selection)")
     g.add_argument("--visionpulse", default="off", metavar="5|10|off",
                    help="preset: 5 (keep <=5%% of visual tokens per step), 10, or off (default)")
@@ -56,9 +54,89 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="how later layers skip dropped tokens (default auto: per backend; same result)")
     g.add_argument("--vp-lagged", action="store_true",
                    help="also prune the layers before the anchor with the previous step's set (opt-in)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's logs")
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="generate text from images and a prompt",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image file; repeat for several images (in the order of the markers)")
+    p.add_argument("-p", "--prompt", required=True,
+                   help="prompt; images go where the marker <__media__> is, else before the prompt")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap the prompt in the model's chat template (default: raw prompt)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the text (with per-step VisionPulse stats)")
-    p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's logs")
+    _add_model_args(p)
+
+
+CHAT_HELP = """commands: /image PATH (attach to your next message), /reset (new conversation),
+          /stats (VisionPulse of the last reply), /quit; anything else is your message"""
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="talk with the model about images, turn by turn (/image PATH)",
+                       epilog=EXAMPLE + "\n" + CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="image(s) for the first message")
+    p.add_argument("-sys", "--system-prompt", default=None, help="system message")
+    _add_model_args(p)
+
+
+def _add_fetch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fetch", help="download a model and its mmproj from the Hugging Face hub",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help="catalog name (see `vp-gguf models`) or owner/repo[:QUANT]")
+    p.add_argument("-q", "--quant", default=None, help="quantization, e.g. Q4_K_M, Q8_0, F16")
+    p.add_argument("--revision", default="main")
+    p.add_argument("--json", action="store_true", help="print the paths as JSON")
+    m = sub.add_parser("models", help="the catalog of known-good models, and what is cached here")
+    m.add_argument("--online", action="store_true", help="also ask the hub for each default pair's files and sizes")
+    m.add_argument("--json", action="store_true")
+
+
+def cmd_fetch(a: argparse.Namespace) -> int:
+    from .fetch import fetch
+    m = fetch(a.name, a.quant, a.revision)
+    if a.json:
+        print(json.dumps({"repo": m.repo, "quant": m.quant, "model": str(m.model_path),
+                          "mmproj": str(m.mmproj_path)}))
+    else:
+        print(f"{m.repo} ({m.quant})\n  model:  {m.model_path}\n  mmproj: {m.mmproj_path}")
+        print(f"run it: vp-gguf run -m {m.model_path} --mmproj {m.mmproj_path} --image IMAGE -p PROMPT",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from .catalog import CATALOG
+    from .fetch import cached
+    from .fetch import FetchError, choose_files, remote_files
+    rows = [{"name": e.name, "repo": e.repo, "family": e.family, "quants": list(e.quants),
+             "default": e.default_quant, "cached": cached(e), "note": e.note} for e in CATALOG]
+    if a.online:
+        for r in rows:
+            try:
+                files = remote_files(r["repo"])
+                mf, mm, _ = choose_files(list(files), r["default"])
+                r["files"] = {"model": mf, "mmproj": mm}
+                r["size_bytes"] = (files[mf].size or 0) + (files[mm].size or 0)
+            except FetchError as e:
+                r["error"] = str(e)
+    if a.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'name':<22} {'repo':<44} {'quants (default first)':<24} {'cached':<8}" + ("  size  files" if a.online else ""))
+    for r in rows:
+        qs = [r["default"]] + [q for q in r["quants"] if q != r["default"]]
+        line = f"{r['name']:<22} {r['repo']:<44} {','.join(qs):<24} {','.join(r['cached']) or '-':<8}"
+        if a.online:
+            line += (f"  {r['size_bytes'] / 1e9:.2f} GB  {r['files']['model']} + {r['files']['mmproj']}"
+                     if "files" in r else f"  ({r['error'][:60]})")
+        print(line)
+    print("\nvp-gguf fetch NAME [--quant Q] downloads one (sizes and files come from the hub); "
+          "any other repo works as owner/repo[:QUANT].", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    _add_chat(sub)
+    _add_fetch(sub)
     return ap
 
 
@@ -100,21 +180,46 @@ def visionpulse_from_args(a: argparse.Namespace):
     return vp
 
 
-def cmd_run(a: argparse.Namespace) -> int:
-    from .model import VisionModel, ModelParams, SamplingParams
+class UsageError(Exception):
+    """Bad command-line usage (exit status 2)."""
 
+
+def _open(a: argparse.Namespace):
+    """(model, sampling, VisionPulse) from the shared flags."""
+    from .model import ModelParams, SamplingParams, VisionModel
     try:
         vp = visionpulse_from_args(a)
     except ValueError as e:
-        print(f"vp-gguf: error: {e}", file=sys.stderr)
-        return 2
-
-    if a.escape:
-        a.prompt = process_escapes(a.prompt)
+        raise UsageError(str(e)) from None
+    if a.hf:
+        if a.model or a.mmproj:
+            raise UsageError("give either --hf or -m/--mmproj")
+        from .fetch import fetch
+        m = fetch(a.hf)
+        a.model, a.mmproj = str(m.model_path), str(m.mmproj_path)
+    elif not (a.model and a.mmproj):
+        raise UsageError("-m MODEL and --mmproj MMPROJ are required (or --hf REPO[:QUANT])")
     params = ModelParams(n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads,
                          n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn, verbose=a.verbose)
     sampling = SamplingParams(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    with VisionModel(a.model, a.mmproj, params) as model:
+    return VisionModel(a.model, a.mmproj, params), sampling, vp
+
+
+def _vp_line(res) -> str | None:
+    if res is None or res.visionpulse is None or not res.visionpulse.steps:
+        return None
+    sm = res.visionpulse.summary()
+    return (f"[visionpulse {res.visionpulse.mode}, anchor layer {res.visionpulse.anchor_layer}: "
+            f"kept {100 * sm['retention_mean']:.1f}% of visual tokens per step "
+            f"(min {100 * sm['retention_min']:.1f}%, max {100 * sm['retention_max']:.1f}%), "
+            f"visual mass {sm['mass_mean']:.3f}]")
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    model, sampling, vp = _open(a)
+    if a.escape:
+        a.prompt = process_escapes(a.prompt)
+    with model:
         if a.json:
             res = model.generate(a.prompt, images=a.image, max_tokens=a.n_predict,
                                  sampling=sampling, chat_template=a.chat_template, visionpulse=vp)
@@ -133,12 +238,52 @@ def cmd_run(a: argparse.Namespace) -> int:
                       f"{res.n_generated} generated; encode {t.image_encode_ms:.0f} ms, "
                       f"prefill {t.prefill_tok_s:.1f} tok/s, decode {t.decode_tok_s:.1f} tok/s]",
                       file=sys.stderr)
-                if res.visionpulse is not None and res.visionpulse.steps:
-                    sm = res.visionpulse.summary()
-                    print(f"[visionpulse {res.visionpulse.mode}, anchor layer {res.visionpulse.anchor_layer}: "
-                          f"kept {100 * sm['retention_mean']:.1f}% of visual tokens per step "
-                          f"(min {100 * sm['retention_min']:.1f}%, max {100 * sm['retention_max']:.1f}%), "
-                          f"visual mass {sm['mass_mean']:.3f}]", file=sys.stderr)
+                if _vp_line(res):
+                    print(_vp_line(res), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from .chat import Chat
+    model, sampling, vp = _open(a)
+    interactive = sys.stdin.isatty()
+    with model:
+        chat = Chat(model, system=a.system_prompt, sampling=sampling, visionpulse=vp, max_tokens=a.n_predict)
+        for path in a.image:
+            chat.attach(path)
+        if interactive:
+            print(f"vp-gguf chat with {model.model_path.name}. {CHAT_HELP}", file=sys.stderr)
+        while True:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.rstrip("\n")
+            cmd, _, arg = line.strip().partition(" ")
+            try:
+                if cmd in ("/quit", "/exit"):
+                    break
+                if cmd == "/image":
+                    chat.attach(arg.strip())
+                    print(f"[image attached: {arg.strip()}]", file=sys.stderr)
+                elif cmd == "/reset":
+                    chat.reset()
+                    print("[new conversation]", file=sys.stderr)
+                elif cmd == "/stats":
+                    print(_vp_line(chat.last_result) or "[no VisionPulse steps in the last reply]", file=sys.stderr)
+                elif cmd.startswith("/"):
+                    print(f"[unknown command {cmd}] {CHAT_HELP}", file=sys.stderr)
+                elif line.strip():
+                    text = process_escapes(line) if a.escape else line
+                    for piece in chat.say(text):
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+            except VPGGUFError as e:  # a bad image or a full context: say so, keep the session
+                print(f"vp-gguf: error: {e}", file=sys.stderr)
     return 0
 
 
@@ -147,6 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.command == "run":
             return cmd_run(a)
+        if a.command == "chat":
+            return cmd_chat(a)
+        if a.command == "fetch":
+            return cmd_fetch(a)
+        if a.command == "models":
+            return cmd_models(a)
+    except UsageError as e:
+        print(f"vp-gguf: error: {e}", file=sys.stderr)
+        return 2
     except VPGGUFError as e:
         print(f"vp-gguf: error: {e}", file=sys.stderr)
         return 1

@@ -241,18 +241,20 @@ class VisionModel:
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         return b"".join(self.token_to_bytes(t, special) for t in tokens).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, prompt: str) -> str:
-        """The prompt as a single user turn in the model's own chat template."""
+    def apply_chat_template(self, prompt: str | Sequence[dict[str, str]]) -> str:
+        """A prompt as one user turn, or a list of {"role", "content"} messages, in the model's own
+        chat template, ending with the assistant's turn to speak."""
         tmpl = L.llama_model_chat_template(self._model, None)
         if not tmpl:
             raise PromptError(f"{self.model_path.name} has no chat template; pass the prompt raw "
                               "(chat_template=False) in the format the model expects")
-        msg = L.llama_chat_message(role=b"user", content=prompt.encode())
-        arr = (L.llama_chat_message * 1)(msg)
-        size = max(4096, 2 * len(prompt.encode()) + 1024)
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        enc = [(m["role"].encode(), m["content"].encode()) for m in msgs]  # kept alive during the call
+        arr = (L.llama_chat_message * len(enc))(*[L.llama_chat_message(role=r, content=c) for r, c in enc])
+        size = max(4096, 2 * sum(len(c) for _, c in enc) + 1024)
         for _ in range(2):
             buf = ctypes.create_string_buffer(size)
-            n = L.llama_chat_apply_template(tmpl, arr, 1, True, buf, size)
+            n = L.llama_chat_apply_template(tmpl, arr, len(enc), True, buf, size)
             if n < 0:
                 raise PromptError("llama.cpp does not support this model's chat template; "
                                   "pass the prompt raw (chat_template=False)")

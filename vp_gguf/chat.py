@@ -1,0 +1,56 @@
+"""A multi-turn conversation about images (what `vp-gguf chat` runs).
+
+Each turn renders the whole history through the model's chat template, images
+in the turns they were attached to, and generates the reply. VisionPulse, if
+given, selects at every step of every reply.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ImageError
+from .model import SamplingParams, VisionModel
+from .result import GenerationResult
+from .visionpulse import VisionPulse
+
+
+class Chat:
+    def __init__(self, model: VisionModel, system: str | None = None, sampling: SamplingParams | None = None,
+                 visionpulse: VisionPulse | int | str | None = None, max_tokens: int = 256) -> None:
+        self.model, self.system, self.sampling = model, system, sampling
+        self.visionpulse, self.max_tokens = visionpulse, max_tokens
+        self.last_result: GenerationResult | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
+        self.images: list[Path] = []   # every image of the conversation, in order
+        self.pending: list[Path] = []  # attached to the next user message
+
+    def attach(self, path: str | Path) -> None:
+        """Attach an image to the next message (checked now, so a typo is caught before the turn)."""
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ImageError(f"image {p}: no such file")
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ImageError(f"image {p}: cannot be read as an image ({e})") from None
+        self.pending.append(p)
+
+    def say(self, text: str) -> Iterator[str]:
+        """Stream the reply to ``text``; the turn joins the history once the reply is complete."""
+        user = {"role": "user", "content": self.model.marker * len(self.pending) + text}
+        images = self.images + self.pending
+        prompt = self.model.apply_chat_template(self.messages + [user])
+        reply = []
+        for piece in self.model.stream(prompt, images=images, max_tokens=self.max_tokens, sampling=self.sampling,
+                                       chat_template=False, visionpulse=self.visionpulse):
+            reply.append(piece)
+            yield piece
+        self.last_result = self.model.last_result
+        self.messages += [user, {"role": "assistant", "content": "".join(reply)}]
+        self.images, self.pending = images, []
