@@ -64,3 +64,17 @@ def test_bad_settings_are_clear(tiny_paths):
         vp_gguf.enable_visionpulse(llm, 7)
     with pytest.raises(ValueError, match="anchor_layer"):
         vp_gguf.enable_visionpulse(llm, VisionPulse(anchor_layer=99))
+
+
+def test_unreadable_image_is_an_error_and_the_model_stays_usable(tiny_paths, images, tmp_path):
+    llm = _llm(tiny_paths, "llava")
+    vp_gguf.enable_visionpulse(llm, 5)
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"this is not a picture")
+    for url in ((tmp_path / "missing.png").as_uri(), bad.as_uri()):
+        with pytest.raises(Exception) as e:
+            llm.create_chat_completion(messages=_messages(url), max_tokens=4, temperature=0.0)
+        assert "missing.png" in str(e.value) or "image" in str(e.value).lower(), repr(e.value)
+    ok = llm.create_chat_completion(messages=_messages(images["a"].resolve().as_uri()), max_tokens=4,
+                                    temperature=0.0)
+    assert ok["usage"]["visionpulse"]["steps_pruned"] >= 1
