@@ -76,3 +76,24 @@ def test_unknown_path_is_a_clear_error(load_model, images):
     with pytest.raises(ValueError, match="attention path"):
         m.generate(P, images=[images["a"]], max_tokens=2, visionpulse=VisionPulse(attn="sparse"))
     assert m.generate(P, images=[images["a"]], max_tokens=2).n_generated == 2
+
+
+@pytest.mark.parametrize("prune_swa", [False, True])
+def test_sliding_window_layers(load_model, images, prune_swa):
+    """Dense by default (bounded cost, local context); with prune_swa a forced set from layer 0
+    equals removing the other image cells, through the base -> window cell map."""
+    from vp_gguf._libs import llama_cpp as L
+    m = load_model("gemma3", flash_attn="off")
+    r = m.generate(P, images=[images["a"]], max_tokens=8)
+    keep = [0, 5, 9]
+    spec = VisionPulse(mode="forced", forced=keep, first_pruned_layer=0, prune_swa=prune_swa)
+    a, _ = m.teacher_forced(P, [images["a"]], r.tokens, spec)
+
+    def drop_others(model, spans):
+        mem = L.llama_get_memory(model._ctx)
+        for o in range(spans[0].n_tokens):
+            if o not in keep:
+                assert L.llama_memory_seq_rm(mem, 0, spans[0].pos + o, spans[0].pos + o + 1)
+    b, _ = m.teacher_forced(P, [images["a"]], r.tokens, after_prefill=drop_others)
+    same = np.allclose(a[1:], b[1:], rtol=1e-4, atol=1e-4)
+    assert same == prune_swa, float(np.abs(a[1:] - b[1:]).max())
