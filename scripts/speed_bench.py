@@ -68,7 +68,7 @@ def model_path(name: str, cache: Path) -> tuple[Path, str]:
 
 
 class Runner:
-    def __init__(self, path: Path, n_ctx: int, threads: int) -> None:
+    def __init__(self, path: Path, n_ctx: int, threads: int, flash_attn: str = "auto") -> None:
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 999
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
@@ -79,6 +79,8 @@ class Runner:
         cp.n_threads = cp.n_threads_batch = threads
         cp.n_seq_max = 1
         cp.no_perf = True
+        cp.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                              "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError(f"could not create a context of {n_ctx} for {path}")
@@ -164,7 +166,7 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
     path, desc = model_path(name, cache)
     sizes = [int(x) for x in a.sizes.split(",")]
     modes = a.modes.split(",")
-    r = Runner(path, max(sizes) + a.text + a.steps + 16, a.threads)
+    r = Runner(path, max(sizes) + a.text + a.steps + 16, a.threads, a.flash_attn)
     anchor = None
     out = {"model": desc, "file": path.name, "n_layer": r.n_layer, "n_swa": r.n_swa, "flash_attn": r.flash_attn,
            "sizes": {}, "prefill": {}}
@@ -298,6 +300,7 @@ def main() -> int:
     ap.add_argument("--prefill-sizes", default="576")
     ap.add_argument("--prefill-reps", type=int, default=1)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
+    ap.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--out", default=str(ROOT / "docs" / "speed"))
     ap.add_argument("--cache", default=str(ROOT / ".vp-cache" / "bench"))
     ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md and the plot from results.json")
