@@ -27,6 +27,7 @@ import ctypes
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -68,7 +69,7 @@ def model_path(name: str, cache: Path) -> tuple[Path, str]:
 
 
 class Runner:
-    def __init__(self, path: Path, n_ctx: int, threads: int, flash_attn: str = "auto") -> None:
+    def __init__(self, path: Path, n_ctx: int, threads: int, flash_attn: str = "auto", cb_eval=None) -> None:
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 999
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
@@ -79,6 +80,8 @@ class Runner:
         cp.n_threads = cp.n_threads_batch = threads
         cp.n_seq_max = 1
         cp.no_perf = True
+        if cb_eval is not None:
+            cp.cb_eval = cb_eval
         cp.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                               "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
         self.ctx = L.llama_init_from_model(self.model, cp)
@@ -152,6 +155,72 @@ class Runner:
     def close(self) -> None:
         L.llama_free(self.ctx)
         L.llama_model_free(self.model)
+
+
+class NodeTimer:
+    """cb_eval that asks for every node, so each is computed alone; the time between two
+    callbacks is that node's. Nodes are grouped by layer (llama.cpp names them "<what>-<il>";
+    unnamed ones belong to the layer being built) and by whether they are flash attention."""
+
+    def __init__(self) -> None:
+        import ctypes as C
+        from vp_gguf._capture import _ggml
+        _ggml.ggml_op_desc.argtypes = [C.c_void_p]
+        _ggml.ggml_op_desc.restype = C.c_char_p
+        self.rows: list[tuple[int, bool, float]] = []  # (layer, is_fa, seconds)
+        self.on = False
+        self._t = 0.0
+        self._layer = -1
+
+        @L.ggml_backend_sched_eval_callback
+        def cb(t, ask, user_data):
+            if ask:
+                return True
+            now = time.perf_counter()
+            name = (_ggml.ggml_get_name(t) or b"").decode()
+            m = re.search(r"-(\d+)$", name)
+            if m:
+                self._layer = int(m.group(1))
+            if self.on:
+                self.rows.append((self._layer, _ggml.ggml_op_desc(t) == b"FLASH_ATTN_EXT", now - self._t))
+            self._t = time.perf_counter()
+            return True
+        self.cb = cb
+
+    def budget(self, anchor: int, n_layer: int, steps: int) -> dict[str, float]:
+        fa = [0.0] * n_layer
+        other = [0.0] * n_layer
+        rest = 0.0
+        for il, is_fa, dt in self.rows:
+            if 0 <= il < n_layer:
+                (fa if is_fa else other)[il] += dt
+            else:
+                rest += dt
+        base = statistics.median(other[:anchor]) if anchor > 0 else 0.0  # a plain layer's non-attention work
+        ms = 1e3 / steps
+        extra = [max(0.0, other[il] - base) for il in range(anchor, n_layer)]
+        return {"attention, dense layers (0..anchor)": sum(fa[:anchor + 1]) * ms,
+                "attention, sparse layers (after the anchor)": sum(fa[anchor + 1:]) * ms,
+                "probe and selection (anchor), masks/gathers (later layers)": sum(extra) * ms,
+                "rest (weights, norms, rope, embeddings, output)":
+                    (rest + sum(other) - sum(extra)) * ms}
+
+
+def profile(name: str, a: argparse.Namespace, cache: Path, nv: int) -> dict:
+    path, desc = model_path(name, cache)
+    timer = NodeTimer()
+    r = Runner(path, nv + a.text + a.steps + 16, a.threads, a.flash_attn, cb_eval=timer.cb)
+    r.load(r.make_state(nv, a.text))
+    r.set_mode(MODES["vp5"], nv)
+    r.decode_tokens([11])
+    timer.on = True
+    t0 = time.perf_counter()
+    for i in range(a.steps):
+        r.decode_tokens([(i * 7919) % r.n_vocab])
+    wall = (time.perf_counter() - t0) * 1e3 / a.steps
+    b = timer.budget(V.llama_vp_anchor_layer(r.ctx), r.n_layer, a.steps)
+    r.close()
+    return {"model": desc, "n_visual": nv, "ms_per_token_profiled": wall, "parts_ms": b}
 
 
 def progress(i: int, n: int, t0: float, label: str) -> None:
@@ -238,36 +307,15 @@ def markdown(results: dict, meta: dict) -> str:
                 gap = "-" if x["gap_closed"] is None or m in ("dense", "floor") else f"{100 * x['gap_closed']:.0f}%"
                 md.append(f"| {nv} | {m} | {x['path']} | {x['ms_per_tok_median']:.1f} ({x['ms_per_tok_min']:.1f}) | "
                           f"{x['tok_s']:.2f} | {x['speedup']:.2f}x | {gap} | {100 * x['retention_mean']:.1f}% |")
-        tb = time_budget(r, 16384)
-        if tb:
-            md += ["", "Where a vp5 step's time goes at 16384 visual tokens (derived from the medians: "
-                   "rest = floor; probe = probe-only mode minus dense; dense layers = the dense-minus-floor "
-                   "attention time of the layers up to the anchor, pro rata; sparse layers = what remains):", "",
-                   "| part | ms | share |", "|---|---|---|"]
-            md += [f"| {k} | {v:.1f} | {100 * v / sum(tb.values()):.0f}% |" for k, v in tb.items()]
         if r["prefill"]:
             md += ["", "Prefill (real, token input; VisionPulse is dense during prefill by design):", "",
                    "| visual + text tokens | dense tok/s | vp5 tok/s | vp5 / dense |", "|---|---|---|---|"]
             for n, x in r["prefill"].items():
                 md.append(f"| {n} + {meta['text']} | {x['dense']['tok_s']:.1f} | {x['vp5']['tok_s']:.1f} | {x['ratio']:.3f} |")
         md.append("")
-    md += ["![decode speed](speed.png)", ""]
+    md += ["![decode speed](speed.png)", "",
+           "Where the time of a step goes (node by node): `PROFILE.md`, written by `--profile 16384`.", ""]
     return "\n".join(md)
-
-
-def time_budget(r: dict, nv: int) -> dict[str, float] | None:
-    row = r["sizes"].get(nv) or r["sizes"].get(str(nv))
-    if not row or not all(m in row for m in ("dense", "vp5", "probe", "floor")):
-        return None
-    t = {m: row[m]["ms_per_tok_median"] for m in ("dense", "vp5", "probe", "floor")}
-    if r.get("n_swa", 1 if "gemma" in r["file"].lower() else 0):
-        return None  # sliding-window layers: the pro-rata split below would not hold
-    n_dense = (r["anchor_layer"] + 1) / r["n_layer"]  # layers 0..anchor read every cell
-    dense_layers = (t["dense"] - t["floor"]) * n_dense
-    probe = max(0.0, t["probe"] - t["dense"])
-    return {"rest (weights, norms, text; = floor)": t["floor"], "probe at the anchor": probe,
-            "dense layers (0..anchor)": dense_layers,
-            "sparse layers (after the anchor)": max(0.0, t["vp5"] - t["floor"] - probe - dense_layers)}
 
 
 def plot(results: dict, out: Path) -> None:
@@ -304,6 +352,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "speed"))
     ap.add_argument("--cache", default=str(ROOT / ".vp-cache" / "bench"))
     ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md and the plot from results.json")
+    ap.add_argument("--profile", type=int, default=0, metavar="N_V",
+                    help="instead: time every graph node of vp5 steps at N_V visual tokens (where the time goes)")
     a = ap.parse_args()
     out = Path(a.out)
     if a.render:
@@ -314,6 +364,23 @@ def main() -> int:
     for m in a.modes.split(","):
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}: {', '.join(MODES)}")
+    if a.profile:
+        out.mkdir(parents=True, exist_ok=True)
+        res = [profile(name, a, Path(a.cache), a.profile) for name in a.models.split(",")]
+        md = [f"# Where a VisionPulse 5 step's time goes at {a.profile} visual tokens", "",
+              f"Written by `python3 scripts/speed_bench.py {' '.join(sys.argv[1:])}`: every graph node computed "
+              "alone (cb_eval), its time attributed to its layer; non-attention work above a plain layer's "
+              "median counts as VisionPulse's own (probe and selection at the anchor, mask or gather later). "
+              "Node-by-node execution adds overhead to the small nodes; read the shares, not the totals.", ""]
+        for x in res:
+            tot = sum(x["parts_ms"].values())
+            md += [f"## {x['model']}", "", "| part | ms per token | share |", "|---|---|---|"]
+            md += [f"| {k} | {v:.1f} | {100 * v / tot:.0f}% |" for k, v in x["parts_ms"].items()]
+            md.append("")
+        (out / "PROFILE.md").write_text("\n".join(md))
+        (out / "profile.json").write_text(json.dumps(res, indent=1))
+        print("\n".join(md))
+        return 0
     if "dense" not in a.modes.split(","):
         a.modes = "dense," + a.modes
     t0 = time.time()
