@@ -32,7 +32,7 @@ def main() -> int:
     from vp_gguf import VisionModel, VisionPulse
     from vp_gguf.testbed import assets
     from vp_gguf.testbed.glyphs import GlyphGrid
-    from vp_gguf.testbed.viz import kept_strip
+    from vp_gguf.viz import kept_strip
 
     OUT.mkdir(parents=True, exist_ok=True)
     digits = None
@@ -69,8 +69,8 @@ def main() -> int:
                   f"(min {100 * s['retention_min']:.1f}%, max {100 * s['retention_max']:.1f}%), "
                   f"visual mass {s['mass_mean']:.2f}")
             caps = [m.token_to_bytes(tok).decode(errors="replace") for tok in r.tokens[1:]]
-            strip = kept_strip(a.image, r.images, [st.kept for st in r.visionpulse.steps], caps,
-                               OUT / "kept_strip.png")
+            strip = kept_strip([a.image], r.images, [st.kept for st in r.visionpulse.steps], caps,
+                               OUT / "kept_strip.png", crop_blank=True)
             print(f"kept patches per step: {strip}")
     return 0
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from vp_gguf import VisionPulse  # noqa: E402
 from vp_gguf.testbed import bench as B  # noqa: E402
 from vp_gguf.testbed.tasks import make_suite, read_items  # noqa: E402
-from vp_gguf.testbed.viz import kept_strip  # noqa: E402
+from vp_gguf.viz import kept_strip  # noqa: E402
 
 
 def plot(tables: dict[str, dict], out: Path) -> None:
@@ -129,8 +129,8 @@ def main() -> int:
         r = m.generate(it.prompt, images=it.image_paths(suite_dir), max_tokens=it.max_tokens,
                        visionpulse=VisionPulse(anchor_layer=anchor))
         caps = [m.token_to_bytes(t).decode(errors="replace") for t in r.tokens[1:]]
-        kept_strip(it.image_paths(suite_dir)[0], r.images, [s.kept for s in r.visionpulse.steps], caps,
-                   out / "kept_strip.png")
+        kept_strip(it.image_paths(suite_dir), r.images, [s.kept for s in r.visionpulse.steps], caps,
+                   out / "kept_strip.png", crop_blank=True)
     bench.close()
     for label, table in tables.items():
         print(f"\n## anchor {label}\n" + B.markdown_table(table, len(items), label))

@@ -38,7 +38,7 @@ def world(tiny_paths, images, tmp_path_factory):
                    HF_HUB_DISABLE_TELEMETRY="1")
         subs = [("file:///path/to/photo.jpg", images["a"].resolve().as_uri()),
                 ("photo.jpg", str(images["a"])), ("mmproj.gguf", str(mmproj)), ("model.gguf", str(model))]
-        yield env, subs
+        yield env, subs, tmp
 
 
 def _sub(text: str, subs) -> str:
@@ -58,19 +58,19 @@ def _commands():
 
 @pytest.mark.parametrize("line", _commands())
 def test_readme_command(world, line):
-    env, subs = world
+    env, subs, cwd = world
     argv = shlex.split(_sub(line, subs), comments=True)
     stdin = f"/image {subs[1][1]}\nWhat is this?\n/stats\n/quit\n" if argv[1] == "chat" else None
-    r = subprocess.run([sys.executable, "-m", "vp_gguf.cli", *argv[1:]], env=env, input=stdin,
+    r = subprocess.run([sys.executable, "-m", "vp_gguf.cli", *argv[1:]], env=env, input=stdin, cwd=cwd,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("idx", range(len(blocks("python"))))
 def test_readme_python(world, idx):
-    env, subs = world
+    env, subs, cwd = world
     code = _sub(blocks("python")[idx], subs)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{code}\n{r.stderr[-2000:]}"
 
 

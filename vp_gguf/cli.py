@@ -16,6 +16,7 @@ EXAMPLE = """example:
   vp-gguf run --hf qwen2.5-vl-3b --image photo.png -p "Describe it." --chat-template --visionpulse 5
   vp-gguf fetch ggml-org/gemma-3-4b-it-GGUF:Q8_0
   vp-gguf models
+  vp-gguf viz -m model.gguf --mmproj mmproj.gguf --image photo.png -p "Describe it." --visionpulse 5 -o out/
 """
 
 
@@ -83,6 +84,41 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     _add_model_args(p)
 
 
+def _add_viz(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("viz", help="draw what VisionPulse keeps at each step (PNG strip, GIF, stats plot)",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="image file(s)")
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("-o", "--out", default="vp-viz", help="output folder (default ./vp-viz)")
+    p.add_argument("--frames", type=int, default=8, help="frames in the strip, early to late (default 8)")
+    p.add_argument("--every", type=int, default=None, help="a frame every k steps instead (strip and GIF)")
+    p.add_argument("--no-gif", dest="gif", action="store_false", help="skip the animated GIF")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the mass/budget/K plot")
+    p.add_argument("--crop-blank", action="store_true", help="cut empty rows at the bottom of the images")
+    _add_model_args(p)
+
+
+def cmd_viz(a: argparse.Namespace) -> int:
+    from .viz import visualize
+    if a.visionpulse == "off" and a.mode is None:
+        raise UsageError("viz draws VisionPulse's choices: pass --visionpulse 5 (or 10, or --mode ...)")
+    model, sampling, vp = _open(a)
+    if a.escape:
+        a.prompt = process_escapes(a.prompt)
+    with model:
+        res = model.generate(a.prompt, images=a.image, max_tokens=a.n_predict, sampling=sampling,
+                             chat_template=a.chat_template, visionpulse=vp)
+        print(res.text)
+        paths = visualize(model, res, a.image, a.out, n_frames=a.frames, every=a.every, gif=a.gif, plot=a.plot,
+                          crop_blank=a.crop_blank)
+    if _vp_line(res):
+        print(_vp_line(res), file=sys.stderr)
+    for k, v in paths.items():
+        print(f"{k}: {v}", file=sys.stderr)
+    return 0
+
+
 def _add_fetch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fetch", help="download a model and its mmproj from the Hugging Face hub",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_chat(sub)
+    _add_viz(sub)
     _add_fetch(sub)
     return ap
 
@@ -294,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(a)
         if a.command == "chat":
             return cmd_chat(a)
+        if a.command == "viz":
+            return cmd_viz(a)
         if a.command == "fetch":
             return cmd_fetch(a)
         if a.command == "models":
