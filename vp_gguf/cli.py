@@ -119,6 +119,31 @@ def cmd_viz(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions, /v1/models)",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("-a", "--alias", default=None, help="model name the API reports (default: the file name)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model (default 16)")
+    _add_model_args(p)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+        from .server import create_app
+    except ImportError:
+        raise UsageError("the server needs FastAPI and uvicorn: pip install 'vp-gguf[server]'") from None
+    model, _sampling, vp = _open(a)
+    with model:
+        app = create_app(model, a.alias or model.model_path.stem, vp, a.max_queue)
+        print(f"vp-gguf serve: http://{a.host}:{a.port}/v1 (model {a.alias or model.model_path.stem}, "
+              f"visionpulse {a.visionpulse})", file=sys.stderr)
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if not a.verbose else "info")
+    return 0
+
+
 def _add_fetch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fetch", help="download a model and its mmproj from the Hugging Face hub",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_chat(sub)
     _add_viz(sub)
+    _add_serve(sub)
     _add_fetch(sub)
     return ap
 
@@ -333,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_chat(a)
         if a.command == "viz":
             return cmd_viz(a)
+        if a.command == "serve":
+            return cmd_serve(a)
         if a.command == "fetch":
             return cmd_fetch(a)
         if a.command == "models":
