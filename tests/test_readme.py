@@ -36,7 +36,10 @@ def world(tiny_paths, images, tmp_path_factory):
         env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
         env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp / "hf"), VP_GGUF_CACHE=str(tmp / "vp"),
                    HF_HUB_DISABLE_TELEMETRY="1")
-        subs = [("file:///path/to/photo.jpg", images["a"].resolve().as_uri()),
+        items = tmp / "items.jsonl"
+        items.write_text('{"id": "q1", "image": "%s", "question": "Describe.", "answer": "x", "max_tokens": 4}\n'
+                         % images["a"])
+        subs = [("items.jsonl", str(items)), ("file:///path/to/photo.jpg", images["a"].resolve().as_uri()),
                 ("photo.jpg", str(images["a"])), ("mmproj.gguf", str(mmproj)), ("model.gguf", str(model))]
         yield env, subs, tmp
 
@@ -62,7 +65,8 @@ def test_readme_command(world, line):
     argv = shlex.split(_sub(line, subs), comments=True)
     if argv[1] == "serve":
         return _serve(argv, env, cwd)
-    stdin = f"/image {subs[1][1]}\nWhat is this?\n/stats\n/quit\n" if argv[1] == "chat" else None
+    photo = dict(subs)["photo.jpg"]
+    stdin = f"/image {photo}\nWhat is this?\n/stats\n/quit\n" if argv[1] == "chat" else None
     r = subprocess.run([sys.executable, "-m", "vp_gguf.cli", *argv[1:]], env=env, input=stdin, cwd=cwd,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .errors import VPGGUFError
@@ -144,6 +145,50 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score a JSONL of items in several selection modes, side by side",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("items", help="JSONL: images, question (or prompt), answer, optional choices")
+    p.add_argument("--modes", default="dense,visionpulse-5,visionpulse-10,static-5%,random-5",
+                   help="comma list (default: dense, visionpulse-5/10, static-5%%, random-5)")
+    p.add_argument("-o", "--out", default="vp-eval", help="output folder: results.jsonl, RESULTS.md, summary.json")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only items whose field KEY equals VALUE (e.g. grid=16)")
+    p.add_argument("--limit", type=int, default=None, help="the first N items")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="start over instead of resuming")
+    _add_model_args(p)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import markdown, read_items, run_eval, summarize
+    try:
+        where = dict(w.split("=", 1) for w in a.where)
+    except ValueError:
+        raise UsageError("--where takes KEY=VALUE") from None
+    try:
+        items = read_items(a.items, where)[:a.limit]
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if not items:
+        raise UsageError(f"no items in {a.items}" + (f" with {a.where}" if a.where else ""))
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    model, _sampling, _vp = _open(a)
+    with model:
+        try:
+            rows = run_eval(model, items, modes, a.out, resume=a.resume)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    table = summarize(rows, modes, {it.id for it in items})
+    out = Path(a.out)
+    title = f"{Path(a.items).name} on {Path(a.model).name}: {len(items)} items"
+    import shlex
+    cmd = "vp-gguf " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    (out / "RESULTS.md").write_text(markdown(table, title) + f"\nWritten by `{cmd}`; per-item rows in results.jsonl.\n")
+    (out / "summary.json").write_text(json.dumps(table, indent=1))
+    print(markdown(table, title))
+    return 0
+
+
 def _add_fetch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fetch", help="download a model and its mmproj from the Hugging Face hub",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_viz(sub)
     _add_serve(sub)
+    _add_eval(sub)
     _add_fetch(sub)
     return ap
 
@@ -361,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_viz(a)
         if a.command == "serve":
             return cmd_serve(a)
+        if a.command == "eval":
+            return cmd_eval(a)
         if a.command == "fetch":
             return cmd_fetch(a)
         if a.command == "models":
