@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from vp_gguf import VisionPulse  # noqa: E402
 from vp_gguf import _vp_ctypes as V  # noqa: E402
 from vp_gguf._libs import llama_cpp as L  # noqa: E402
+from vp_gguf._progress import progress  # noqa: E402
 from vp_gguf.testing import kv_state  # noqa: E402
 
 MODES = {
@@ -221,14 +222,6 @@ def profile(name: str, a: argparse.Namespace, cache: Path, nv: int) -> dict:
     b = timer.budget(V.llama_vp_anchor_layer(r.ctx), r.n_layer, a.steps)
     r.close()
     return {"model": desc, "n_visual": nv, "ms_per_token_profiled": wall, "parts_ms": b}
-
-
-def progress(i: int, n: int, t0: float, label: str) -> None:
-    eta = (time.time() - t0) / max(i, 1) * (n - i)
-    sys.stderr.write(f"\r[{'#' * int(30 * i / max(n, 1)):<30}] {i}/{n} {label:<34} eta {eta:5.0f}s")
-    if i == n:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import re
 import string
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._progress import jsonl
+from ._progress import progress as progress_bar
 from .errors import VPGGUFError
 from .visionpulse import VisionPulse
 
@@ -54,28 +55,24 @@ class EvalItem:
 def read_items(path: str | Path, where: dict[str, str] | None = None) -> list[EvalItem]:
     path = Path(path)
     items = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    for n, d in jsonl(path):
+        try:
+            imgs = d.get("images") or ([d["image"]] if "image" in d else [])
+            if where and any(str(d.get(k)) != v for k, v in where.items()):
                 continue
-            try:
-                d = json.loads(line)
-                imgs = d.get("images") or ([d["image"]] if "image" in d else [])
-                if where and any(str(d.get(k)) != v for k, v in where.items()):
-                    continue
-                choices = d.get("choices")
-                prompt = d.get("prompt")
-                if prompt is None:
-                    prompt = d["question"]
-                    if choices:
-                        prompt += "\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)) + \
-                            "\nAnswer with the option's letter."
-                items.append(EvalItem(str(d.get("id", n)), [(path.parent / p) for p in imgs], prompt,
-                                      str(d["answer"]), choices, int(d.get("max_tokens", 16 if choices else 64)),
-                                      d.get("task"), d.get("meta", {})))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{n}: not an eval item ({e.__class__.__name__}: {e}); "
-                                 'need "question" or "prompt", and "answer"') from None
+            choices = d.get("choices")
+            prompt = d.get("prompt")
+            if prompt is None:
+                prompt = d["question"]
+                if choices:
+                    prompt += "\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)) + \
+                        "\nAnswer with the option's letter."
+            items.append(EvalItem(str(d.get("id", n)), [(path.parent / p) for p in imgs], prompt,
+                                  str(d["answer"]), choices, int(d.get("max_tokens", 16 if choices else 64)),
+                                  d.get("task"), d.get("meta", {})))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{n}: not an eval item ({e.__class__.__name__}: {e}); "
+                             'need "question" or "prompt", and "answer"') from None
     return items
 
 
@@ -102,14 +99,6 @@ def score(item: EvalItem, text: str) -> bool:
     return bool(want) and _words(text)[:len(want)] == want
 
 
-def _progress(i: int, n: int, t0: float, label: str) -> None:
-    eta = (time.time() - t0) / max(i, 1) * (n - i)
-    sys.stderr.write(f"\r[{'#' * int(30 * i / max(n, 1)):<30}] {i}/{n} {label[:30]:<30} eta {eta:5.0f}s")
-    if i == n:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
 def run_eval(model: Any, items: Sequence[EvalItem], modes: Sequence[str], out_dir: str | Path,
              resume: bool = True, progress: bool = True) -> list[dict[str, Any]]:
     """Run every (item, mode) not done yet; returns all rows of results.jsonl."""
@@ -130,7 +119,7 @@ def run_eval(model: Any, items: Sequence[EvalItem], modes: Sequence[str], out_di
     with open(res_path, "a") as f:
         for k, (it, m) in enumerate(todo):
             if progress:
-                _progress(k, len(todo), t0, f"{it.id} {m}")
+                progress_bar(k, len(todo), t0, f"{it.id} {m}")
             spec = MODES[m]
             try:
                 r = model.generate(it.prompt, images=it.images, max_tokens=it.max_tokens,
@@ -148,7 +137,7 @@ def run_eval(model: Any, items: Sequence[EvalItem], modes: Sequence[str], out_di
             f.flush()  # a stop loses at most the pair being run
             rows.append(row)
         if progress and todo:
-            _progress(len(todo), len(todo), t0, "done")
+            progress_bar(len(todo), len(todo), t0, "done")
     return rows
 
 

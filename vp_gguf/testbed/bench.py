@@ -6,8 +6,6 @@ retention, visual mass, length) and is teacher-forced on the dense answer
 """
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import VisionModel, VisionPulse
+from .._progress import progress
 from . import assets
 from .tasks import Item, score
 
@@ -144,16 +143,6 @@ def by_task_table(results: list[dict[str, Any]], modes: list[str]) -> str:
         cells = [f"{sum(r['modes'][m]['correct'] for r in rs)}/{len(rs)}" for m in modes]
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def progress(i: int, n: int, t0: float, label: str) -> None:
-    """A one-line progress bar on stderr (the benchmark takes minutes)."""
-    done = int(30 * i / max(n, 1))
-    eta = (time.time() - t0) / max(i, 1) * (n - i)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {label:<28} eta {eta:4.0f}s")
-    sys.stderr.flush()
-    if i == n:
-        sys.stderr.write("\n")
 
 
 def to_jsonable(r: dict[str, ModeResult]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL.Image import Image
 
+from .._progress import jsonl
 from .glyphs import GlyphGrid
 
 MARKER = "<__media__>"
@@ -163,13 +164,9 @@ def write_items(path: str | Path, items: list[Item]) -> None:
 
 def read_items(path: str | Path) -> list[Item]:
     items = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                items.append(Item(**d))
-            except (json.JSONDecodeError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: not a testbed item ({e})") from None
+    for n, d in jsonl(path):
+        try:
+            items.append(Item(**d))
+        except TypeError as e:
+            raise ValueError(f"{path}:{n}: not a testbed item ({e})") from None
     return items
