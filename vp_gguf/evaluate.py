@@ -25,17 +25,9 @@ from typing import Any, Sequence
 from ._progress import jsonl
 from ._progress import progress as progress_bar
 from .errors import VPGGUFError
-from .visionpulse import VisionPulse
+from .visionpulse import COMPARISON_MODES, VisionPulse
 
-MODES: dict[str, dict[str, Any] | None] = {
-    "dense": None,
-    "visionpulse-5": dict(mode="visionpulse", preset=5),
-    "visionpulse-10": dict(mode="visionpulse", preset=10),
-    "static-5%": dict(mode="static", ratio=0.05),
-    "random-5": dict(mode="random", preset=5, seed=1),
-    "fixed-5%": dict(mode="fixed", ratio=0.05),
-    "fixed-1%": dict(mode="fixed", ratio=0.01),
-}
+MODES = COMPARISON_MODES
 DEFAULT_MODES = ("dense", "visionpulse-5", "visionpulse-10", "static-5%", "random-5")
 LETTERS = string.ascii_uppercase
 

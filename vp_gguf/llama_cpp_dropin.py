@@ -21,7 +21,7 @@ import ctypes
 from typing import Any, Iterator
 
 from . import _vp_ctypes as V
-from .visionpulse import ATTN_NAMES, StepStats, VisionPulse, VisionPulseReport
+from .visionpulse import VisionPulse, VisionPulseReport
 
 
 class VisionPulseSession:
@@ -54,28 +54,10 @@ class VisionPulseSession:
         return VisionPulseReport(mode=self.vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx),
                                  settings=self.vp.resolved(), steps=[])
 
-    def _record(self, report: VisionPulseReport) -> None:
-        st = V.llama_vp_stats()
-        if V.llama_vp_get_stats(self._ctx, 0, ctypes.byref(st)) == 0 and st.step > report._last_step:
-            report._last_step = int(st.step)
-            report.attn = ATTN_NAMES.get(V.llama_vp_last_attn(self._ctx), report.attn)
-            report.steps.append(StepStats(step=int(st.step), n_kv=st.n_kv, n_visual=st.n_visual,
-                                          n_kept=st.n_kept, mass=float(st.mass), mass_kept=float(st.mass_kept),
-                                          kept=V.get_kept(self._ctx, 0) if self.per_step else []))
-
     def _usage(self, report: VisionPulseReport) -> dict[str, Any] | None:
-        self._record(report)  # the last step decoded after the last sampling
+        report.record(self._ctx, self.per_step)  # the last step decoded after the last sampling
         self.last_report = report
-        if not report.steps:
-            return None  # text only: nothing was selected
-        s = report.summary()
-        d: dict[str, Any] = {"mode": report.mode, "anchor_layer": report.anchor_layer, "attn": report.attn,
-                             "steps_pruned": s["steps"], "retention_mean": s["retention_mean"],
-                             "retention_min": s["retention_min"], "retention_max": s["retention_max"],
-                             "mass_mean": s["mass_mean"], "visual_tokens": report.steps[-1].n_visual}
-        if self.per_step:
-            d["steps"] = report.to_dict()["steps"]
-        return d
+        return report.usage(self.per_step)
 
     def create_chat_completion(self, *args: Any, **kwargs: Any):
         import llama_cpp
@@ -83,7 +65,7 @@ class VisionPulseSession:
         user_lp = kwargs.get("logits_processor")
 
         def record(input_ids, scores):  # called once per generated token, after its step's decode
-            self._record(report)
+            report.record(self._ctx, self.per_step)
             return scores
         kwargs["logits_processor"] = llama_cpp.LogitsProcessorList([record, *(user_lp or [])])
         out = self._orig(*args, **kwargs)

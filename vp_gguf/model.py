@@ -25,7 +25,7 @@ from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileErr
 from .gguf_file import read_gguf_info
 from .images import ImageInput, describe, load_bitmap
 from .result import GenerationResult, ImageSpan, Timings
-from .visionpulse import ATTN_NAMES, StepStats, VisionPulse, VisionPulseReport
+from .visionpulse import VisionPulse, VisionPulseReport
 
 DEFAULT_MARKER = "<__media__>"
 _FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -339,7 +339,7 @@ class VisionModel:
                                    "a forced token")
                 n_past += 1
                 if report is not None:
-                    self._vp_step(report)
+                    report.record(self._ctx)
             return out, report
         finally:
             V.llama_vp_disable(self._ctx)
@@ -517,16 +517,6 @@ class VisionModel:
         st = V.llama_vp_stats()
         return int(st.step) if V.llama_vp_get_stats(self._ctx, 0, ctypes.byref(st)) == 0 else 0
 
-    def _vp_step(self, report: VisionPulseReport) -> None:
-        st = V.llama_vp_stats()
-        if V.llama_vp_get_stats(self._ctx, 0, ctypes.byref(st)) == 0 and st.step > report._last_step:
-            report._last_step = int(st.step)
-            report.attn = ATTN_NAMES.get(V.llama_vp_last_attn(self._ctx), report.attn)
-            report.steps.append(StepStats(step=int(st.step), n_kv=st.n_kv, n_visual=st.n_visual,
-                                          n_kept=st.n_kept, mass=float(st.mass),
-                                          mass_kept=float(st.mass_kept),
-                                          kept=V.get_kept(self._ctx, 0)))
-
     def _run(self, prompt: str, images: list, max_tokens: int, sampling: SamplingParams,
              chat_template: bool, vp: VisionPulse | None) -> Iterator[str]:
         self.last_result = None
@@ -573,7 +563,7 @@ class VisionModel:
                 n_past += 1
                 t.n_decode += 1
                 if report is not None:
-                    self._vp_step(report)
+                    report.record(self._ctx)
             if t_dec is not None:
                 t.decode_ms = (time.perf_counter() - t_dec) * 1e3
             tail = utf8.decode(b"", final=True)

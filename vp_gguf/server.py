@@ -127,13 +127,9 @@ def _num(body: dict, key: str, typ, default, lo=None, hi=None):
 def _usage(res) -> dict[str, Any]:
     u: dict[str, Any] = {"prompt_tokens": res.n_prompt_tokens, "completion_tokens": res.n_generated,
                          "total_tokens": res.n_prompt_tokens + res.n_generated}
-    rep = res.visionpulse
-    if rep is not None and rep.steps:
-        s = rep.summary()
-        u["visionpulse"] = {"mode": rep.mode, "anchor_layer": rep.anchor_layer, "attn": rep.attn,
-                            "steps_pruned": s["steps"], "retention_mean": s["retention_mean"],
-                            "retention_min": s["retention_min"], "retention_max": s["retention_max"],
-                            "mass_mean": s["mass_mean"], "visual_tokens": rep.steps[-1].n_visual}
+    vp = res.visionpulse.usage() if res.visionpulse is not None else None
+    if vp is not None:
+        u["visionpulse"] = vp
     return u
 
 

@@ -17,6 +17,17 @@ MODES = {
 }
 ATTN = {"auto": V.LLAMA_VP_ATTN_AUTO, "mask": V.LLAMA_VP_ATTN_MASK, "gather": V.LLAMA_VP_ATTN_GATHER}
 ATTN_NAMES = {v: k for k, v in ATTN.items()}
+# Named settings that benchmarks and the evaluation harness compare side by side.
+COMPARISON_MODES: dict[str, dict[str, Any] | None] = {
+    "dense": None,
+    "visionpulse-5": dict(mode="visionpulse", preset=5),
+    "visionpulse-10": dict(mode="visionpulse", preset=10),
+    "fixed-5%": dict(mode="fixed", ratio=0.05),
+    "fixed-1%": dict(mode="fixed", ratio=0.01),
+    "random-5": dict(mode="random", preset=5, seed=1),
+    "static-5%": dict(mode="static", ratio=0.05),
+    "visionpulse-5-lagged": dict(mode="visionpulse", preset=5, lagged=True),  # opt-in, beyond the paper
+}
 PRESETS = {5: (0.1, 0.01, 0.05), 10: (0.4, 0.05, 0.10)}  # tau, budget_min, budget_max
 
 
@@ -125,6 +136,30 @@ class VisionPulseReport:
     steps: list[StepStats]
     attn: str = "none"  # the attention path the steps used: mask | gather
     _last_step: int = field(default=0, repr=False)  # the C side's step counter at the last record
+
+    def record(self, ctx, with_kept: bool = True) -> None:
+        """Append the C side's last step for sequence 0, if it is new since the last record."""
+        import ctypes
+        st = V.llama_vp_stats()
+        if V.llama_vp_get_stats(ctx, 0, ctypes.byref(st)) == 0 and st.step > self._last_step:
+            self._last_step = int(st.step)
+            self.attn = ATTN_NAMES.get(V.llama_vp_last_attn(ctx), self.attn)
+            self.steps.append(StepStats(step=int(st.step), n_kv=st.n_kv, n_visual=st.n_visual, n_kept=st.n_kept,
+                                        mass=float(st.mass), mass_kept=float(st.mass_kept),
+                                        kept=V.get_kept(ctx, 0) if with_kept else []))
+
+    def usage(self, per_step: bool = False) -> dict[str, Any] | None:
+        """The selection as an API response's ``usage["visionpulse"]``; None when nothing was selected."""
+        if not self.steps:
+            return None
+        s = self.summary()
+        d: dict[str, Any] = {"mode": self.mode, "anchor_layer": self.anchor_layer, "attn": self.attn,
+                             "steps_pruned": s["steps"], "retention_mean": s["retention_mean"],
+                             "retention_min": s["retention_min"], "retention_max": s["retention_max"],
+                             "mass_mean": s["mass_mean"], "visual_tokens": self.steps[-1].n_visual}
+        if per_step:
+            d["steps"] = self.to_dict()["steps"]
+        return d
 
     def summary(self) -> dict[str, float]:
         if not self.steps:

@@ -131,6 +131,7 @@ public:
     ggml_tensor * keep_full = nullptr; // F32 [1, n_kv + 1, n_rows, n_stream]
     ggml_tensor * mask_base = nullptr;
     ggml_tensor * mask_base_f32 = nullptr;
+    ggml_tensor * kq_mask_f32 = nullptr; // the layers' own mask in F32 (cast once)
     ggml_tensor * mask_swa  = nullptr;
     bool anchor_built = false;
 
@@ -459,6 +460,18 @@ static ggml_tensor * vp_forced_drop(const llm_graph_context & g, llm_graph_input
     return inp->t_drop;
 }
 
+static ggml_tensor * vp_f32(ggml_context * ctx, ggml_tensor * m) {
+    return m->type == GGML_TYPE_F32 ? m : ggml_cast(ctx, m, GGML_TYPE_F32);
+}
+
+// The step's full-attention mask in F32, cast once for the anchor, FORCED and lagged masks alike.
+static ggml_tensor * vp_base_mask_f32(ggml_context * ctx, llm_graph_input_vp * inp, ggml_tensor * kq_mask) {
+    if (!inp->kq_mask_f32) {
+        inp->kq_mask_f32 = vp_f32(ctx, kq_mask);
+    }
+    return inp->kq_mask_f32;
+}
+
 static ggml_tensor * vp_as_mask_type(ggml_context * ctx, ggml_tensor * m, const ggml_tensor * like) {
     return like->type == GGML_TYPE_F32 ? m : ggml_cast(ctx, m, like->type);
 }
@@ -495,7 +508,7 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
         kq = ggml_tanh(ctx, kq);
         kq = ggml_scale(ctx, kq, g.hparams.f_attn_logit_softcapping);
     }
-    ggml_tensor * mask = kq_mask->type == GGML_TYPE_F32 ? kq_mask : ggml_cast(ctx, kq_mask, GGML_TYPE_F32);
+    ggml_tensor * mask = vp_base_mask_f32(ctx, inp, kq_mask);
 
     // visual mass: max over heads of the tau-softmax share on visual cells
     ggml_tensor * pr = ggml_soft_max_ext(ctx, kq, mask, kq_scale / p.tau, 0.0f);      // [n_kv, R, H, S]
@@ -596,7 +609,7 @@ static ggml_tensor * vp_build_swa_mask(const llm_graph_context & g, llm_graph_in
     const int64_t R = inp->n_rows, S = inp->n_stream, NS = inp->n_kv_swa;
     inp->t_swa_map = vp_input(ctx, GGML_TYPE_I32, NS, R, S, 1, "vp_swa_map");
     inp->t_vis_swa = vp_input(ctx, GGML_TYPE_F32, NS, R, 1, S, "vp_vis_swa");
-    ggml_tensor * mask = kq_mask_swa->type == GGML_TYPE_F32 ? kq_mask_swa : ggml_cast(ctx, kq_mask_swa, GGML_TYPE_F32);
+    ggml_tensor * mask = vp_f32(ctx, kq_mask_swa);
     ggml_tensor * keep;
     if (inp->mode == LLAMA_VP_MODE_FORCED) {
         // FORCED keeps per base cell in t_drop: gather it through the map
@@ -730,8 +743,7 @@ ggml_tensor * llama_vp_build_attn(
     const bool pruned = il >= vp->first_pruned;
     if (pruned && inp->mode == LLAMA_VP_MODE_FORCED && !is_swa && !inp->mask_base) {
         // FORCED needs no probe: its mask can serve layers below the anchor too
-        ggml_tensor * mask = kq_mask->type == GGML_TYPE_F32 ? kq_mask : ggml_cast(ctx, kq_mask, GGML_TYPE_F32);
-        inp->mask_base_f32 = ggml_add(ctx, mask, vp_forced_drop(g, inp));
+        inp->mask_base_f32 = ggml_add(ctx, vp_base_mask_f32(ctx, inp, kq_mask), vp_forced_drop(g, inp));
         inp->mask_base = vp_as_mask_type(ctx, inp->mask_base_f32, kq_mask);
     }
     ggml_tensor * res = kq_mask;
@@ -761,8 +773,7 @@ ggml_tensor * llama_vp_build_attn(
         // lagged: the previous step's selection, below the anchor
         if (!inp->mask_lag) {
             inp->t_lag_drop = vp_input(ctx, GGML_TYPE_F32, inp->n_kv, inp->n_rows, 1, inp->n_stream, "vp_lag_drop");
-            ggml_tensor * mask = kq_mask->type == GGML_TYPE_F32 ? kq_mask : ggml_cast(ctx, kq_mask, GGML_TYPE_F32);
-            inp->mask_lag_f32 = ggml_add(ctx, mask, inp->t_lag_drop);
+            inp->mask_lag_f32 = ggml_add(ctx, vp_base_mask_f32(ctx, inp, kq_mask), inp->t_lag_drop);
             inp->mask_lag = vp_as_mask_type(ctx, inp->mask_lag_f32, kq_mask);
         }
         res = inp->mask_lag;

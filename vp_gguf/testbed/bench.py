@@ -13,21 +13,13 @@ from typing import Any
 import numpy as np
 
 from .. import VisionModel, VisionPulse
+from ..visionpulse import COMPARISON_MODES
 from .._progress import progress
 from . import assets
 from .tasks import Item, score
 
 # name -> settings (anchor filled in per run)
-MODES: dict[str, dict[str, Any] | None] = {
-    "dense": None,
-    "visionpulse-5": dict(mode="visionpulse", preset=5),
-    "visionpulse-10": dict(mode="visionpulse", preset=10),
-    "fixed-5%": dict(mode="fixed", ratio=0.05),
-    "fixed-1%": dict(mode="fixed", ratio=0.01),
-    "random-5": dict(mode="random", preset=5, seed=1),
-    "static-5%": dict(mode="static", ratio=0.05),
-    "visionpulse-5-lagged": dict(mode="visionpulse", preset=5, lagged=True),  # opt-in, beyond the paper
-}
+MODES = COMPARISON_MODES
 
 
 def mode_spec(name: str, anchor: int | None) -> VisionPulse | None:

@@ -96,9 +96,8 @@ def parse_template(state: bytes, n_layer_max: int = 4096) -> list[_Cache]:
 
 def _f16_noise(n_bytes: int, rng: np.random.Generator, pool: np.ndarray) -> bytes:
     """n_bytes of F16 N(0,1) noise, tiled from a random pool (contents do not matter for timing)."""
-    reps = -(-n_bytes // pool.nbytes)
-    start = int(rng.integers(0, pool.size))
-    return np.roll(pool, start).tobytes() * reps if reps > 1 else np.roll(pool, start).tobytes()[:n_bytes]
+    block = np.roll(pool, int(rng.integers(0, pool.size))).tobytes()
+    return (block * -(-n_bytes // len(block)))[:n_bytes]
 
 
 def synth_state(caches: list[_Cache], n_cells: list[int], first_pos: list[int], seed: int = 0) -> bytes:
@@ -122,12 +121,12 @@ def synth_state(caches: list[_Cache], n_cells: list[int], first_pos: list[int], 
         out += struct.pack("<II", int(c.v_trans), len(c.layers))
         for lay in c.layers:
             out += struct.pack("<iQ", lay.k_type, lay.k_row)
-            out += _f16_noise(n * lay.k_row, rng, pool)[:n * lay.k_row]
+            out += _f16_noise(n * lay.k_row, rng, pool)
         for lay in c.layers:
             if not c.v_trans:
                 out += struct.pack("<iQ", lay.v_type, lay.v_row)
-                out += _f16_noise(n * lay.v_row, rng, pool)[:n * lay.v_row]
+                out += _f16_noise(n * lay.v_row, rng, pool)
             else:
                 out += struct.pack("<iII", lay.v_type, lay.v_el, lay.v_embd)
-                out += _f16_noise(lay.v_embd * n * lay.v_el, rng, pool)[:lay.v_embd * n * lay.v_el]
+                out += _f16_noise(lay.v_embd * n * lay.v_el, rng, pool)
     return bytes(out)
