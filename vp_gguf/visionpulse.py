@@ -135,6 +135,7 @@ class VisionPulseReport:
     settings: dict[str, Any]
     steps: list[StepStats]
     attn: str = "none"  # the attention path the steps used: mask | gather
+    probe: str = "none"  # where the scores came from: "anchor" (the layer's own kq, no flash attention) | "own"
     _last_step: int = field(default=0, repr=False)  # the C side's step counter at the last record
 
     def record(self, ctx, with_kept: bool = True) -> None:
@@ -144,6 +145,7 @@ class VisionPulseReport:
         if V.llama_vp_get_stats(ctx, 0, ctypes.byref(st)) == 0 and st.step > self._last_step:
             self._last_step = int(st.step)
             self.attn = ATTN_NAMES.get(V.llama_vp_last_attn(ctx), self.attn)
+            self.probe = {0: "own", 1: "anchor"}.get(V.llama_vp_last_probe(ctx), self.probe)
             self.steps.append(StepStats(step=int(st.step), n_kv=st.n_kv, n_visual=st.n_visual, n_kept=st.n_kept,
                                         mass=float(st.mass), mass_kept=float(st.mass_kept),
                                         kept=V.get_kept(ctx, 0) if with_kept else []))
@@ -154,6 +156,7 @@ class VisionPulseReport:
             return None
         s = self.summary()
         d: dict[str, Any] = {"mode": self.mode, "anchor_layer": self.anchor_layer, "attn": self.attn,
+                             "probe": self.probe,
                              "steps_pruned": s["steps"], "retention_mean": s["retention_mean"],
                              "retention_min": s["retention_min"], "retention_max": s["retention_max"],
                              "mass_mean": s["mass_mean"], "visual_tokens": self.steps[-1].n_visual}
@@ -176,6 +179,7 @@ class VisionPulseReport:
 
     def to_dict(self, per_step: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {"mode": self.mode, "anchor_layer": self.anchor_layer, "attn": self.attn,
+                             "probe": self.probe,
                              "settings": self.settings, "summary": self.summary()}
         if per_step:
             d["steps"] = [asdict(s) for s in self.steps]

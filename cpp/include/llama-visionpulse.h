@@ -65,6 +65,9 @@ LLAMA_API int32_t llama_vp_anchor_layer(const struct llama_context * ctx); // re
 LLAMA_API const char * llama_vp_last_error(void);
 // The attention path (enum llama_vp_attn, never AUTO) the last decode step with a selection used; -1 if none.
 LLAMA_API int32_t llama_vp_last_attn(const struct llama_context * ctx);
+// Where the last selection's scores came from: 1 the anchor layer's own attention scores
+// (computed anyway without flash attention), 0 a probe of VisionPulse's own; -1 if none.
+LLAMA_API int32_t llama_vp_last_probe(const struct llama_context * ctx);
 
 // Explicit marks: the cells of seq with positions in [p0, p1) are visual. Once a
 // sequence has explicit marks, only those count for it (auto marks are ignored).

@@ -154,6 +154,14 @@ public:
     std::map<int64_t, ggml_tensor *> t_iota; // I32 [n, n_stream]: 0..n-1, by n
     ggml_tensor * mask_lag = nullptr, * mask_lag_f32 = nullptr, * mask_lag_gath = nullptr;
 
+    // without flash attention (llama_vp_attn_scores sees this layer's kq):
+    // the anchor waits for its own layer's scores instead of probing,
+    ggml_tensor * anchor_q = nullptr, * anchor_k = nullptr, * anchor_mask = nullptr;
+    float anchor_scale = 0.0f;
+    // and a GATHER layer's scores of its gathered K rows go back to their cells
+    int scatter_il = -1;
+    ggml_tensor * scatter_idx = nullptr;
+
     void set_input(const llama_ubatch * ubatch) override;
     bool can_reuse(const llm_graph_params & params) override;
 };
@@ -477,8 +485,9 @@ static ggml_tensor * vp_as_mask_type(ggml_context * ctx, ggml_tensor * m, const 
 }
 
 // The probe and the selection, at the anchor layer.
+// kq_own: the anchor layer's own pre-softmax scores [n_kv, R, H, S] (soft-capped), or null to probe.
 static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * inp,
-        ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale) {
+        ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale, ggml_tensor * kq_own) {
     ggml_context * ctx = g.ctx0;
     const auto & p = inp->vp->params;
     const int64_t n_kv = inp->n_kv, R = inp->n_rows, S = inp->n_stream, H = g.n_head;
@@ -491,7 +500,10 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
     ggml_tensor * kp = ggml_permute(ctx, k, 0, 2, 1, 3);            // [d, n_kv, H_kv, S]
     const int64_t H_kv = k->ne[1], G = H / H_kv;
     ggml_tensor * kq;
-    if (R == 1) {
+    inp->vp->last_probe = kq_own ? 1 : 0;
+    if (kq_own) {
+        kq = kq_own;
+    } else if (R == 1) {
         // GQA-aware: the G query heads of a KV head are one matrix, so each K row is read once
         ggml_tensor * qg = ggml_view_4d(ctx, q, q->ne[0], G, H_kv, S, q->nb[1], q->nb[1]*G, q->nb[2], 0);
         kq = ggml_mul_mat(ctx, kp, qg);                             // [n_kv, G, H_kv, S]
@@ -503,7 +515,7 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
         kq = ggml_mul_mat(ctx, kp, q4);                             // [n_kv, R, H, S] (GQA by broadcast)
         ggml_prec_set_acc(kq, GGML_PREC_F32);
     }
-    if (g.hparams.attn_soft_cap) {
+    if (g.hparams.attn_soft_cap && !kq_own) {
         kq = ggml_scale(ctx, kq, 1.0f / g.hparams.f_attn_logit_softcapping);
         kq = ggml_tanh(ctx, kq);
         kq = ggml_scale(ctx, kq, g.hparams.f_attn_logit_softcapping);
@@ -669,17 +681,6 @@ static ggml_tensor * vp_gather_rows(ggml_context * ctx, ggml_tensor * t, ggml_te
     return ggml_reshape_4d(ctx, r, t->ne[0], t->ne[1], n_sel, t->ne[3]);
 }
 
-// Columns idx of a transposed V view [n_kv, H_kv, d, S] (one row per dimension), kept transposed.
-static ggml_tensor * vp_gather_cols(ggml_context * ctx, ggml_tensor * v, ggml_tensor * idx) {
-    const int64_t n_sel = idx->ne[0], S = v->ne[3], E = v->ne[1]*v->ne[2];
-    ggml_tensor * cols = ggml_view_4d(ctx, v, 1, v->ne[0], E, S, ggml_element_size(v), v->nb[2], v->nb[3], 0);
-    ggml_tensor * ir = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, idx, n_sel, 1, S), n_sel, E, S, 1);
-    ggml_tensor * r = ggml_get_rows(ctx, cols, ir); // [1, n_sel, E, S]; V^T is never quantized (needs FA)
-    r = v->type == GGML_TYPE_F32 ? r : ggml_cast(ctx, r, v->type);
-    const size_t es = ggml_element_size(r);
-    return ggml_view_4d(ctx, r, n_sel, v->ne[1], v->ne[2], S, v->ne[2]*n_sel*es, n_sel*es, E*n_sel*es, 0);
-}
-
 // The mask of the gathered cells: mask_f32 [n_kv, 1, 1, S] -> [n_sel, 1, 1, S], in the mask's type.
 static ggml_tensor * vp_gather_mask(ggml_context * ctx, ggml_tensor * mask_f32, ggml_tensor * idx, const ggml_tensor * like) {
     const int64_t n_sel = idx->ne[0], S = idx->ne[1];
@@ -688,22 +689,32 @@ static ggml_tensor * vp_gather_mask(ggml_context * ctx, ggml_tensor * mask_f32, 
     return vp_as_mask_type(ctx, m, like);
 }
 
-// Swap k/v for their selected rows (GATHER) and return the matching mask.
+// Swap k/v for their selected rows (GATHER) and return the matching mask (mask: the layer's
+// full-size mask with the dropped cells at -inf; mask_f32: the same in F32).
+// A transposed V (the cache's layout without flash attention) keeps a cell's values one per
+// row, so its kept columns touch about as many cache lines as reading all of it at a 5%
+// selection: it stays whole, only K is gathered, and llama_vp_attn_scores puts the scores of
+// the gathered rows back at their cells (0 elsewhere, where the full mask is -inf).
 static ggml_tensor * vp_apply_gather(llm_graph_input_vp & inp, ggml_context * ctx, ggml_tensor ** k, ggml_tensor ** v,
-                                     ggml_tensor * idx, ggml_tensor *& mask_cache, ggml_tensor * mask_f32,
-                                     const ggml_tensor * like) {
-    if (!mask_cache) {
-        mask_cache = vp_gather_mask(ctx, mask_f32, idx, like);
-    }
+                                     ggml_tensor * idx, ggml_tensor *& mask_cache, ggml_tensor * mask,
+                                     ggml_tensor * mask_f32, int il) {
     ggml_tensor * iota = nullptr; // row numbers 0..n_sel-1 for re-quantizing (host input, shared)
-    if (ggml_is_quantized((*k)->type) || ggml_is_quantized((*v)->type)) {
+    const bool v_trans = (*v)->nb[1] > (*v)->nb[2];
+    if (ggml_is_quantized((*k)->type) || (!v_trans && ggml_is_quantized((*v)->type))) {
         auto & t = inp.t_iota[idx->ne[0]];
         if (!t) t = vp_input(ctx, GGML_TYPE_I32, idx->ne[0], idx->ne[1], 1, 1, "vp_iota");
         iota = t;
     }
     *k = vp_gather_rows(ctx, *k, idx, iota);
-    const bool v_trans = (*v)->nb[1] > (*v)->nb[2];
-    *v = v_trans ? vp_gather_cols(ctx, *v, idx) : vp_gather_rows(ctx, *v, idx, iota);
+    if (v_trans) {
+        inp.scatter_il  = il;
+        inp.scatter_idx = idx;
+        return mask;
+    }
+    *v = vp_gather_rows(ctx, *v, idx, iota);
+    if (!mask_cache) {
+        mask_cache = vp_gather_mask(ctx, mask_f32, idx, mask);
+    }
     return mask_cache;
 }
 
@@ -762,9 +773,9 @@ ggml_tensor * llama_vp_build_attn(
                 if (!inp->t_hidx) {
                     inp->t_hidx = vp_input(ctx, GGML_TYPE_I32, inp->n_sel, inp->n_stream, 1, 1, "vp_hidx");
                 }
-                res = vp_apply_gather(*inp, ctx, k, v, inp->t_hidx, inp->mask_gath, inp->mask_base_f32, kq_mask);
+                res = vp_apply_gather(*inp, ctx, k, v, inp->t_hidx, inp->mask_gath, inp->mask_base, inp->mask_base_f32, il);
             } else if (gather && inp->sel_idx) {
-                res = vp_apply_gather(*inp, ctx, k, v, inp->sel_idx, inp->mask_gath, inp->mask_base_f32, kq_mask);
+                res = vp_apply_gather(*inp, ctx, k, v, inp->sel_idx, inp->mask_gath, inp->mask_base, inp->mask_base_f32, il);
             } else if (hint) {
                 *n_kv_max = inp->n_sel;
             }
@@ -781,16 +792,49 @@ ggml_tensor * llama_vp_build_attn(
             if (!inp->t_lag_idx) {
                 inp->t_lag_idx = vp_input(ctx, GGML_TYPE_I32, inp->n_lag_sel, inp->n_stream, 1, 1, "vp_lag_idx");
             }
-            res = vp_apply_gather(*inp, ctx, k, v, inp->t_lag_idx, inp->mask_lag_gath, inp->mask_lag_f32, kq_mask);
+            res = vp_apply_gather(*inp, ctx, k, v, inp->t_lag_idx, inp->mask_lag_gath, inp->mask_lag, inp->mask_lag_f32, il);
         } else if (hint) {
             *n_kv_max = inp->n_lag_sel;
         }
     }
     if (il == vp->anchor) {
         GGML_ASSERT(!is_swa && "the VisionPulse anchor must be a full-attention layer");
-        vp_build_anchor(g, inp, q, k_full, kq_mask, kq_scale); // probes the dense attention
+        if (!g.cparams.flash_attn && *k == k_full) {
+            // the layer's own kq will exist: llama_vp_attn_scores builds the selection from it
+            inp->anchor_q = q;
+            inp->anchor_k = k_full;
+            inp->anchor_mask = kq_mask;
+            inp->anchor_scale = kq_scale;
+        } else {
+            vp_build_anchor(g, inp, q, k_full, kq_mask, kq_scale, nullptr); // probes the dense attention
+        }
     }
     return res;
+}
+
+ggml_tensor * llama_vp_attn_scores(const llm_graph_context & g, ggml_tensor * kq, int il) {
+    llm_graph_input_vp * inp = g.vp_graph_checked ? g.vp_graph : nullptr;
+    if (!inp) {
+        return kq;
+    }
+    ggml_context * ctx = g.ctx0;
+    if (inp->scatter_idx && inp->scatter_il == il) {
+        // [n_sel, 1, H, S] -> [n_kv, 1, H, S]: one-value rows, the stream's index list for every head
+        ggml_tensor * idx = inp->scatter_idx;
+        const int64_t H = kq->ne[2], S = kq->ne[3];
+        ggml_tensor * full = ggml_fill(ctx, ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, inp->n_kv, H, S), 0.0f);
+        full = ggml_set_rows(ctx, full, ggml_reshape_4d(ctx, ggml_cont(ctx, kq), 1, kq->ne[0], H, S),
+                             ggml_reshape_3d(ctx, idx, idx->ne[0], 1, idx->ne[1]));
+        kq = ggml_reshape_4d(ctx, full, inp->n_kv, 1, H, S);
+        inp->scatter_idx = nullptr;
+    }
+    if (inp->anchor_q && il == inp->vp->anchor) {
+        const bool same = kq->ne[0] == inp->n_kv && kq->ne[1] == inp->n_rows && kq->ne[2] == g.n_head &&
+                          kq->ne[3] == inp->n_stream;
+        vp_build_anchor(g, inp, inp->anchor_q, inp->anchor_k, inp->anchor_mask, inp->anchor_scale, same ? kq : nullptr);
+        inp->anchor_q = nullptr;
+    }
+    return kq;
 }
 
 //
@@ -890,6 +934,11 @@ struct llama_vp_params llama_vp_preset_params(int32_t preset) {
         p.mode = -1;
     }
     return p;
+}
+
+int32_t llama_vp_last_probe(const struct llama_context * ctx) {
+    const llama_vp_context * vp = ctx ? ctx->get_cparams().vp : nullptr;
+    return vp ? vp->last_probe : -1;
 }
 
 int32_t llama_vp_last_attn(const struct llama_context * ctx) {

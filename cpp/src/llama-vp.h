@@ -33,6 +33,7 @@ struct llama_vp_context {
     std::map<llama_seq_id, llama_vp_seq> seqs;
     std::mt19937 rng;
     int32_t last_attn = -1;    // path of the last step with a selection
+    int32_t last_probe = -1;   // 1: its scores were the anchor layer's own, 0: probed
 };
 
 // Hooks called from the patched upstream files.
@@ -54,6 +55,11 @@ ggml_tensor * llama_vp_build_attn(
         float          kq_scale,
         int            il,
         int64_t *      n_kv_max);
+
+// In build_attn_mha without flash attention, on the layer's scores kq [n_kv, n_tokens, n_head, S]
+// (soft-capped, before the softmax): the anchor takes them as its scores (no probe of its own),
+// and a GATHER layer's scores of its gathered rows are returned at their cells.
+ggml_tensor * llama_vp_attn_scores(const llm_graph_context & g, ggml_tensor * kq, int il);
 
 // After a ubatch's graph was computed: read the step's selection and stats back.
 void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res);
