@@ -158,17 +158,22 @@ class Runner:
         L.llama_model_free(self.model)
 
 
+# without flash attention: the scores, their softmax and the weighted sum of V (llama.cpp's names)
+ATTN_NODE = re.compile(r"^(kq|kq_soft_max|kqv)-\d+$")
+
+
 class NodeTimer:
     """cb_eval that asks for every node, so each is computed alone; the time between two
     callbacks is that node's. Nodes are grouped by layer (llama.cpp names them "<what>-<il>";
-    unnamed ones belong to the layer being built) and by whether they are flash attention."""
+    unnamed ones belong to the layer being built) and by whether they are attention (flash
+    attention, or the scores, softmax and weighted sum without it)."""
 
     def __init__(self) -> None:
         import ctypes as C
         from vp_gguf._capture import _ggml
         _ggml.ggml_op_desc.argtypes = [C.c_void_p]
         _ggml.ggml_op_desc.restype = C.c_char_p
-        self.rows: list[tuple[int, bool, float]] = []  # (layer, is_fa, seconds)
+        self.rows: list[tuple[int, bool, float]] = []  # (layer, is_attention, seconds)
         self.on = False
         self._t = 0.0
         self._layer = -1
@@ -182,27 +187,31 @@ class NodeTimer:
             m = re.search(r"-(\d+)$", name)
             if m:
                 self._layer = int(m.group(1))
+            elif name.startswith(("inp_", "result")):  # the input embeddings, the output head
+                self._layer = -1
             if self.on:
-                self.rows.append((self._layer, _ggml.ggml_op_desc(t) == b"FLASH_ATTN_EXT", now - self._t))
+                attn = _ggml.ggml_op_desc(t) == b"FLASH_ATTN_EXT" or ATTN_NODE.match(name) is not None
+                self.rows.append((self._layer, attn, now - self._t))
             self._t = time.perf_counter()
             return True
         self.cb = cb
 
     def budget(self, anchor: int, n_layer: int, steps: int) -> dict[str, float]:
-        fa = [0.0] * n_layer
+        att = [0.0] * n_layer
         other = [0.0] * n_layer
         rest = 0.0
-        for il, is_fa, dt in self.rows:
+        for il, is_att, dt in self.rows:
             if 0 <= il < n_layer:
-                (fa if is_fa else other)[il] += dt
+                (att if is_att else other)[il] += dt
             else:
                 rest += dt
         base = statistics.median(other[:anchor]) if anchor > 0 else 0.0  # a plain layer's non-attention work
         ms = 1e3 / steps
-        extra = [max(0.0, other[il] - base) for il in range(anchor, n_layer)]
-        return {"attention, dense layers (0..anchor)": sum(fa[:anchor + 1]) * ms,
-                "attention, sparse layers (after the anchor)": sum(fa[anchor + 1:]) * ms,
-                "probe and selection (anchor), masks/gathers (later layers)": sum(extra) * ms,
+        extra = [other[il] - base for il in range(anchor, n_layer)]  # unclipped: layer-to-layer noise cancels
+        return {"attention, dense layers (0..anchor)": sum(att[:anchor + 1]) * ms,
+                "attention, sparse layers (after the anchor)": sum(att[anchor + 1:]) * ms,
+                "probe and selection (anchor)": extra[0] * ms,
+                "masks / gathers (layers after the anchor)": sum(extra[1:]) * ms,
                 "rest (weights, norms, rope, embeddings, output)":
                     (rest + sum(other) - sum(extra)) * ms}
 
@@ -220,8 +229,11 @@ def profile(name: str, a: argparse.Namespace, cache: Path, nv: int) -> dict:
         r.decode_tokens([(i * 7919) % r.n_vocab])
     wall = (time.perf_counter() - t0) * 1e3 / a.steps
     b = timer.budget(V.llama_vp_anchor_layer(r.ctx), r.n_layer, a.steps)
+    out = {"model": desc, "n_visual": nv, "ms_per_token_profiled": wall, "parts_ms": b, "flash_attn": r.flash_attn,
+           "attn": {1: "mask", 2: "gather"}.get(V.llama_vp_last_attn(r.ctx), "-"),
+           "probe": {0: "a probe of its own", 1: "the anchor layer's own scores"}.get(V.llama_vp_last_probe(r.ctx), "-")}
     r.close()
-    return {"model": desc, "n_visual": nv, "ms_per_token_profiled": wall, "parts_ms": b}
+    return out
 
 
 def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
@@ -308,6 +320,11 @@ def markdown(results: dict, meta: dict) -> str:
         md.append("")
     md += ["![decode speed](speed.png)", "",
            "Where the time of a step goes (node by node): `PROFILE.md`, written by `--profile 16384`.", ""]
+    if any(r["flash_attn"] == "off" for r in results.values()):
+        md += ["Without flash attention llama.cpp keeps V transposed (one row per dimension, all cells "
+               "along it), so the kept cells' values are spread over nearly every cache line of V at a 5% "
+               "selection: GATHER gathers the K rows only, and V is read whole in every layer. The layers "
+               "after the anchor save their K reads, not their V reads.", ""]
     return "\n".join(md)
 
 
@@ -367,7 +384,9 @@ def main() -> int:
               "Node-by-node execution adds overhead to the small nodes; read the shares, not the totals.", ""]
         for x in res:
             tot = sum(x["parts_ms"].values())
-            md += [f"## {x['model']}", "", "| part | ms per token | share |", "|---|---|---|"]
+            md += [f"## {x['model']}", "",
+                   f"Flash attention {x['flash_attn']}; path {x['attn']}; scores from {x['probe']}.", "",
+                   "| part | ms per token | share |", "|---|---|---|"]
             md += [f"| {k} | {v:.1f} | {100 * v / tot:.0f}% |" for k, v in x["parts_ms"].items()]
             md.append("")
         (out / "PROFILE.md").write_text("\n".join(md))

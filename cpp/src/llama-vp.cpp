@@ -161,6 +161,7 @@ public:
     // and a GATHER layer's scores of its gathered K rows go back to their cells
     int scatter_il = -1;
     ggml_tensor * scatter_idx = nullptr;
+    std::map<ggml_tensor *, ggml_tensor *> scatter_buf; // by index list (lagged and anchor selections differ)
 
     void set_input(const llama_ubatch * ubatch) override;
     bool can_reuse(const llm_graph_params & params) override;
@@ -820,12 +821,17 @@ ggml_tensor * llama_vp_attn_scores(const llm_graph_context & g, ggml_tensor * kq
     ggml_context * ctx = g.ctx0;
     if (inp->scatter_idx && inp->scatter_il == il) {
         // [n_sel, 1, H, S] -> [n_kv, 1, H, S]: one-value rows, the stream's index list for every head
+        // The layers share one zeroed buffer: they all write the same cells (the step's selection),
+        // and each layer's write depends on the previous layer's output, so on its softmax too.
         ggml_tensor * idx = inp->scatter_idx;
         const int64_t H = kq->ne[2], S = kq->ne[3];
-        ggml_tensor * full = ggml_fill(ctx, ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, inp->n_kv, H, S), 0.0f);
-        full = ggml_set_rows(ctx, full, ggml_reshape_4d(ctx, ggml_cont(ctx, kq), 1, kq->ne[0], H, S),
-                             ggml_reshape_3d(ctx, idx, idx->ne[0], 1, idx->ne[1]));
-        kq = ggml_reshape_4d(ctx, full, inp->n_kv, 1, H, S);
+        ggml_tensor *& buf = inp->scatter_buf[idx];
+        if (!buf) {
+            buf = ggml_fill(ctx, ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, inp->n_kv, H, S), 0.0f);
+        }
+        buf = ggml_set_rows(ctx, buf, ggml_reshape_4d(ctx, ggml_cont(ctx, kq), 1, kq->ne[0], H, S),
+                            ggml_reshape_3d(ctx, idx, idx->ne[0], 1, idx->ne[1]));
+        kq = ggml_reshape_4d(ctx, buf, inp->n_kv, 1, H, S);
         inp->scatter_idx = nullptr;
     }
     if (inp->anchor_q && il == inp->vp->anchor) {
