@@ -820,7 +820,7 @@ ggml_tensor * llama_vp_attn_scores(const llm_graph_context & g, ggml_tensor * kq
     }
     ggml_context * ctx = g.ctx0;
     if (inp->scatter_idx && inp->scatter_il == il) {
-        // [n_sel, 1, H, S] -> [n_kv, 1, H, S]: one-value rows, the stream's index list for every head
+        // [n_sel, 1, H, S] -> [n_kv, 1, H, S]: one-value rows, the stream's index list for every head.
         // The layers share one zeroed buffer: they all write the same cells (the step's selection),
         // and each layer's write depends on the previous layer's output, so on its softmax too.
         ggml_tensor * idx = inp->scatter_idx;
@@ -943,7 +943,7 @@ struct llama_vp_params llama_vp_preset_params(int32_t preset) {
 }
 
 int32_t llama_vp_last_probe(const struct llama_context * ctx) {
-    const llama_vp_context * vp = ctx ? ctx->get_cparams().vp : nullptr;
+    const llama_vp_context * vp = vp_of(ctx);
     return vp ? vp->last_probe : -1;
 }
 
