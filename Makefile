@@ -34,12 +34,10 @@ test: install
 
 # the fidelity benchmark of the glyph testbed -> docs/testbed (about 30 minutes on 2 cores)
 bench: install
-	$(PIP) install -q "matplotlib>=3.7"
 	$(PYTHON) scripts/testbed_bench.py
 
 # decode speed, VisionPulse against dense and a text-only floor -> docs/speed (about 20 minutes)
 bench-speed: install
-	$(PIP) install -q "matplotlib>=3.7"
 	$(PYTHON) scripts/speed_bench.py
 
 patches:

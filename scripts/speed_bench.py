@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from vp_gguf import VisionPulse  # noqa: E402
 from vp_gguf import _vp_ctypes as V  # noqa: E402
+from vp_gguf.visionpulse import ATTN_NAMES  # noqa: E402
 from vp_gguf._libs import llama_cpp as L  # noqa: E402
 from vp_gguf._progress import progress  # noqa: E402
 from vp_gguf.testing import kv_state  # noqa: E402
@@ -230,7 +231,7 @@ def profile(name: str, a: argparse.Namespace, cache: Path, nv: int) -> dict:
     wall = (time.perf_counter() - t0) * 1e3 / a.steps
     b = timer.budget(V.llama_vp_anchor_layer(r.ctx), r.n_layer, a.steps)
     out = {"model": desc, "n_visual": nv, "ms_per_token_profiled": wall, "parts_ms": b, "flash_attn": r.flash_attn,
-           "attn": {1: "mask", 2: "gather"}.get(V.llama_vp_last_attn(r.ctx), "-"),
+           "attn": ATTN_NAMES.get(V.llama_vp_last_attn(r.ctx), "-"),
            "probe": {0: "a probe of its own", 1: "the anchor layer's own scores"}.get(V.llama_vp_last_probe(r.ctx), "-")}
     r.close()
     return out
@@ -261,7 +262,7 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
                     anchor = V.llama_vp_anchor_layer(r.ctx)
                 dt, ret = r.run_decode(a.steps)
                 if MODES[m] is not None:
-                    paths[m] = {1: "mask", 2: "gather"}.get(V.llama_vp_last_attn(r.ctx), "-")
+                    paths[m] = ATTN_NAMES.get(V.llama_vp_last_attn(r.ctx), "-")
                 times[m].append(dt / a.steps)
                 rets[m] += ret
                 k += 1
