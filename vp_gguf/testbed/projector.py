@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..gguf_file import GGUFInfo, read_gguf_info
-from ..testing.tiny_vlm import _finish, _import_gguf, _tname, VisionSpec, find_llama_cpp_root, start_mmproj
+from ..testing.tiny_vlm import _finish, _tname, VisionSpec, gguf_module, start_mmproj
 from .glyphs import BLANK, CHARS, PATCH, tile
 
 _SQRT_SCALED_ARCHS = {"gemma", "gemma2", "gemma3"}  # scale token inputs by sqrt(n_embd)
@@ -109,7 +109,7 @@ def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int
     n_ff = d + 8                 # clip.cpp swaps up/down when n_ff == d; the block never runs anyway
     n_patches = n_side * n_side
 
-    gguf = _import_gguf(find_llama_cpp_root())
+    gguf = gguf_module()
     MT = gguf.MODEL_TENSOR
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

