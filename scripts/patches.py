@@ -10,7 +10,6 @@ concern; the subject becomes the patch name), then `make patches`.
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 
 from fetch_llama_cpp import (PATCHES, PRISTINE_TAG, TREE, FetchError, apply_patches,

@@ -101,7 +101,7 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps({"meta": meta, "tables": tables, "items": results},
                                                separators=(",", ":")))  # compact: it holds every step's kept set
     cmd = "python3 scripts/testbed_bench.py" + ("" if a.suite == "default" else f" --suite {a.suite}")
-    md = [f"# Glyph testbed: does per-step selection keep the answer?", "",
+    md = ["# Glyph testbed: does per-step selection keep the answer?", "",
           f"Written by `{cmd}` ({elapsed / 60:.1f} min on {platform.machine()}, CPU). Model: Gemma 3 270M "
           f"Q4_K_M (`{B.assets.PACKAGE}`) reading glyph images through a closed-form projector "
           "(`vp_gguf/testbed/projector.py`). Tasks: `vp_gguf/testbed/tasks.py`; suite in `suite/`.", "",

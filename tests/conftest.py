@@ -16,7 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import vp_gguf  # noqa: E402
+from vp_gguf import _build_info, _libdir  # noqa: E402
 from vp_gguf.testing import tiny_vlm  # noqa: E402
+
+
+def pytest_sessionstart(session):
+    """Tests run the checkout's code: stop at once if the native libraries were built from other sources."""
+    try:
+        _build_info.check(_libdir.lib_dir())
+    except ImportError as e:
+        pytest.exit(str(e), returncode=2)
 
 CACHE = Path(os.environ.get("VP_GGUF_TEST_CACHE", ROOT / ".vp-cache" / "tests"))
 FAMILIES = tiny_vlm.FAMILIES

@@ -28,6 +28,7 @@ def test_hash_mismatch_is_a_hard_error(tmp_path, monkeypatch):
     bogus = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
     bogus.write_bytes(b"not the pinned sdist")
     monkeypatch.setattr(fetch, "CACHE", tmp_path)
+    monkeypatch.delenv(fetch.ENV_SDIST, raising=False)
     lock = dict(fetch.load_lock())
 
     def fake_pip(cmd, **kw):  # the index serves a different file
@@ -42,3 +43,5 @@ def test_hash_mismatch_is_a_hard_error(tmp_path, monkeypatch):
 
 def test_ensure_is_idempotent():
     assert fetch.ensure() == fetch.TREE  # up to date: nothing to do
+    assert fetch.python_layer_ok(fetch.load_lock())
+    assert (fetch.PYLAYER / "llama_cpp" / "llama_cpp.py").is_file()

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import vp_gguf
-from vp_gguf import VisionPulse
 from vp_gguf.testbed import assets
 from vp_gguf.testbed.glyphs import CHARS, GlyphGrid
 from vp_gguf.testbed.tasks import Item, make_suite, read_items, score

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vp_gguf import VisionPulse, locate
-from vp_gguf.viz import kept_gif, kept_strip, pick_steps, visualize
+from vp_gguf.viz import kept_strip, pick_steps, visualize
 
 RED = (220, 30, 30)
 

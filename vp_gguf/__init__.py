@@ -14,11 +14,11 @@ from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileErr
                      ProjectorMismatchError, PromptError, VPGGUFError)
 
 if TYPE_CHECKING:
-    from .fetch import FetchedModel, FetchError, fetch
-    from .llama_cpp_dropin import VisionPulseSession, enable_visionpulse
-    from .model import ModelParams, SamplingParams, VisionModel
-    from .result import GenerationResult, ImageSpan, Timings, locate
-    from .visionpulse import StepStats, VisionPulse, VisionPulseReport
+    from .fetch import FetchedModel, FetchError, fetch  # noqa: F401
+    from .llama_cpp_dropin import VisionPulseSession, enable_visionpulse  # noqa: F401
+    from .model import ModelParams, SamplingParams, VisionModel  # noqa: F401
+    from .result import GenerationResult, ImageSpan, Timings, locate  # noqa: F401
+    from .visionpulse import StepStats, VisionPulse, VisionPulseReport  # noqa: F401
 
 __version__ = "0.1.0"
 

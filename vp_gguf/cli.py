@@ -182,12 +182,21 @@ def cmd_eval(a: argparse.Namespace) -> int:
     table = summarize(rows, modes, {it.id for it in items})
     out = Path(a.out)
     title = f"{Path(a.items).name} on {Path(a.model).name}: {len(items)} items"
-    import shlex
-    cmd = "vp-gguf " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    cmd = "vp-gguf " + " ".join(_portable_arg(x) for x in sys.argv[1:])
     (out / "RESULTS.md").write_text(markdown(table, title) + f"\nWritten by `{cmd}`; per-item rows in results.jsonl.\n")
     (out / "summary.json").write_text(json.dumps(table, indent=1))
     print(markdown(table, title))
     return 0
+
+
+def _portable_arg(arg: str) -> str:
+    """A command-line word for a results file: no machine's home folder in it (written as ~)."""
+    import os
+    import shlex
+    home = str(Path.home())
+    if arg == home or arg.startswith(home + os.sep):
+        return "~" + shlex.quote(arg[len(home):]) if arg != home else "~"
+    return shlex.quote(arg)
 
 
 def _add_fetch(sub: argparse._SubParsersAction) -> None:

@@ -23,7 +23,7 @@ from ._libs import mtmd_cpp as M
 from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileError,
                      ProjectorMismatchError, PromptError)
 from .gguf_file import read_gguf_info
-from .images import ImageInput, describe, load_bitmap
+from .images import ImageInput, load_bitmap
 from .result import GenerationResult, ImageSpan, Timings
 from .visionpulse import VisionPulse, VisionPulseReport
 
