@@ -7,7 +7,7 @@ PIP     = $(PY) -m pip --disable-pip-version-check
 # extra CMake switches for our build, e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install
 CMAKE_ARGS ?=
 # everything the installed package is made from: `install` reruns when one of them changes
-SOURCES := $(shell find cpp vp_gguf -type f -not -path '*/__pycache__/*' -not -path 'vp_gguf/lib/*' 2>/dev/null)
+SOURCES := $(shell find cpp vp_gguf -type f -not -path '*/__pycache__/*' -not -path 'vp_gguf/lib/*' 2>/dev/null) \
            CMakeLists.txt pyproject.toml third_party/llama.cpp.lock.json scripts/fetch_llama_cpp.py
 READY     = $(VENV)/.vp-ready
 INSTALLED = $(VENV)/.vp-installed
