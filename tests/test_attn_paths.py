@@ -108,5 +108,7 @@ def test_sliding_window_layers(load_model, images, prune_swa):
             if o not in keep:
                 assert L.llama_memory_seq_rm(mem, 0, spans[0].pos + o, spans[0].pos + o + 1)
     b, _ = m.teacher_forced(P, [images["a"]], r.tokens, after_prefill=drop_others)
-    same = np.allclose(a[1:], b[1:], rtol=1e-4, atol=1e-4)
+    # removed cells sit elsewhere in the cache, so the sums run in another order: 1.3e-4 apart on
+    # an AVX2-only CPU, while pruning differently (prune_swa off) moves the logits by ~1
+    same = np.allclose(a[1:], b[1:], rtol=1e-3, atol=1e-3)
     assert same == prune_swa, float(np.abs(a[1:] - b[1:]).max())

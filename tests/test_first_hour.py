@@ -32,7 +32,9 @@ def _quick_start() -> list[str]:
 
 def _newcomer_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("VP_GGUF_", "PYTEST_", "MAKE", "MFLAGS", "VIRTUAL_ENV", "PYTHONPATH"))}
+           if not k.startswith(("VP_GGUF_", "PYTEST_", "MAKE", "MFLAGS", "VIRTUAL_ENV", "PYTHONPATH"))
+           # set in this process by the .pth of the venv running the tests
+           and k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")}
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # vp-gguf's cache: empty
     # ccache keeps its own folder: a rebuild here would otherwise be cold
     env.setdefault("CCACHE_DIR", os.environ.get("CCACHE_DIR") or str(Path.home() / ".cache" / "ccache"))
@@ -217,3 +219,58 @@ def test_bootstrap_reads_pyproject():
     assert req and bootstrap.min_python() == (int(req.group(1)), int(req.group(2)))
     assert any(r.startswith("scikit-build-core") for r in bootstrap.build_requirements())
     assert not any(r.startswith("pip") for r in bootstrap.build_requirements())  # the fetch needs no pip inside
+
+
+# ---- pip install as Python users do it: build isolation on, a fresh venv ----
+
+def _copy_of_the_tree(dst: Path) -> Path:
+    """The working tree as git would hand it over (tracked and new files), plus the fetched sdist."""
+    import shutil
+    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for name in names:
+        if (ROOT / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dst / name)
+    lock = fetch.load_lock()
+    (dst / "third_party" / ".cache").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(fetch.CACHE / lock["sdist"], dst / "third_party" / ".cache" / lock["sdist"])
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["checkout", "sdist"])
+def test_pip_install_in_a_fresh_venv_gives_a_working_cli(tmp_path, tiny_paths, images, route):
+    """`pip install .` (isolated build) or `pip install` of the sdist `python -m build` makes:
+    llama.cpp compiled once, by us, and `import llama_cpp` on our libraries."""
+    src = _copy_of_the_tree(tmp_path / "src")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    env = _newcomer_env(tmp_path)
+    target = str(src)
+    if route == "sdist":
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "build"], check=True, env=env)
+        r = subprocess.run([str(py), "-m", "build", "--sdist", "-o", str(tmp_path / "dist"), str(src)],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        (target,) = [str(p) for p in (tmp_path / "dist").glob("vp_gguf-*.tar.gz")]
+        assert Path(target).stat().st_size > 50e6  # it carries the pinned llama.cpp sdist
+    r = subprocess.run([str(py), "-m", "pip", "install", "-v", target], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=3000)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    built = re.findall(r"Building wheel for ([\w.-]+)", r.stdout)
+    assert built == ["vp-gguf"] or set(built) == {"vp-gguf"}, built  # llama-cpp-python's build never runs
+    code = ("import importlib.metadata as md, os, llama_cpp, vp_gguf._libdir as d\n"
+            "assert os.environ['LLAMA_CPP_LIB_PATH'] == str(d.lib_dir()), os.environ['LLAMA_CPP_LIB_PATH']\n"
+            "try:\n    md.version('llama-cpp-python')\nexcept md.PackageNotFoundError:\n    pass\n"
+            "else:\n    raise SystemExit('llama-cpp-python was installed from the index')\n")
+    r = subprocess.run([str(py), "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    model, mmproj = tiny_paths("qwen2vl")
+    r = subprocess.run([str(venv / "bin" / "vp-gguf"), "run", "-m", str(model), "--mmproj", str(mmproj),
+                        "--image", str(images["a"]), "-p", "Describe.", "-n", "4", "--visionpulse", "5", "--json"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    assert json.loads(r.stdout)["n_generated"] == 4

@@ -14,6 +14,9 @@ import pytest
 
 from conftest import FAMILIES
 
+# builds llama.cpp's own llama-mtmd-cli (minutes the first time)
+pytestmark = pytest.mark.slow
+
 RAW_TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
 MARK = "@@VP-GGUF-RESPONSE@@"
 N = 16

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# runs the speed benchmark and its profile end to end
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "speed_bench.py"
 

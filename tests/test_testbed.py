@@ -47,6 +47,7 @@ def test_reading_an_image_equals_reading_the_text(model):
     assert by_text.text.split()[:12] == DIGITS.split()
 
 
+@pytest.mark.slow
 def test_quick_suite_dense_right_and_visionpulse_close(tmp_path):
     """The CI subset of the fidelity benchmark (default anchor, preset 5)."""
     items = make_suite("quick", tmp_path, seed=0)

