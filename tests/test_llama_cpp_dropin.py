@@ -14,10 +14,10 @@ from llama_cpp import llama_chat_format as F  # noqa: E402
 HANDLERS = {"llava": F.Llava15ChatHandler, "qwen2vl": F.Qwen25VLChatHandler, "gemma3": F.MTMDChatHandler}
 
 
-def _llm(tiny_paths, family):
+def _llm(tiny_paths, family, **kw):
     model, mmproj = tiny_paths(family)
     return llama_cpp.Llama(str(model), chat_handler=HANDLERS[family](clip_model_path=str(mmproj), verbose=False),
-                           n_ctx=2048, n_threads=2, verbose=False, seed=1)
+                           n_ctx=2048, n_threads=2, verbose=False, seed=1, **kw)
 
 
 def _messages(url):
@@ -78,3 +78,31 @@ def test_unreadable_image_is_an_error_and_the_model_stays_usable(tiny_paths, ima
     ok = llm.create_chat_completion(messages=_messages(images["a"].resolve().as_uri()), max_tokens=4,
                                     temperature=0.0)
     assert ok["usage"]["visionpulse"]["steps_pruned"] >= 1
+
+
+@pytest.mark.parametrize("family,n_batch", [("llava", 1), ("llava", 2), ("gemma3", 64), ("gemma3", 512)])
+def test_prompt_processing_is_never_pruned_nor_a_step(tiny_paths, images, family, n_batch):
+    """The text after an image goes through Llama.eval in n_batch pieces: a one-token piece (or the
+    last token re-evaluated on a cache hit) is prompt, not a step, and is never pruned."""
+    import numpy as np
+    llm = _llm(tiny_paths, family, n_batch=n_batch)
+    url = images["a"].resolve().as_uri()
+
+    def first_scores():
+        seen = []
+
+        def capture(input_ids, scores):
+            seen.append(np.array(scores, copy=True))
+            return scores
+        return seen, llama_cpp.LogitsProcessorList([capture])
+    dense, lp = first_scores()
+    llm.create_chat_completion(messages=_messages(url), max_tokens=6, temperature=0.0, logits_processor=lp)
+    vp_gguf.enable_visionpulse(llm, VisionPulse(mode="fixed", ratio=0.25), per_step=True)
+    pruned, lp = first_scores()
+    out = llm.create_chat_completion(messages=_messages(url), max_tokens=6, temperature=0.0, logits_processor=lp)
+    u = out["usage"]["visionpulse"]
+    n = out["usage"]["completion_tokens"]
+    assert u["steps_pruned"] == n - 1, (u["steps_pruned"], n)  # every decode after the first sampled token
+    # the first token is sampled from the dense prompt's logits: exactly those of a run without VisionPulse
+    assert np.array_equal(pruned[0], dense[0])
+    assert not np.array_equal(pruned[-1], dense[-1])  # while the later steps are pruned

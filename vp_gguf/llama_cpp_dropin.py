@@ -13,7 +13,10 @@
 multimodal chat handler (``Llava15ChatHandler``, ``Qwen25VLChatHandler``,
 ``MTMDChatHandler``, ...) works unchanged: image chunks are decoded from
 embeddings, which marks their KV cells as visual, and every single-token decode
-step after them selects. Text-only requests have no visual cells and are untouched.
+step of the generation after them selects. Prompt processing stays dense and is
+no step, however llama-cpp-python splits it (a one-token last ``n_batch`` piece,
+the last token re-evaluated on a cache hit). Text-only requests have no visual
+cells and are untouched.
 """
 from __future__ import annotations
 
@@ -31,15 +34,18 @@ class VisionPulseSession:
         self.llm, self.vp, self.per_step = llm, vp, per_step
         self.last_report: VisionPulseReport | None = None
         self._orig = llm.create_chat_completion
-        params = vp.to_c()
-        if V.llama_vp_enable(self._ctx, ctypes.byref(params)) != 0:
-            raise ValueError(f"VisionPulse: {V.last_error()}")
+        self._params = vp.to_c()
+        self._switch_on()  # refuses bad settings (e.g. an anchor out of range) now
         llm.create_chat_completion = self.create_chat_completion
         llm.visionpulse = self
 
     @property
     def _ctx(self):
         return self.llm._ctx.ctx
+
+    def _switch_on(self) -> None:
+        if V.llama_vp_enable(self._ctx, ctypes.byref(self._params)) != 0:
+            raise ValueError(f"VisionPulse: {V.last_error()}")
 
     def disable(self) -> None:
         V.llama_vp_disable(self._ctx)
@@ -59,13 +65,30 @@ class VisionPulseSession:
         self.last_report = report
         return report.usage(self.per_step)
 
+    def _start_generation(self, report: VisionPulseReport) -> None:
+        """The prompt is processed: from the next decode on, each one is a step."""
+        if self.vp.mode != "static":
+            self._switch_on()
+        st = V.llama_vp_stats()  # whatever ran before (static's rank-only last prompt token) is no step
+        report._last_step = int(st.step) if V.llama_vp_get_stats(self._ctx, 0, ctypes.byref(st)) == 0 else 0
+
     def create_chat_completion(self, *args: Any, **kwargs: Any):
         import llama_cpp
         report = self._begin()
+        # Dense prompt processing: the handler and Llama.eval may decode its text one token at a time.
+        # Static stays on: its one-token decode of the last prompt token ranks the image, pruning nothing.
+        if self.vp.mode != "static":
+            V.llama_vp_disable(self._ctx)
         user_lp = kwargs.get("logits_processor")
+        generating = False
 
         def record(input_ids, scores):  # called once per generated token, after its step's decode
-            report.record(self._ctx, self.per_step)
+            nonlocal generating
+            if generating:
+                report.record(self._ctx, self.per_step)
+            else:  # the first call: the logits of the (dense) prompt
+                generating = True
+                self._start_generation(report)
             return scores
         kwargs["logits_processor"] = llama_cpp.LogitsProcessorList([record, *(user_lp or [])])
         out = self._orig(*args, **kwargs)
