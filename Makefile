@@ -12,7 +12,7 @@ SOURCES := $(shell find cpp vp_gguf -type f -not -path '*/__pycache__/*' -not -p
 READY     = $(VENV)/.vp-ready
 INSTALLED = $(VENV)/.vp-installed
 
-.PHONY: install demo test test-quick dist bench bench-speed patches patches-check fetch clean
+.PHONY: install demo test test-quick format dist bench bench-speed patches patches-check fetch clean
 
 # machine checks, the venv, the pinned llama.cpp tree, the build requirements
 $(READY): scripts/bootstrap.py pyproject.toml third_party/llama.cpp.lock.json
@@ -40,6 +40,11 @@ test: $(INSTALLED)
 # everything but the tests marked slow (a real model over many items, fresh installs)
 test-quick: $(INSTALLED)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# ruff's and clang-format's layout, applied (make test checks it)
+format: $(INSTALLED)
+	$(VENV)/bin/ruff format vp_gguf
+	$(VENV)/bin/clang-format -i cpp/src/*.cpp cpp/src/*.h cpp/include/*.h
 
 # an sdist (carrying the pinned llama.cpp sdist) and a portable wheel for other machines
 dist: $(READY)

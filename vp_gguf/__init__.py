@@ -4,14 +4,22 @@ The public names load lazily: ``import vp_gguf`` (and so ``vp-gguf --help``,
 ``models`` and ``fetch``) does not load libllama; the first use of a model
 class does. Importing it still points ``llama_cpp`` at vp-gguf's libraries.
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import _libdir
-from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileError,
-                     ProjectorMismatchError, PromptError, VPGGUFError)
+from .errors import (
+    ContextOverflowError,
+    DecodeError,
+    ImageError,
+    ModelFileError,
+    ProjectorMismatchError,
+    PromptError,
+    VPGGUFError,
+)
 
 if TYPE_CHECKING:
     from .fetch import FetchedModel, FetchError, fetch  # noqa: F401
@@ -24,15 +32,32 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _LAZY = {
-    "VisionModel": "model", "ModelParams": "model", "SamplingParams": "model",
-    "GenerationResult": "result", "Timings": "result", "ImageSpan": "result", "locate": "result",
-    "VisionPulse": "visionpulse", "VisionPulseReport": "visionpulse", "StepStats": "visionpulse",
-    "enable_visionpulse": "llama_cpp_dropin", "VisionPulseSession": "llama_cpp_dropin",
-    "fetch": "fetch", "FetchedModel": "fetch", "FetchError": "fetch",
+    "VisionModel": "model",
+    "ModelParams": "model",
+    "SamplingParams": "model",
+    "GenerationResult": "result",
+    "Timings": "result",
+    "ImageSpan": "result",
+    "locate": "result",
+    "VisionPulse": "visionpulse",
+    "VisionPulseReport": "visionpulse",
+    "StepStats": "visionpulse",
+    "enable_visionpulse": "llama_cpp_dropin",
+    "VisionPulseSession": "llama_cpp_dropin",
+    "fetch": "fetch",
+    "FetchedModel": "fetch",
+    "FetchError": "fetch",
 }
-__all__ = [
-    *_LAZY, "VPGGUFError", "ModelFileError", "ProjectorMismatchError", "ImageError", "PromptError",
-    "ContextOverflowError", "DecodeError",
+# the lazy names, then the errors (ruff cannot read the unpacking; the names are strings)
+__all__ = [  # noqa: PLE0604
+    *_LAZY,
+    "VPGGUFError",
+    "ModelFileError",
+    "ProjectorMismatchError",
+    "ImageError",
+    "PromptError",
+    "ContextOverflowError",
+    "DecodeError",
 ]
 
 _libdir.try_point_llama_cpp()

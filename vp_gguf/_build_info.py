@@ -7,6 +7,7 @@ libraries must carry that checkout's hash: a C++ change can never pass its
 tests against libraries built before it. An installed wheel has no sources and
 skips the check. Standard library only: the build runs this file as a script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,8 @@ def check(lib_dir: Path) -> None:
     if info is None or info.get("source_hash") != source_hash(root):
         raise ImportError(
             f"vp_gguf: the native libraries in {lib_dir} were not built from this checkout's C++ "
-            f"sources ({root}): rebuild them with `make install`")
+            f"sources ({root}): rebuild them with `make install`"
+        )
 
 
 def main() -> int:
@@ -63,8 +65,12 @@ def main() -> int:
     a = ap.parse_args()
     root = Path(__file__).resolve().parents[1]
     lock = json.loads((root / "third_party" / "llama.cpp.lock.json").read_text())
-    info = {"source_hash": source_hash(root), "native": a.native == "1",
-            "llama_cpp_python": lock["version"], "llama_cpp_commit": lock["llama_cpp_commit"]}
+    info = {
+        "source_hash": source_hash(root),
+        "native": a.native == "1",
+        "llama_cpp_python": lock["version"],
+        "llama_cpp_commit": lock["llama_cpp_commit"],
+    }
     text = json.dumps(info, indent=1) + "\n"
     if not a.write.exists() or a.write.read_text() != text:  # unchanged: leave the file's time alone
         a.write.write_text(text)

@@ -3,6 +3,7 @@
 Used by the oracle tests to read the anchor layer's attention probabilities
 (``kq_soft_max-<layer>``, non-flash-attention path) exactly as the graph computed them.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -37,4 +38,5 @@ def make_eval_callback(names: set[str], sink: dict[str, list]):
                 _ggml.ggml_backend_tensor_get(t, arr.ctypes.data, 0, _ggml.ggml_nbytes(t))
                 sink.setdefault(name, []).append(arr)
         return True
+
     return cb

@@ -3,6 +3,7 @@
 Cheap on purpose: ``import vp_gguf`` and the CLI's help run this; only
 ``vp_gguf._libs`` (imported when a model is used) loads the libraries.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,6 +25,7 @@ def lib_dir() -> Path:
     candidates.append(Path(__file__).resolve().parent / "lib")
     try:  # the installed copy, also when a source checkout shadows the package
         import _vp_gguf_boot  # type: ignore[import-not-found]
+
         candidates.append(Path(_vp_gguf_boot.LIB_DIR))
     except ImportError:
         pass
@@ -33,7 +35,8 @@ def lib_dir() -> Path:
     raise ImportError(
         "vp_gguf: the native libraries (libllama, libmtmd) were not found in "
         + ", ".join(str(c) for c in candidates)
-        + ". Build and install them with `make install` (or `pip install .`) from the vp-gguf checkout.")
+        + ". Build and install them with `make install` (or `pip install .`) from the vp-gguf checkout."
+    )
 
 
 def point_llama_cpp(d: Path) -> None:
@@ -43,7 +46,8 @@ def point_llama_cpp(d: Path) -> None:
         if loaded is None or Path(loaded).resolve() != d.resolve():
             raise ImportError(
                 "llama_cpp was imported before vp_gguf with another libllama "
-                f"(LLAMA_CPP_LIB_PATH={loaded!r}); unset LLAMA_CPP_LIB_PATH or set it to {d}")
+                f"(LLAMA_CPP_LIB_PATH={loaded!r}); unset LLAMA_CPP_LIB_PATH or set it to {d}"
+            )
     else:
         os.environ["LLAMA_CPP_LIB_PATH"] = str(d)
         os.environ["MTMD_CPP_LIB"] = str(d)

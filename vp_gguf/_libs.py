@@ -6,6 +6,7 @@ MTMD_CPP_LIB. We point both at our build before its first import, so one
 process holds exactly one libllama, and from a source checkout only libraries
 built from that checkout's sources.
 """
+
 from __future__ import annotations
 
 from types import ModuleType
@@ -13,19 +14,23 @@ from types import ModuleType
 from . import _build_info
 from ._libdir import lib_dir, point_llama_cpp
 
+
 def _bind() -> tuple[ModuleType, ModuleType]:
     d = lib_dir()
     _build_info.check(d)
     point_llama_cpp(d)
     import llama_cpp
+
     want = (_build_info.read(d) or {}).get("llama_cpp_python")
     if want is not None and getattr(llama_cpp, "__version__", None) != want:
         raise ImportError(
             f"vp_gguf: llama_cpp {getattr(llama_cpp, '__version__', '?')} from {llama_cpp.__file__} is not the "
             f"Python layer vp-gguf was built with ({want}); another llama-cpp-python was installed over "
-            "it: reinstall vp-gguf, in its own virtual environment")
+            "it: reinstall vp-gguf, in its own virtual environment"
+        )
     import llama_cpp.llama_cpp as llama
     import llama_cpp.mtmd_cpp as mtmd
+
     return llama, mtmd
 
 

@@ -3,6 +3,7 @@
 Quiet by default; with verbose=True they go to stderr. Either way the recent
 errors are kept so that exceptions can say what the C side said.
 """
+
 from __future__ import annotations
 
 import collections

@@ -1,11 +1,13 @@
 """Small shared helpers for long runs: a one-line progress bar, JSONL reading."""
+
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def progress(i: int, n: int, t0: float, label: str) -> None:

@@ -3,6 +3,7 @@
 Like llama-cpp-python's own layer: plain structs and functions, bound from the
 libllama that llama_cpp already loaded (one copy per process).
 """
+
 from __future__ import annotations
 
 from ctypes import POINTER, Structure, c_bool, c_char_p, c_float, c_int32, c_int64, c_uint32, c_void_p
@@ -86,4 +87,3 @@ def get_kept(ctx, seq: int) -> list[int]:
 def last_error() -> str:
     e = llama_vp_last_error()
     return e.decode(errors="replace") if e else ""
-

@@ -4,10 +4,11 @@ Each turn renders the whole history through the model's chat template, images
 in the turns they were attached to, and generates the reply. VisionPulse, if
 given, selects at every step of every reply.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import ImageError
 from .model import SamplingParams, VisionModel
@@ -16,8 +17,14 @@ from .visionpulse import VisionPulse
 
 
 class Chat:
-    def __init__(self, model: VisionModel, system: str | None = None, sampling: SamplingParams | None = None,
-                 visionpulse: VisionPulse | int | str | None = None, max_tokens: int = 256) -> None:
+    def __init__(
+        self,
+        model: VisionModel,
+        system: str | None = None,
+        sampling: SamplingParams | None = None,
+        visionpulse: VisionPulse | int | str | None = None,
+        max_tokens: int = 256,
+    ) -> None:
         self.model, self.system, self.sampling = model, system, sampling
         self.visionpulse, self.max_tokens = visionpulse, max_tokens
         self.last_result: GenerationResult | None = None
@@ -25,7 +32,7 @@ class Chat:
 
     def reset(self) -> None:
         self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
-        self.images: list[Path] = []   # every image of the conversation, in order
+        self.images: list[Path] = []  # every image of the conversation, in order
         self.pending: list[Path] = []  # attached to the next user message
 
     def attach(self, path: str | Path) -> None:
@@ -34,6 +41,7 @@ class Chat:
         if not p.is_file():
             raise ImageError(f"image {p}: no such file")
         from PIL import Image, UnidentifiedImageError
+
         try:
             with Image.open(p) as im:
                 im.verify()
@@ -47,8 +55,14 @@ class Chat:
         images = self.images + self.pending
         prompt = self.model.apply_chat_template(self.messages + [user])
         reply = []
-        for piece in self.model.stream(prompt, images=images, max_tokens=self.max_tokens, sampling=self.sampling,
-                                       chat_template=False, visionpulse=self.visionpulse):
+        for piece in self.model.stream(
+            prompt,
+            images=images,
+            max_tokens=self.max_tokens,
+            sampling=self.sampling,
+            chat_template=False,
+            visionpulse=self.visionpulse,
+        ):
             reply.append(piece)
             yield piece
         self.last_result = self.model.last_result

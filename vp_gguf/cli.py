@@ -1,11 +1,13 @@
 """The `vp-gguf` command line. Flag names follow llama.cpp's tools where they overlap."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 from .errors import VPGGUFError
 
@@ -26,10 +28,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     """Model, context, sampling and VisionPulse flags shared by run and chat (llama.cpp's names)."""
     p.add_argument("-m", "--model", help="language model GGUF")
     p.add_argument("--mmproj", help="multimodal projector GGUF that belongs to the model")
-    p.add_argument("-hf", "--hf", metavar="REPO[:QUANT]",
-                   help="fetch the model and its mmproj from the hub (a catalog name or owner/repo[:QUANT])")
-    p.add_argument("--no-escape", dest="escape", action="store_false",
-                   help="do not process escapes (\\n, \\t, ...) in the prompt (llama.cpp does by default)")
+    p.add_argument(
+        "-hf",
+        "--hf",
+        metavar="REPO[:QUANT]",
+        help="fetch the model and its mmproj from the hub (a catalog name or owner/repo[:QUANT])",
+    )
+    p.add_argument(
+        "--no-escape",
+        dest="escape",
+        action="store_false",
+        help="do not process escapes (\\n, \\t, ...) in the prompt (llama.cpp does by default)",
+    )
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default 0)")
     p.add_argument("--top-k", type=int, default=40)
@@ -38,39 +48,75 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size (default 4096)")
     p.add_argument("-b", "--batch-size", type=int, default=2048, help="logical batch size (default 2048)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
-                   help="layers to offload to the GPU (default 0; -1 for all)")
-    p.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto",
-                   help="flash attention (default auto)")
+    p.add_argument(
+        "-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (default 0; -1 for all)"
+    )
+    p.add_argument(
+        "-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto", help="flash attention (default auto)"
+    )
     g = p.add_argument_group("VisionPulse (per-step visual token selection)")
-    g.add_argument("--visionpulse", default="off", metavar="5|10|off",
-                   help="preset: 5 (keep <=5%% of visual tokens per step), 10, or off (default)")
-    g.add_argument("--mode", default=None, choices=["visionpulse", "dense", "fixed", "random", "static"],
-                   help="selection mode to compare with (default visionpulse when a preset is on)")
+    g.add_argument(
+        "--visionpulse",
+        default="off",
+        metavar="5|10|off",
+        help="preset: 5 (keep <=5%% of visual tokens per step), 10, or off (default)",
+    )
+    g.add_argument(
+        "--mode",
+        default=None,
+        choices=["visionpulse", "dense", "fixed", "random", "static"],
+        help="selection mode to compare with (default visionpulse when a preset is on)",
+    )
     g.add_argument("--vp-tau", type=float, default=None, help="temperature of the visual-mass softmax")
     g.add_argument("--vp-budget-min", type=float, default=None, help="lower clamp of the kept fraction")
     g.add_argument("--vp-budget-max", type=float, default=None, help="upper clamp of the kept fraction")
     g.add_argument("--vp-ratio", type=float, default=None, help="kept fraction for --mode fixed/static")
     g.add_argument("--vp-anchor", type=int, default=None, help="anchor layer (default: nearest 47%% of depth)")
     g.add_argument("--vp-seed", type=int, default=0, help="seed of --mode random")
-    g.add_argument("--vp-attn", choices=["auto", "mask", "gather"], default="auto",
-                   help="how later layers skip dropped tokens (default auto: per backend; same result)")
-    g.add_argument("--vp-lagged", action="store_true",
-                   help="also prune the layers before the anchor with the previous step's set (opt-in)")
+    g.add_argument(
+        "--vp-attn",
+        choices=["auto", "mask", "gather"],
+        default="auto",
+        help="how later layers skip dropped tokens (default auto: per backend; same result)",
+    )
+    g.add_argument(
+        "--vp-lagged",
+        action="store_true",
+        help="also prune the layers before the anchor with the previous step's set (opt-in)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's logs")
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="generate text from images and a prompt",
-                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="image file; repeat for several images (in the order of the markers)")
-    p.add_argument("-p", "--prompt", required=True,
-                   help="prompt; images go where the marker <__media__> is, else before the prompt")
-    p.add_argument("--chat-template", action="store_true",
-                   help="wrap the prompt in the model's chat template (default: raw prompt)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object instead of the text (with per-step VisionPulse stats)")
+    p = sub.add_parser(
+        "run",
+        help="generate text from images and a prompt",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="image file; repeat for several images (in the order of the markers)",
+    )
+    p.add_argument(
+        "-p",
+        "--prompt",
+        required=True,
+        help="prompt; images go where the marker <__media__> is, else before the prompt",
+    )
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap the prompt in the model's chat template (default: raw prompt)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of the text (with per-step VisionPulse stats)",
+    )
     _add_model_args(p)
 
 
@@ -79,16 +125,24 @@ CHAT_HELP = """commands: /image PATH (attach to your next message), /reset (new 
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("chat", help="talk with the model about images, turn by turn (/image PATH)",
-                       epilog=EXAMPLE + "\n" + CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "chat",
+        help="talk with the model about images, turn by turn (/image PATH)",
+        epilog=EXAMPLE + "\n" + CHAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image(s) for the first message")
     p.add_argument("-sys", "--system-prompt", default=None, help="system message")
     _add_model_args(p)
 
 
 def _add_viz(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("viz", help="draw what VisionPulse keeps at each step (PNG strip, GIF, stats plot)",
-                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "viz",
+        help="draw what VisionPulse keeps at each step (PNG strip, GIF, stats plot)",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image file(s)")
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--chat-template", action="store_true", help="wrap the prompt in the model's chat template")
@@ -103,17 +157,33 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
 
 def cmd_viz(a: argparse.Namespace) -> int:
     from .viz import visualize
+
     if a.visionpulse == "off" and a.mode is None:
         raise UsageError("viz draws VisionPulse's choices: pass --visionpulse 5 (or 10, or --mode ...)")
     model, sampling, vp = _open(a)
     if a.escape:
         a.prompt = process_escapes(a.prompt)
     with model:
-        res = model.generate(a.prompt, images=a.image, max_tokens=a.n_predict, sampling=sampling,
-                             chat_template=a.chat_template, visionpulse=vp)
+        res = model.generate(
+            a.prompt,
+            images=a.image,
+            max_tokens=a.n_predict,
+            sampling=sampling,
+            chat_template=a.chat_template,
+            visionpulse=vp,
+        )
         print(res.text)
-        paths = visualize(model, res, a.image, a.out, n_frames=a.frames, every=a.every, gif=a.gif, plot=a.plot,
-                          crop_blank=a.crop_blank)
+        paths = visualize(
+            model,
+            res,
+            a.image,
+            a.out,
+            n_frames=a.frames,
+            every=a.every,
+            gif=a.gif,
+            plot=a.plot,
+            crop_blank=a.crop_blank,
+        )
     if _vp_line(res):
         print(_vp_line(res), file=sys.stderr)
     for k, v in paths.items():
@@ -122,8 +192,12 @@ def cmd_viz(a: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions, /v1/models)",
-                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server (/v1/chat/completions, /v1/models)",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("-a", "--alias", default=None, help="model name the API reports (default: the file name)")
@@ -134,27 +208,43 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
         import uvicorn
+
         from .server import create_app
     except ImportError:
         raise UsageError("the server needs FastAPI and uvicorn: pip install 'vp-gguf[server]'") from None
     model, _sampling, vp = _open(a)
     with model:
         app = create_app(model, a.alias or model.model_path.stem, vp, a.max_queue)
-        print(f"vp-gguf serve: http://{a.host}:{a.port}/v1 (model {a.alias or model.model_path.stem}, "
-              f"visionpulse {a.visionpulse})", file=sys.stderr)
+        print(
+            f"vp-gguf serve: http://{a.host}:{a.port}/v1 (model {a.alias or model.model_path.stem}, "
+            f"visionpulse {a.visionpulse})",
+            file=sys.stderr,
+        )
         uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if not a.verbose else "info")
     return 0
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="score a JSONL of items in several selection modes, side by side",
-                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "eval",
+        help="score a JSONL of items in several selection modes, side by side",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("items", help="JSONL: images, question (or prompt), answer, optional choices")
-    p.add_argument("--modes", default="dense,visionpulse-5,visionpulse-10,static-5%,random-5",
-                   help="comma list (default: dense, visionpulse-5/10, static-5%%, random-5)")
+    p.add_argument(
+        "--modes",
+        default="dense,visionpulse-5,visionpulse-10,static-5%,random-5",
+        help="comma list (default: dense, visionpulse-5/10, static-5%%, random-5)",
+    )
     p.add_argument("-o", "--out", default="vp-eval", help="output folder: results.jsonl, RESULTS.md, summary.json")
-    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                   help="only items whose field KEY equals VALUE (e.g. grid=16)")
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only items whose field KEY equals VALUE (e.g. grid=16)",
+    )
     p.add_argument("--limit", type=int, default=None, help="the first N items")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over instead of resuming")
     _add_model_args(p)
@@ -162,12 +252,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import markdown, read_items, run_eval, summarize
+
     try:
         where = dict(w.split("=", 1) for w in a.where)
     except ValueError:
         raise UsageError("--where takes KEY=VALUE") from None
     try:
-        items = read_items(a.items, where)[:a.limit]
+        items = read_items(a.items, where)[: a.limit]
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
     if not items:
@@ -193,15 +284,20 @@ def _portable_arg(arg: str) -> str:
     """A command-line word for a results file: no machine's home folder in it (written as ~)."""
     import os
     import shlex
+
     home = str(Path.home())
     if arg == home or arg.startswith(home + os.sep):
-        return "~" + shlex.quote(arg[len(home):]) if arg != home else "~"
+        return "~" + shlex.quote(arg[len(home) :]) if arg != home else "~"
     return shlex.quote(arg)
 
 
 def _add_fetch(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fetch", help="download a model and its mmproj from the Hugging Face hub",
-                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "fetch",
+        help="download a model and its mmproj from the Hugging Face hub",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("name", help="catalog name (see `vp-gguf models`) or owner/repo[:QUANT]")
     p.add_argument("-q", "--quant", default=None, help="quantization, e.g. Q4_K_M, Q8_0, F16")
     p.add_argument("--revision", default="main")
@@ -213,23 +309,34 @@ def _add_fetch(sub: argparse._SubParsersAction) -> None:
 
 def cmd_fetch(a: argparse.Namespace) -> int:
     from .fetch import fetch
+
     m = fetch(a.name, a.quant, a.revision)
     if a.json:
-        print(json.dumps({"repo": m.repo, "quant": m.quant, "model": str(m.model_path),
-                          "mmproj": str(m.mmproj_path)}))
+        print(json.dumps({"repo": m.repo, "quant": m.quant, "model": str(m.model_path), "mmproj": str(m.mmproj_path)}))
     else:
         print(f"{m.repo} ({m.quant})\n  model:  {m.model_path}\n  mmproj: {m.mmproj_path}")
-        print(f"run it: vp-gguf run -m {m.model_path} --mmproj {m.mmproj_path} --image IMAGE -p PROMPT",
-              file=sys.stderr)
+        print(
+            f"run it: vp-gguf run -m {m.model_path} --mmproj {m.mmproj_path} --image IMAGE -p PROMPT", file=sys.stderr
+        )
     return 0
 
 
 def cmd_models(a: argparse.Namespace) -> int:
     from .catalog import CATALOG
-    from .fetch import cached
-    from .fetch import FetchError, choose_files, remote_files
-    rows = [{"name": e.name, "repo": e.repo, "family": e.family, "quants": list(e.quants),
-             "default": e.default_quant, "cached": cached(e), "note": e.note} for e in CATALOG]
+    from .fetch import FetchError, cached, choose_files, remote_files
+
+    rows: list[dict[str, Any]] = [
+        {
+            "name": e.name,
+            "repo": e.repo,
+            "family": e.family,
+            "quants": list(e.quants),
+            "default": e.default_quant,
+            "cached": cached(e),
+            "note": e.note,
+        }
+        for e in CATALOG
+    ]
     if a.online:
         for r in rows:
             try:
@@ -242,16 +349,25 @@ def cmd_models(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'name':<22} {'repo':<44} {'quants (default first)':<24} {'cached':<8}" + ("  size  files" if a.online else ""))
+    print(
+        f"{'name':<22} {'repo':<44} {'quants (default first)':<24} {'cached':<8}"
+        + ("  size  files" if a.online else "")
+    )
     for r in rows:
         qs = [r["default"]] + [q for q in r["quants"] if q != r["default"]]
         line = f"{r['name']:<22} {r['repo']:<44} {','.join(qs):<24} {','.join(r['cached']) or '-':<8}"
         if a.online:
-            line += (f"  {r['size_bytes'] / 1e9:.2f} GB  {r['files']['model']} + {r['files']['mmproj']}"
-                     if "files" in r else f"  ({r['error'][:60]})")
+            line += (
+                f"  {r['size_bytes'] / 1e9:.2f} GB  {r['files']['model']} + {r['files']['mmproj']}"
+                if "files" in r
+                else f"  ({r['error'][:60]})"
+            )
         print(line)
-    print("\nvp-gguf fetch NAME [--quant Q] downloads one (sizes and files come from the hub); "
-          "any other repo works as owner/repo[:QUANT].", file=sys.stderr)
+    print(
+        "\nvp-gguf fetch NAME [--quant Q] downloads one (sizes and files come from the hub); "
+        "any other repo works as owner/repo[:QUANT].",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -259,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="vp-gguf",
         description="Run GGUF vision-language models locally with VisionPulse.",
-        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_chat(sub)
@@ -268,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_fetch(sub)
     from .demo import add_parser as add_demo
+
     add_demo(sub)
     return ap
 
@@ -290,6 +409,7 @@ def process_escapes(s: str) -> str:
 
 def visionpulse_from_args(a: argparse.Namespace):
     from .visionpulse import VisionPulse
+
     vp = VisionPulse.parse(a.visionpulse, mode=a.mode)
     if vp is None and a.mode is not None:
         vp = VisionPulse(mode=a.mode)
@@ -308,6 +428,7 @@ class UsageError(Exception):
 def _open(a: argparse.Namespace):
     """(model, sampling, VisionPulse) from the shared flags."""
     from .model import ModelParams, SamplingParams, VisionModel
+
     try:
         vp = visionpulse_from_args(a)
     except ValueError as e:
@@ -316,12 +437,19 @@ def _open(a: argparse.Namespace):
         if a.model or a.mmproj:
             raise UsageError("give either --hf or -m/--mmproj")
         from .fetch import fetch
+
         m = fetch(a.hf)
         a.model, a.mmproj = str(m.model_path), str(m.mmproj_path)
     elif not (a.model and a.mmproj):
         raise UsageError("-m MODEL and --mmproj MMPROJ are required (or --hf REPO[:QUANT])")
-    params = ModelParams(n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads,
-                         n_gpu_layers=a.n_gpu_layers, flash_attn=a.flash_attn, verbose=a.verbose)
+    params = ModelParams(
+        n_ctx=a.ctx_size,
+        n_batch=a.batch_size,
+        n_threads=a.threads,
+        n_gpu_layers=a.n_gpu_layers,
+        flash_attn=a.flash_attn,
+        verbose=a.verbose,
+    )
     sampling = SamplingParams(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     return VisionModel(a.model, a.mmproj, params), sampling, vp
 
@@ -330,10 +458,12 @@ def _vp_line(res) -> str | None:
     if res is None or res.visionpulse is None or not res.visionpulse.steps:
         return None
     sm = res.visionpulse.summary()
-    return (f"[visionpulse {res.visionpulse.mode}, anchor layer {res.visionpulse.anchor_layer}: "
-            f"kept {100 * sm['retention_mean']:.1f}% of visual tokens per step "
-            f"(min {100 * sm['retention_min']:.1f}%, max {100 * sm['retention_max']:.1f}%), "
-            f"visual mass {sm['mass_mean']:.3f}]")
+    return (
+        f"[visionpulse {res.visionpulse.mode}, anchor layer {res.visionpulse.anchor_layer}: "
+        f"kept {100 * sm['retention_mean']:.1f}% of visual tokens per step "
+        f"(min {100 * sm['retention_min']:.1f}%, max {100 * sm['retention_max']:.1f}%), "
+        f"visual mass {sm['mass_mean']:.3f}]"
+    )
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -342,23 +472,37 @@ def cmd_run(a: argparse.Namespace) -> int:
         a.prompt = process_escapes(a.prompt)
     with model:
         if a.json:
-            res = model.generate(a.prompt, images=a.image, max_tokens=a.n_predict,
-                                 sampling=sampling, chat_template=a.chat_template, visionpulse=vp)
+            res = model.generate(
+                a.prompt,
+                images=a.image,
+                max_tokens=a.n_predict,
+                sampling=sampling,
+                chat_template=a.chat_template,
+                visionpulse=vp,
+            )
             json.dump(res.to_dict(), sys.stdout)
             sys.stdout.write("\n")
         else:
-            for piece in model.stream(a.prompt, images=a.image, max_tokens=a.n_predict,
-                                      sampling=sampling, chat_template=a.chat_template, visionpulse=vp):
+            for piece in model.stream(
+                a.prompt,
+                images=a.image,
+                max_tokens=a.n_predict,
+                sampling=sampling,
+                chat_template=a.chat_template,
+                visionpulse=vp,
+            ):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
             res = model.last_result
             if res is not None:
                 t = res.timings
-                print(f"[{res.n_prompt_tokens} prompt tokens ({res.n_image_tokens} image), "
-                      f"{res.n_generated} generated; encode {t.image_encode_ms:.0f} ms, "
-                      f"prefill {t.prefill_tok_s:.1f} tok/s, decode {t.decode_tok_s:.1f} tok/s]",
-                      file=sys.stderr)
+                print(
+                    f"[{res.n_prompt_tokens} prompt tokens ({res.n_image_tokens} image), "
+                    f"{res.n_generated} generated; encode {t.image_encode_ms:.0f} ms, "
+                    f"prefill {t.prefill_tok_s:.1f} tok/s, decode {t.decode_tok_s:.1f} tok/s]",
+                    file=sys.stderr,
+                )
                 if _vp_line(res):
                     print(_vp_line(res), file=sys.stderr)
     return 0
@@ -366,6 +510,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_chat(a: argparse.Namespace) -> int:
     from .chat import Chat
+
     model, sampling, vp = _open(a)
     interactive = sys.stdin.isatty()
     with model:
@@ -427,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_models(a)
         if a.command == "demo":
             from .demo import run as cmd_demo
+
             return cmd_demo(a)
     except UsageError as e:
         print(f"vp-gguf: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ how many visual tokens each step kept, and writes a strip of the kept patches.
 Needs nothing but the installed package: no source checkout, no network.
 Pass --model/--mmproj/--image/-p to run your own model instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,11 @@ from .fetch import cache_dir
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="Gemma 3 270M reads an image of 40 digits with VisionPulse (offline)",
-                       description=__doc__.splitlines()[0])
+    p = sub.add_parser(
+        "demo",
+        help="Gemma 3 270M reads an image of 40 digits with VisionPulse (offline)",
+        description=__doc__.splitlines()[0],
+    )
     p.add_argument("--model", help="your own language model GGUF instead of the built-in one")
     p.add_argument("--mmproj")
     p.add_argument("--image")
@@ -26,8 +30,13 @@ def add_parser(sub) -> None:
     p.add_argument("-n", type=int, default=82)
     p.add_argument("--visionpulse", default="5")
     p.add_argument("--seed", type=int, default=7, help="which digit sequence to draw")
-    p.add_argument("-o", "--out", type=Path, default=None,
-                   help="folder for the image and the kept-patch strip (default: vp-gguf's cache)/demo")
+    p.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the image and the kept-patch strip (default: vp-gguf's cache)/demo",
+    )
 
 
 def run(a: argparse.Namespace) -> int:
@@ -50,30 +59,43 @@ def run(a: argparse.Namespace) -> int:
         print(f"model: Gemma 3 270M ({a.model})\nimage: 40 digits drawn as glyph tiles ({a.image})")
     elif not (a.mmproj and a.image and a.prompt):
         from .cli import UsageError
+
         raise UsageError("--model needs --mmproj, --image and -p")
 
     vp = VisionPulse.parse(a.visionpulse)
-    print(f"\n$ vp-gguf run -m {a.model} --mmproj {a.mmproj} --image {a.image} -p {a.prompt!r} "
-          f"-n {a.n} --visionpulse {a.visionpulse}\n")
+    print(
+        f"\n$ vp-gguf run -m {a.model} --mmproj {a.mmproj} --image {a.image} -p {a.prompt!r} "
+        f"-n {a.n} --visionpulse {a.visionpulse}\n"
+    )
     with VisionModel(a.model, a.mmproj, n_ctx=4096) as m:
         r = m.generate(a.prompt, images=[a.image], max_tokens=a.n, visionpulse=vp)
         print(r.text.strip())
         print()
         if digits is not None:
-            got = r.text.split()[:len(digits)]
+            got = r.text.split()[: len(digits)]
             right = sum(x == y for x, y in zip(got, digits))
             print(f"{right}/{len(digits)} digits right" + (" - exact" if got == digits else ""))
         t = r.timings
-        print(f"{r.n_image_tokens} image tokens; encode {t.image_encode_ms:.0f} ms, "
-              f"prefill {t.prefill_tok_s:.0f} tok/s, decode {t.decode_tok_s:.1f} tok/s")
+        print(
+            f"{r.n_image_tokens} image tokens; encode {t.image_encode_ms:.0f} ms, "
+            f"prefill {t.prefill_tok_s:.0f} tok/s, decode {t.decode_tok_s:.1f} tok/s"
+        )
         if r.visionpulse is not None and r.visionpulse.steps:
             s = r.visionpulse.summary()
-            print(f"VisionPulse ({r.visionpulse.mode}, anchor layer {r.visionpulse.anchor_layer}): kept "
-                  f"{100 * s['retention_mean']:.1f}% of the image tokens per step on average "
-                  f"(min {100 * s['retention_min']:.1f}%, max {100 * s['retention_max']:.1f}%), "
-                  f"visual mass {s['mass_mean']:.2f}")
+            print(
+                f"VisionPulse ({r.visionpulse.mode}, anchor layer {r.visionpulse.anchor_layer}): kept "
+                f"{100 * s['retention_mean']:.1f}% of the image tokens per step on average "
+                f"(min {100 * s['retention_min']:.1f}%, max {100 * s['retention_max']:.1f}%), "
+                f"visual mass {s['mass_mean']:.2f}"
+            )
             caps = [m.token_to_bytes(tok).decode(errors="replace") for tok in r.tokens[1:]]
-            strip = kept_strip([a.image], r.images, [st.kept for st in r.visionpulse.steps], caps,
-                               out / "kept_strip.png", crop_blank=True)
+            strip = kept_strip(
+                [a.image],
+                r.images,
+                [st.kept for st in r.visionpulse.steps],
+                caps,
+                out / "kept_strip.png",
+                crop_blank=True,
+            )
             print(f"kept patches per step: {strip}")
     return 0

@@ -1,4 +1,5 @@
 """Exceptions raised by vp_gguf. Each message says what is wrong and what to do."""
+
 from __future__ import annotations
 
 

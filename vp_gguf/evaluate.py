@@ -12,15 +12,17 @@ reply, or the choice's text), else the reply's first words must equal the answer
 (the testbed's own rule for its tasks). Results are appended per (item, mode) to
 ``results.jsonl`` in the output folder, so an interrupted run resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import string
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ._progress import jsonl
 from ._progress import progress as progress_bar
@@ -57,14 +59,27 @@ def read_items(path: str | Path, where: dict[str, str] | None = None) -> list[Ev
             if prompt is None:
                 prompt = d["question"]
                 if choices:
-                    prompt += "\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)) + \
-                        "\nAnswer with the option's letter."
-            items.append(EvalItem(str(d.get("id", n)), [(path.parent / p) for p in imgs], prompt,
-                                  str(d["answer"]), choices, int(d.get("max_tokens", 16 if choices else 64)),
-                                  d.get("task"), d.get("meta", {})))
+                    prompt += (
+                        "\n"
+                        + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+                        + "\nAnswer with the option's letter."
+                    )
+            items.append(
+                EvalItem(
+                    str(d.get("id", n)),
+                    [(path.parent / p) for p in imgs],
+                    prompt,
+                    str(d["answer"]),
+                    choices,
+                    int(d.get("max_tokens", 16 if choices else 64)),
+                    d.get("task"),
+                    d.get("meta", {}),
+                )
+            )
         except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}:{n}: not an eval item ({e.__class__.__name__}: {e}); "
-                             'need "question" or "prompt", and "answer"') from None
+            raise ValueError(
+                f'{path}:{n}: not an eval item ({e.__class__.__name__}: {e}); need "question" or "prompt", and "answer"'
+            ) from None
     return items
 
 
@@ -76,23 +91,31 @@ def _words(s: str) -> list[str]:
 def score(item: EvalItem, text: str) -> bool:
     if item.choices:
         want = item.answer.strip()
-        if len(want) == 1 and want.upper() in LETTERS[:len(item.choices)]:
+        if len(want) == 1 and want.upper() in LETTERS[: len(item.choices)]:
             want_i = LETTERS.index(want.upper())
         else:
             want_i = next((i for i, c in enumerate(item.choices) if c.strip().lower() == want.lower()), -1)
-        m = re.search(rf"\b([{LETTERS[:len(item.choices)]}])\b", text)
+        m = re.search(rf"\b([{LETTERS[: len(item.choices)]}])\b", text)
         if m:
             return LETTERS.index(m.group(1)) == want_i
         return want_i >= 0 and text.strip().lower().startswith(item.choices[want_i].strip().lower())
     if item.task in ("copy", "second", "many", "lookup"):
-        from .testbed.tasks import Item, score as testbed_score
+        from .testbed.tasks import Item
+        from .testbed.tasks import score as testbed_score
+
         return testbed_score(Item(item.id, item.task, 0, [], item.prompt, item.answer, item.max_tokens), text)
-    want = _words(item.answer)
-    return bool(want) and _words(text)[:len(want)] == want
+    words = _words(item.answer)
+    return bool(words) and _words(text)[: len(words)] == words
 
 
-def run_eval(model: Any, items: Sequence[EvalItem], modes: Sequence[str], out_dir: str | Path,
-             resume: bool = True, progress: bool = True) -> list[dict[str, Any]]:
+def run_eval(
+    model: Any,
+    items: Sequence[EvalItem],
+    modes: Sequence[str],
+    out_dir: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Run every (item, mode) not done yet; returns all rows of results.jsonl."""
     for m in modes:
         if m not in MODES:
@@ -114,17 +137,36 @@ def run_eval(model: Any, items: Sequence[EvalItem], modes: Sequence[str], out_di
                 progress_bar(k, len(todo), t0, f"{it.id} {m}")
             spec = MODES[m]
             try:
-                r = model.generate(it.prompt, images=it.images, max_tokens=it.max_tokens,
-                                   visionpulse=None if spec is None else VisionPulse(**spec))
+                r = model.generate(
+                    it.prompt,
+                    images=it.images,
+                    max_tokens=it.max_tokens,
+                    visionpulse=None if spec is None else VisionPulse(**spec),
+                )
             except VPGGUFError as e:  # a bad image or a too small context: recorded, the run goes on
-                row = {"id": it.id, "mode": m, "correct": False, "text": "", "error": str(e), "n_generated": 0,
-                       "n_image_tokens": 0, "retention_mean": 1.0, "decode_tok_s": 0.0}
+                row = {
+                    "id": it.id,
+                    "mode": m,
+                    "correct": False,
+                    "text": "",
+                    "error": str(e),
+                    "n_generated": 0,
+                    "n_image_tokens": 0,
+                    "retention_mean": 1.0,
+                    "decode_tok_s": 0.0,
+                }
             else:
                 rep = r.visionpulse.summary() if r.visionpulse is not None and r.visionpulse.steps else None
-                row = {"id": it.id, "mode": m, "correct": score(it, r.text), "text": r.text,
-                       "n_generated": r.n_generated, "n_image_tokens": r.n_image_tokens,
-                       "retention_mean": rep["retention_mean"] if rep else 1.0,
-                       "decode_tok_s": r.timings.decode_tok_s}
+                row = {
+                    "id": it.id,
+                    "mode": m,
+                    "correct": score(it, r.text),
+                    "text": r.text,
+                    "n_generated": r.n_generated,
+                    "n_image_tokens": r.n_image_tokens,
+                    "retention_mean": rep["retention_mean"] if rep else 1.0,
+                    "decode_tok_s": r.timings.decode_tok_s,
+                }
             f.write(json.dumps(row) + "\n")
             f.flush()  # a stop loses at most the pair being run
             rows.append(row)
@@ -142,19 +184,28 @@ def summarize(rows: Sequence[dict[str, Any]], modes: Sequence[str], ids: set[str
         if not rs:
             continue
         acc = sum(r["correct"] for r in rs) / len(rs)
-        table[m] = {"items": len(rs), "accuracy": acc,
-                    "vs_dense": acc / dense_acc if dense_acc else None,
-                    "retention_mean": sum(r["retention_mean"] for r in rs) / len(rs),
-                    "gen_len_mean": sum(r["n_generated"] for r in rs) / len(rs),
-                    "decode_tok_s": sum(r["decode_tok_s"] for r in rs) / len(rs)}
+        table[m] = {
+            "items": len(rs),
+            "accuracy": acc,
+            "vs_dense": acc / dense_acc if dense_acc else None,
+            "retention_mean": sum(r["retention_mean"] for r in rs) / len(rs),
+            "gen_len_mean": sum(r["n_generated"] for r in rs) / len(rs),
+            "decode_tok_s": sum(r["decode_tok_s"] for r in rs) / len(rs),
+        }
     return table
 
 
 def markdown(table: dict[str, dict], title: str) -> str:
-    lines = [f"# {title}", "", "| mode | items | accuracy | vs dense | retention mean | gen. length | decode tok/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {title}",
+        "",
+        "| mode | items | accuracy | vs dense | retention mean | gen. length | decode tok/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m, t in table.items():
         vs = "-" if t["vs_dense"] is None else f"{100 * t['vs_dense']:.1f}%"
-        lines.append(f"| {m} | {t['items']} | {100 * t['accuracy']:.1f}% | {vs} | {100 * t['retention_mean']:.2f}% | "
-                     f"{t['gen_len_mean']:.1f} | {t['decode_tok_s']:.1f} |")
+        lines.append(
+            f"| {m} | {t['items']} | {100 * t['accuracy']:.1f}% | {vs} | {100 * t['retention_mean']:.2f}% | "
+            f"{t['gen_len_mean']:.1f} | {t['decode_tok_s']:.1f} |"
+        )
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ works from the cache. On top: the file pair is chosen from the repo's listing
 hub's sha256 once (a corrupt file is deleted, never used), and a small manifest
 per repo lets an offline run find what was fetched.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,8 +66,10 @@ def parse_spec(spec: str, quant: str | None = None) -> tuple[str, str | None, Ca
         return entry.repo, quant, entry
     if "/" not in base:
         names = ", ".join(e.name for e in CATALOG)
-        raise FetchError(f"unknown model {spec!r}: use a catalog name ({names}) or a hub repo "
-                         "as owner/name[:QUANT] (`vp-gguf models` lists the catalog)")
+        raise FetchError(
+            f"unknown model {spec!r}: use a catalog name ({names}) or a hub repo "
+            "as owner/name[:QUANT] (`vp-gguf models` lists the catalog)"
+        )
     return base, quant, None
 
 
@@ -80,8 +83,11 @@ def choose_files(names: list[str], quant: str | None) -> tuple[str, str, str]:
     mmprojs = sorted(n for n in ggufs if "mmproj" in n.lower())
     models = sorted(n for n in ggufs if "mmproj" not in n.lower() and not re.search(r"-0*[2-9]\d*-of-", n))
     if not models or not mmprojs:
-        raise FetchError(f"the repo has no {'model' if not models else 'mmproj'} GGUF file; "
-                         "vp-gguf needs a language model and its mmproj in one repo")
+        raise FetchError(
+            f"the repo has no {'model' if not models else 'mmproj'} GGUF file; "
+            "vp-gguf needs a language model and its mmproj in one repo"
+        )
+    pick: str | None
     if quant is None:
         pick = next((m for m in models if "Q4_K_M" in _tokens(m)), models[0])
     else:
@@ -91,26 +97,30 @@ def choose_files(names: list[str], quant: str | None) -> tuple[str, str, str]:
             raise FetchError(f"no {quant} model file in the repo; quantizations there: {', '.join(have) or models}")
     q = quant or next((t for t in _tokens(pick) if re.match(r"^(Q\d|IQ\d|F16|F32|BF16)", t)), "?")
     # the mmproj in the same precision when there is one, else the F16 one, else any
-    mm = next((m for m in mmprojs if q.upper() in _tokens(m)), None) or \
-        next((m for m in mmprojs if "F16" in _tokens(m)), mmprojs[0])
+    mm = next((m for m in mmprojs if q.upper() in _tokens(m)), None) or next(
+        (m for m in mmprojs if "F16" in _tokens(m)), mmprojs[0]
+    )
     return pick, mm, q
 
 
 def remote_files(repo: str, revision: str = "main") -> dict[str, RemoteFile]:
     from huggingface_hub import HfApi
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
     try:
         info = HfApi().model_info(repo, revision=revision, files_metadata=True)
     except GatedRepoError:
         raise FetchError(f"{repo} is gated: accept its license on the hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise FetchError(f"no repo {repo!r} on the hub (or it is private: set HF_TOKEN); "
-                         "`vp-gguf models` lists known-good ones") from None
+        raise FetchError(
+            f"no repo {repo!r} on the hub (or it is private: set HF_TOKEN); `vp-gguf models` lists known-good ones"
+        ) from None
     except RevisionNotFoundError:
         raise FetchError(f"{repo} has no revision {revision!r}") from None
     except OSError as e:  # connection errors
-        raise FetchError(f"cannot reach the hub for {repo}: {e}. Check the network, "
-                         "or set HF_HUB_OFFLINE=1 to use what is cached") from None
+        raise FetchError(
+            f"cannot reach the hub for {repo}: {e}. Check the network, or set HF_HUB_OFFLINE=1 to use what is cached"
+        ) from None
     out = {}
     for s in info.siblings or []:
         lfs = getattr(s, "lfs", None)
@@ -144,6 +154,7 @@ def sha256_file(path: Path, progress: bool = True) -> str:
     bar = None
     if progress and size > 64 << 20:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"checking {path.name}")
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -173,8 +184,9 @@ def _verify(path: Path, rf: RemoteFile, manifest: dict[str, Any], progress: bool
                 os.remove(p)
             except OSError:
                 pass
-        raise FetchError(f"{rf.name} in the cache is corrupt ({bad}); it was deleted: run the same "
-                         "command again to download it anew")
+        raise FetchError(
+            f"{rf.name} in the cache is corrupt ({bad}); it was deleted: run the same command again to download it anew"
+        )
     checked[str(real)] = stamp
 
 
@@ -182,6 +194,7 @@ def fetch(spec: str, quant: str | None = None, revision: str = "main", progress:
     """Download (or find in the cache) the model and mmproj named by ``spec``; see the module doc."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.utils import LocalEntryNotFoundError
+
     repo, quant, _entry = parse_spec(spec, quant)
     manifest = _read_manifest(repo)
     offline = constants.HF_HUB_OFFLINE
@@ -189,26 +202,36 @@ def fetch(spec: str, quant: str | None = None, revision: str = "main", progress:
     if offline:
         pair = manifest.get("pairs", {}).get(key)
         if pair is None:
-            raise FetchError(f"HF_HUB_OFFLINE is set and {spec} was never fetched here: fetch it once "
-                             f"online (`vp-gguf fetch {spec}`), or unset HF_HUB_OFFLINE")
+            raise FetchError(
+                f"HF_HUB_OFFLINE is set and {spec} was never fetched here: fetch it once "
+                f"online (`vp-gguf fetch {spec}`), or unset HF_HUB_OFFLINE"
+            )
         files = {f["name"]: RemoteFile(**f) for f in pair["files"]}
         model, mmproj, q = pair["model"], pair["mmproj"], pair["quant"]
     else:
         files = remote_files(repo, revision)
         model, mmproj, q = choose_files(list(files), quant)
-        manifest.setdefault("pairs", {})[key] = {"model": model, "mmproj": mmproj, "quant": q,
-                                                 "files": [asdict(files[model]), asdict(files[mmproj])]}
+        manifest.setdefault("pairs", {})[key] = {
+            "model": model,
+            "mmproj": mmproj,
+            "quant": q,
+            "files": [asdict(files[model]), asdict(files[mmproj])],
+        }
         _write_manifest(repo, manifest)
     paths = []
     for name in (model, mmproj):
         try:
             p = Path(hf_hub_download(repo, name, revision=revision, local_files_only=offline))
         except LocalEntryNotFoundError:
-            raise FetchError(f"{name} of {repo} is not in the cache and HF_HUB_OFFLINE is set: fetch it "
-                             "online first, or unset HF_HUB_OFFLINE") from None
+            raise FetchError(
+                f"{name} of {repo} is not in the cache and HF_HUB_OFFLINE is set: fetch it "
+                "online first, or unset HF_HUB_OFFLINE"
+            ) from None
         except OSError as e:  # connection reset, timeout: the partial file is kept for a resume
-            raise FetchError(f"download of {name} from {repo} was interrupted ({e.__class__.__name__}): "
-                             "run the same command again to resume it") from None
+            raise FetchError(
+                f"download of {name} from {repo} was interrupted ({e.__class__.__name__}): "
+                "run the same command again to resume it"
+            ) from None
         _verify(p, files[name], manifest, progress)
         paths.append(p)
     _write_manifest(repo, manifest)
@@ -218,9 +241,12 @@ def fetch(spec: str, quant: str | None = None, revision: str = "main", progress:
 def cached(entry: CatalogEntry) -> list[str]:
     """The quantizations of a catalog entry fetched (and checked) on this machine."""
     from huggingface_hub import try_to_load_from_cache
+
     out = []
     for key, pair in _read_manifest(entry.repo).get("pairs", {}).items():
-        if all(isinstance(try_to_load_from_cache(entry.repo, f, revision=key.split(":")[0]), str)
-               for f in (pair["model"], pair["mmproj"])):
+        if all(
+            isinstance(try_to_load_from_cache(entry.repo, f, revision=key.split(":")[0]), str)
+            for f in (pair["model"], pair["mmproj"])
+        ):
             out.append(pair["quant"])
     return sorted(set(out))

@@ -4,6 +4,7 @@ Used to check a file before it reaches the C loaders, so that a truncated or
 foreign file becomes a clear Python error rather than whatever the C side does
 with it. Reads the key/value metadata and tensor table only, never the data.
 """
+
 from __future__ import annotations
 
 import struct
@@ -17,18 +18,43 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
 # GGUF value types -> struct format (scalars only)
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 
 # ggml type id -> (elements per block, bytes per block), for the data-size check
 _GGML_TYPE_SIZE = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24),
-    8: (32, 34), 9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144),
-    13: (256, 176), 14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74),
-    18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
-    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
-    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
+    0: (1, 4),
+    1: (1, 2),
+    2: (32, 18),
+    3: (32, 20),
+    6: (32, 22),
+    7: (32, 24),
+    8: (32, 34),
+    9: (32, 36),
+    10: (256, 84),
+    11: (256, 110),
+    12: (256, 144),
+    13: (256, 176),
+    14: (256, 210),
+    15: (256, 292),
+    16: (256, 66),
+    17: (256, 74),
+    18: (256, 98),
+    19: (256, 50),
+    20: (32, 18),
+    21: (256, 110),
+    22: (256, 82),
+    23: (256, 136),
+    24: (1, 1),
+    25: (1, 2),
+    26: (1, 4),
+    27: (1, 8),
+    28: (1, 8),
+    29: (256, 56),
+    30: (1, 2),
+    34: (256, 54),
+    35: (256, 66),
+    39: (32, 17),
 }
 
 
@@ -72,8 +98,7 @@ class _Reader:
     def read(self, n: int) -> bytes:
         b = self.f.read(n)
         if len(b) != n:
-            raise ModelFileError(f"{self.path}: file is truncated (header ends early); "
-                                 "re-download or regenerate it")
+            raise ModelFileError(f"{self.path}: file is truncated (header ends early); re-download or regenerate it")
         return b
 
     def scalar(self, t: int) -> Any:
@@ -143,5 +168,6 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     if need > size:
         raise ModelFileError(
             f"{path}: file is truncated ({size} bytes, its tensors need {need}); "
-            "the download was probably interrupted: fetch it again")
+            "the download was probably interrupted: fetch it again"
+        )
     return info

@@ -6,6 +6,7 @@ pixels are exactly those llama-mtmd-cli sees. Anything else Pillow can read
 (WebP, TIFF, ...) is converted to RGB here. Pillow checks every image first,
 so a bad file is a Python error, never a C-side failure.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -23,7 +24,7 @@ ImageInput = Union[str, Path, bytes, "Image.Image", np.ndarray]
 _STB_FORMATS = {"PNG", "JPEG", "BMP", "GIF", "TGA", "PSD", "PPM"}
 
 
-def _rgb_bytes(img: "Image.Image") -> tuple[int, int, bytes]:
+def _rgb_bytes(img: Image.Image) -> tuple[int, int, bytes]:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img.width, img.height, img.tobytes()
@@ -57,8 +58,9 @@ def load_bitmap(mtmd_cpp: Any, mctx: Any, src: ImageInput) -> Any:
             raise ImageError(f"image array must be uint8 HxWx3 (or HxWx4 / HxW), got {a.dtype} {a.shape}")
         rgb = (a.shape[1], a.shape[0], np.ascontiguousarray(a[:, :, :3]).tobytes())
     else:
-        raise ImageError(f"unsupported image type {type(src).__name__}: "
-                         "give a path, bytes, a PIL image or a uint8 array")
+        raise ImageError(
+            f"unsupported image type {type(src).__name__}: give a path, bytes, a PIL image or a uint8 array"
+        )
 
     if data is not None:
         try:

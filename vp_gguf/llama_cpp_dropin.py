@@ -18,10 +18,12 @@ no step, however llama-cpp-python splits it (a one-token last ``n_batch`` piece,
 the last token re-evaluated on a cache hit). Text-only requests have no visual
 cells and are untouched.
 """
+
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from . import _vp_ctypes as V
 from .visionpulse import VisionPulse, VisionPulseReport
@@ -57,8 +59,9 @@ class VisionPulseSession:
 
     def _begin(self) -> VisionPulseReport:
         V.llama_vp_reset(self._ctx, -1)
-        return VisionPulseReport(mode=self.vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx),
-                                 settings=self.vp.resolved(), steps=[])
+        return VisionPulseReport(
+            mode=self.vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx), settings=self.vp.resolved(), steps=[]
+        )
 
     def _usage(self, report: VisionPulseReport) -> dict[str, Any] | None:
         report.record(self._ctx, self.per_step)  # the last step decoded after the last sampling
@@ -74,6 +77,7 @@ class VisionPulseSession:
 
     def create_chat_completion(self, *args: Any, **kwargs: Any):
         import llama_cpp
+
         report = self._begin()
         # Dense prompt processing: the handler and Llama.eval may decode its text one token at a time.
         # Static stays on: its one-token decode of the last prompt token ranks the image, pruning nothing.
@@ -90,6 +94,7 @@ class VisionPulseSession:
                 generating = True
                 self._start_generation(report)
             return scores
+
         kwargs["logits_processor"] = llama_cpp.LogitsProcessorList([record, *(user_lp or [])])
         out = self._orig(*args, **kwargs)
         if not kwargs.get("stream"):
@@ -112,15 +117,19 @@ class VisionPulseSession:
             yield prev
 
 
-def enable_visionpulse(llm: Any, visionpulse: VisionPulse | str | int = 5, *, per_step: bool = False) -> VisionPulseSession:
+def enable_visionpulse(
+    llm: Any, visionpulse: VisionPulse | str | int = 5, *, per_step: bool = False
+) -> VisionPulseSession:
     """Turn VisionPulse on for ``llm`` (a ``llama_cpp.Llama``); returns the session (``.disable()``).
 
     ``visionpulse``: 5, 10 or a :class:`VisionPulse`. ``per_step=True`` adds every step's
     kept tokens to ``usage["visionpulse"]["steps"]``."""
     vp = VisionPulse.parse(visionpulse)
     if vp is None:
-        raise ValueError("enable_visionpulse needs a preset (5 or 10) or a VisionPulse; to switch it off, "
-                         "call .disable() on the session it returned")
+        raise ValueError(
+            "enable_visionpulse needs a preset (5 or 10) or a VisionPulse; to switch it off, "
+            "call .disable() on the session it returned"
+        )
     vp.check()
     old = getattr(llm, "visionpulse", None)
     if isinstance(old, VisionPulseSession):

@@ -5,31 +5,38 @@ The pipeline is libmtmd's own: the prompt holds one media marker per image,
 encoded by the projector and decoded into the KV cache by the mtmd helper,
 and generation then runs token by token through ``llama_decode``.
 """
+
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import os
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any
+
+from typing_extensions import Self
 
 from . import _log
 from . import _vp_ctypes as V
 from ._libs import llama_cpp as L
 from ._libs import mtmd_cpp as M
-from .errors import (ContextOverflowError, DecodeError, ImageError, ModelFileError,
-                     ProjectorMismatchError, PromptError)
+from .errors import ContextOverflowError, DecodeError, ImageError, ModelFileError, ProjectorMismatchError, PromptError
 from .gguf_file import read_gguf_info
 from .images import ImageInput, load_bitmap
 from .result import GenerationResult, ImageSpan, Timings
 from .visionpulse import VisionPulse, VisionPulseReport
 
 DEFAULT_MARKER = "<__media__>"
-_FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-               "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+_FLASH_ATTN = {
+    "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
 _KV_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type ids
 _NO_POST_DECODE = M.mtmd_helper_post_decode_callback()  # a NULL function pointer
 _NON_CAUSAL_IMAGE_PROJECTORS = {"gemma3", "gemma4v", "gemma4uv", "deepseek4v"}
@@ -38,18 +45,19 @@ _NON_CAUSAL_IMAGE_PROJECTORS = {"gemma3", "gemma4v", "gemma4uv", "deepseek4v"}
 @dataclass
 class ModelParams:
     """Load-time settings; names follow llama-cpp-python's ``Llama`` arguments."""
+
     n_ctx: int = 4096
-    n_batch: int = 2048          # logical batch; image chunks are decoded in pieces of this size
-    n_ubatch: int = 512          # physical batch (llama.cpp's default); raised for non-causal images
+    n_batch: int = 2048  # logical batch; image chunks are decoded in pieces of this size
+    n_ubatch: int = 512  # physical batch (llama.cpp's default); raised for non-causal images
     n_threads: int | None = None  # None: all cores
-    n_gpu_layers: int = 0        # -1 offloads every layer
-    flash_attn: str = "auto"     # "on" | "off" | "auto"
+    n_gpu_layers: int = 0  # -1 offloads every layer
+    flash_attn: str = "auto"  # "on" | "off" | "auto"
     mmproj_use_gpu: bool = True  # the projector follows n_gpu_layers != 0 unless this is False
-    warmup: bool = True          # run the projector once at load, as llama.cpp's tools do
-    verbose: bool = False        # llama.cpp's logs on stderr
-    n_seq_max: int = 1           # sequences one context can hold (for multi-sequence use)
-    kv_unified: bool = True      # one KV stream for all sequences (False: one per sequence)
-    type_k: str = "f16"          # KV cache types: "f16" or "q8_0" (quantized V needs flash attention)
+    warmup: bool = True  # run the projector once at load, as llama.cpp's tools do
+    verbose: bool = False  # llama.cpp's logs on stderr
+    n_seq_max: int = 1  # sequences one context can hold (for multi-sequence use)
+    kv_unified: bool = True  # one KV stream for all sequences (False: one per sequence)
+    type_k: str = "f16"  # KV cache types: "f16" or "q8_0" (quantized V needs flash attention)
     type_v: str = "f16"
     capture: tuple[str, ...] = ()  # debugging: names of graph tensors to copy out at every step
 
@@ -71,11 +79,12 @@ class ModelParams:
 @dataclass
 class SamplingParams:
     """Token sampling. temperature <= 0 is greedy (argmax)."""
+
     temperature: float = 0.0
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
-    seed: int = 0xFFFFFFFF       # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
+    seed: int = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
 
     def check(self) -> None:
         if self.temperature != self.temperature:  # NaN
@@ -102,8 +111,13 @@ class VisionModel:
     ...     print(vm.generate("What is in the image?", images=["cat.png"]).text)
     """
 
-    def __init__(self, model_path: str | os.PathLike, mmproj_path: str | os.PathLike,
-                 params: ModelParams | None = None, **overrides) -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        mmproj_path: str | os.PathLike,
+        params: ModelParams | None = None,
+        **overrides,
+    ) -> None:
         self.params = params or ModelParams()
         for k, v in overrides.items():
             if not hasattr(self.params, k):
@@ -127,13 +141,17 @@ class VisionModel:
         """Catch wrong, truncated or mismatched files before the C loaders see them."""
         info = read_gguf_info(self.model_path)
         if info.architecture == "clip":
-            raise ModelFileError(f"{self.model_path} is a multimodal projector (mmproj), not a "
-                                 "language model: pass it as mmproj_path / --mmproj")
+            raise ModelFileError(
+                f"{self.model_path} is a multimodal projector (mmproj), not a "
+                "language model: pass it as mmproj_path / --mmproj"
+            )
         proj = read_gguf_info(self.mmproj_path)
         if proj.architecture != "clip":
-            raise ModelFileError(f"{self.mmproj_path} is not a multimodal projector (mmproj) "
-                                 f"but a '{proj.architecture}' model; pass the mmproj GGUF that "
-                                 "belongs to the language model")
+            raise ModelFileError(
+                f"{self.mmproj_path} is not a multimodal projector (mmproj) "
+                f"but a '{proj.architecture}' model; pass the mmproj GGUF that "
+                "belongs to the language model"
+            )
         if not proj.get("clip.has_vision_encoder", True):
             raise ModelFileError(f"{self.mmproj_path} has no vision encoder (audio-only projector)")
         self.architecture = info.architecture
@@ -144,7 +162,8 @@ class VisionModel:
             raise ProjectorMismatchError(
                 f"{self.mmproj_path.name} projects images to {n_proj}-dim embeddings but "
                 f"{self.model_path.name} has embedding size {n_embd}: this mmproj belongs to "
-                "another model; use the mmproj published with this model")
+                "another model; use the mmproj published with this model"
+            )
 
     def _load(self) -> None:
         p = self.params
@@ -154,9 +173,8 @@ class VisionModel:
         mp.n_gpu_layers = p.n_gpu_layers if p.n_gpu_layers >= 0 else 999
         self._model = L.llama_model_load_from_file(str(self.model_path).encode(), mp)
         if not self._model:
-            raise ModelFileError(f"llama.cpp could not load {self.model_path}: "
-                                 f"{_log.last_error() or 'unknown error'}")
-        self._vocab = L.llama_model_get_vocab(self._model)
+            raise ModelFileError(f"llama.cpp could not load {self.model_path}: {_log.last_error() or 'unknown error'}")
+        self._vocab: Any = L.llama_model_get_vocab(self._model)
 
         cp = L.llama_context_default_params()
         cp.n_ctx = p.n_ctx
@@ -173,15 +191,18 @@ class VisionModel:
         self.captured: dict[str, list] = {}
         if p.capture:
             from ._capture import make_eval_callback
+
             self._cb_eval = make_eval_callback(set(p.capture), self.captured)
             cp.cb_eval = self._cb_eval
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
-            raise ModelFileError(f"llama.cpp could not create a context for {self.model_path} "
-                                 f"(n_ctx={p.n_ctx}): {_log.last_error() or 'unknown error'}")
-        self.n_ctx = L.llama_n_ctx(self._ctx)
-        self.n_batch = L.llama_n_batch(self._ctx)
-        self.n_ubatch = L.llama_n_ubatch(self._ctx)
+            raise ModelFileError(
+                f"llama.cpp could not create a context for {self.model_path} "
+                f"(n_ctx={p.n_ctx}): {_log.last_error() or 'unknown error'}"
+            )
+        self.n_ctx: int = int(L.llama_n_ctx(self._ctx))
+        self.n_batch: int = int(L.llama_n_batch(self._ctx))
+        self.n_ubatch: int = int(L.llama_n_ubatch(self._ctx))
 
         mparams = M.mtmd_context_params_default()
         mparams.use_gpu = bool(p.mmproj_use_gpu and p.n_gpu_layers != 0)
@@ -194,12 +215,13 @@ class VisionModel:
             err = _log.last_error() or "unknown error"
             if "mismatch between text model" in err:
                 raise ProjectorMismatchError(
-                    f"{self.mmproj_path.name} does not belong to {self.model_path.name}: {err.strip()}")
+                    f"{self.mmproj_path.name} does not belong to {self.model_path.name}: {err.strip()}"
+                )
             raise ModelFileError(f"libmtmd could not load the projector {self.mmproj_path}: {err.strip()}")
         if not M.mtmd_support_vision(self._mctx):
             raise ModelFileError(f"{self.mmproj_path} does not support image input")
         self.uses_mrope = bool(M.mtmd_decode_use_mrope(self._mctx))
-        self.marker = (M.mtmd_default_marker() or DEFAULT_MARKER.encode()).decode()
+        self.marker: str = (M.mtmd_default_marker() or DEFAULT_MARKER.encode()).decode()
 
     def close(self) -> None:
         """Free the native model, context and projector (also done on garbage collection)."""
@@ -213,17 +235,16 @@ class VisionModel:
             L.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> "VisionModel":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        # at interpreter exit the ctypes layer may already be gone: nothing left to free then
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     # -- tokens --------------------------------------------------------------------------
     @property
@@ -236,7 +257,7 @@ class VisionModel:
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:max(n, 0)]
+        return buf.raw[: max(n, 0)]
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         return b"".join(self.token_to_bytes(t, special) for t in tokens).decode("utf-8", errors="replace")
@@ -246,8 +267,10 @@ class VisionModel:
         chat template, ending with the assistant's turn to speak."""
         tmpl = L.llama_model_chat_template(self._model, None)
         if not tmpl:
-            raise PromptError(f"{self.model_path.name} has no chat template; pass the prompt raw "
-                              "(chat_template=False) in the format the model expects")
+            raise PromptError(
+                f"{self.model_path.name} has no chat template; pass the prompt raw "
+                "(chat_template=False) in the format the model expects"
+            )
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         enc = [(m["role"].encode(), m["content"].encode()) for m in msgs]  # kept alive during the call
         arr = (L.llama_chat_message * len(enc))(*[L.llama_chat_message(role=r, content=c) for r, c in enc])
@@ -256,17 +279,24 @@ class VisionModel:
             buf = ctypes.create_string_buffer(size)
             n = L.llama_chat_apply_template(tmpl, arr, len(enc), True, buf, size)
             if n < 0:
-                raise PromptError("llama.cpp does not support this model's chat template; "
-                                  "pass the prompt raw (chat_template=False)")
+                raise PromptError(
+                    "llama.cpp does not support this model's chat template; pass the prompt raw (chat_template=False)"
+                )
             if n <= size:
                 return buf.raw[:n].decode("utf-8", errors="replace")
             size = n + 1
         raise PromptError("chat template output too long")
 
     # -- generation ----------------------------------------------------------------------
-    def generate(self, prompt: str, images: Sequence[ImageInput] = (), max_tokens: int = 128,
-                 sampling: SamplingParams | None = None, chat_template: bool = False,
-                 visionpulse: VisionPulse | str | int | None = None) -> GenerationResult:
+    def generate(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput] = (),
+        max_tokens: int = 128,
+        sampling: SamplingParams | None = None,
+        chat_template: bool = False,
+        visionpulse: VisionPulse | str | int | None = None,
+    ) -> GenerationResult:
         """Generate text from images and a prompt; returns the text, token ids, counts and timings.
 
         Images go where the prompt holds the marker ``<__media__>``; a prompt without
@@ -279,9 +309,15 @@ class VisionModel:
         assert self.last_result is not None
         return self.last_result
 
-    def stream(self, prompt: str, images: Sequence[ImageInput] = (), max_tokens: int = 128,
-               sampling: SamplingParams | None = None, chat_template: bool = False,
-               visionpulse: VisionPulse | str | int | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput] = (),
+        max_tokens: int = 128,
+        sampling: SamplingParams | None = None,
+        chat_template: bool = False,
+        visionpulse: VisionPulse | str | int | None = None,
+    ) -> Iterator[str]:
         """Like generate(), yielding text pieces as they are produced; the full result is
         in ``last_result`` afterwards."""
         if isinstance(images, (str, Path, bytes)):
@@ -302,9 +338,14 @@ class VisionModel:
         finally:
             self._lock.release()
 
-    def teacher_forced(self, prompt: str, images: Sequence[ImageInput], tokens: Sequence[int],
-                       visionpulse: VisionPulse | str | int | None = None,
-                       after_prefill=None):
+    def teacher_forced(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput],
+        tokens: Sequence[int],
+        visionpulse: VisionPulse | str | int | None = None,
+        after_prefill=None,
+    ):
         """Logits at every step when ``tokens`` are fed as the answer (no sampling).
 
         Returns ``(logits, report)``: logits is a float32 array [len(tokens), n_vocab] whose
@@ -312,6 +353,7 @@ class VisionModel:
         per-step VisionPulse selection (or None). ``after_prefill(model, image_spans)``, if
         given, runs between the prompt and the first forced token (tests use it to edit the cache)."""
         import numpy as np
+
         vp = VisionPulse.parse(visionpulse)
         if vp is not None:
             vp.check()
@@ -335,8 +377,7 @@ class VisionModel:
                 if i == len(tokens) - 1:
                     break
                 tok_arr[0] = tok
-                self._check_decode(L.llama_decode(self._ctx, L.llama_batch_get_one(tok_arr, 1)),
-                                   "a forced token")
+                self._check_decode(L.llama_decode(self._ctx, L.llama_batch_get_one(tok_arr, 1)), "a forced token")
                 n_past += 1
                 if report is not None:
                     report.record(self._ctx)
@@ -352,9 +393,11 @@ class VisionModel:
         if n_markers == 0 and n_images:
             prompt = self.marker * n_images + prompt
         elif n_markers != n_images:
-            raise PromptError(f"the prompt has {n_markers} image marker(s) {self.marker!r} but "
-                              f"{n_images} image(s) were given: use one marker per image, or none "
-                              "to put all images before the prompt")
+            raise PromptError(
+                f"the prompt has {n_markers} image marker(s) {self.marker!r} but "
+                f"{n_images} image(s) were given: use one marker per image, or none "
+                "to put all images before the prompt"
+            )
         return self.apply_chat_template(prompt) if chat_template else prompt
 
     def _prepare(self, prompt: str, images: list, chat_template: bool) -> _Prepared:
@@ -368,8 +411,10 @@ class VisionModel:
             arr = (ctypes.c_void_p * max(1, len(prep.bitmaps)))(*prep.bitmaps)
             rc = M.mtmd_tokenize(self._mctx, prep.chunks, ctypes.byref(itext), arr, len(prep.bitmaps))
             if rc != 0:
-                raise ImageError(f"libmtmd could not preprocess the prompt's images (code {rc}): "
-                                 f"{_log.last_error() or 'see logs with verbose=True'}")
+                raise ImageError(
+                    f"libmtmd could not preprocess the prompt's images (code {rc}): "
+                    f"{_log.last_error() or 'see logs with verbose=True'}"
+                )
             self._check_prepared(prep)
         except BaseException:
             self._free_prepared(prep)
@@ -388,18 +433,19 @@ class VisionModel:
                 if self.projector_type in _NON_CAUSAL_IMAGE_PROJECTORS and nt > self.n_ubatch:
                     raise ContextOverflowError(
                         f"an image takes {nt} tokens but n_batch is {self.n_ubatch}; this model "
-                        f"attends to an image as a whole, so raise n_batch to at least {nt}")
+                        f"attends to an image as a whole, so raise n_batch to at least {nt}"
+                    )
         prep.n_tokens = M.mtmd_helper_get_n_tokens(prep.chunks)
         prep.n_pos = M.mtmd_helper_get_n_pos(prep.chunks)
         if last_type is not None and last_type != M.MTMD_INPUT_CHUNK_TYPE_TEXT:
-            raise PromptError("the prompt ends with an image: put the question (some text) after the "
-                              "last image marker")
+            raise PromptError("the prompt ends with an image: put the question (some text) after the last image marker")
         if prep.n_tokens == 0:
             raise PromptError("the prompt is empty")
         if prep.n_pos + 1 > self.n_ctx or prep.n_tokens + 1 > self.n_ctx:
             raise ContextOverflowError(
                 f"the prompt needs {prep.n_tokens} tokens ({prep.n_image_tokens} for images) but the "
-                f"context holds {self.n_ctx}: raise n_ctx (-c) or use fewer/smaller images")
+                f"context holds {self.n_ctx}: raise n_ctx (-c) or use fewer/smaller images"
+            )
 
     @staticmethod
     def _free_prepared(prep: _Prepared) -> None:
@@ -427,8 +473,7 @@ class VisionModel:
         if rc == 0:
             return
         if rc == 1:
-            raise ContextOverflowError(f"the context ({self.n_ctx} tokens) is full while decoding "
-                                       f"{what}: raise n_ctx")
+            raise ContextOverflowError(f"the context ({self.n_ctx} tokens) is full while decoding {what}: raise n_ctx")
         raise DecodeError(f"llama.cpp failed to decode {what} (code {rc}): {_log.last_error() or ''}".strip())
 
     def _decode_tokens(self, tokens: Sequence[int], pos0: int, what: str) -> None:
@@ -470,25 +515,42 @@ class VisionModel:
                     self._decode_tokens(toks[-1:], n_past + len(toks) - 1, "the last prompt token")
                     new_n_past.value = n_past + len(toks)
                 else:
-                    rc = M.mtmd_helper_eval_chunk_single(self._mctx, self._ctx, ch, n_past, 0,
-                                                         self.n_batch, i == n - 1, ctypes.byref(new_n_past))
+                    rc = M.mtmd_helper_eval_chunk_single(
+                        self._mctx, self._ctx, ch, n_past, 0, self.n_batch, i == n - 1, ctypes.byref(new_n_past)
+                    )
                     self._check_decode(rc, "the prompt text")
                 t.prefill_ms += (time.perf_counter() - t0) * 1e3
             else:
                 img = M.mtmd_input_chunk_get_tokens_image(ch)
-                self._image_spans.append(ImageSpan(
-                    pos=n_past, n_tokens=M.mtmd_input_chunk_get_n_tokens(ch),
-                    n_pos=M.mtmd_input_chunk_get_n_pos(ch),
-                    nx=M.mtmd_image_tokens_get_nx(img), ny=M.mtmd_image_tokens_get_ny(img)))
+                self._image_spans.append(
+                    ImageSpan(
+                        pos=n_past,
+                        n_tokens=M.mtmd_input_chunk_get_n_tokens(ch),
+                        n_pos=M.mtmd_input_chunk_get_n_pos(ch),
+                        nx=M.mtmd_image_tokens_get_nx(img),
+                        ny=M.mtmd_image_tokens_get_ny(img),
+                    )
+                )
                 t0 = time.perf_counter()
                 if M.mtmd_encode_chunk(self._mctx, ch) != 0:
-                    raise ImageError(f"the projector failed to encode image chunk {i}: "
-                                     f"{_log.last_error() or ''}".strip())
+                    raise ImageError(
+                        f"the projector failed to encode image chunk {i}: {_log.last_error() or ''}".strip()
+                    )
                 embd = M.mtmd_get_output_embd(self._mctx)
                 t1 = time.perf_counter()
                 t.image_encode_ms += (t1 - t0) * 1e3
-                rc = M.mtmd_helper_decode_image_chunk(self._mctx, self._ctx, ch, embd, n_past, 0,
-                                                      self.n_batch, ctypes.byref(new_n_past), _NO_POST_DECODE, None)
+                rc = M.mtmd_helper_decode_image_chunk(
+                    self._mctx,
+                    self._ctx,
+                    ch,
+                    embd,
+                    n_past,
+                    0,
+                    self.n_batch,
+                    ctypes.byref(new_n_past),
+                    _NO_POST_DECODE,
+                    None,
+                )
                 self._check_decode(rc, "an image")
                 t.prefill_ms += (time.perf_counter() - t1) * 1e3
             n_past = new_n_past.value
@@ -499,8 +561,9 @@ class VisionModel:
         if V.llama_vp_enable(self._ctx, ctypes.byref(params)) != 0:
             raise ValueError(f"VisionPulse: {V.last_error()}")
         if vp.mode == "forced":
-            arr = (ctypes.c_int32 * max(1, len(vp.forced)))(*vp.forced)
-            V.llama_vp_set_forced(self._ctx, 0, arr, len(vp.forced))
+            forced = list(vp.forced or ())
+            arr = (ctypes.c_int32 * max(1, len(forced)))(*forced)
+            V.llama_vp_set_forced(self._ctx, 0, arr, len(forced))
 
     def _start_vp(self, vp: VisionPulse | None) -> VisionPulseReport | None:
         """Switch the selection on for generation (after the dense prefill)."""
@@ -508,8 +571,9 @@ class VisionModel:
             return None
         if vp.mode != "static":  # static: on since the last prompt token ranked the image
             self._enable_vp(vp)
-        report = VisionPulseReport(mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx),
-                                   settings=vp.resolved(), steps=[])
+        report = VisionPulseReport(
+            mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx), settings=vp.resolved(), steps=[]
+        )
         report._last_step = self._vp_step_no()
         return report
 
@@ -517,8 +581,15 @@ class VisionModel:
         st = V.llama_vp_stats()
         return int(st.step) if V.llama_vp_get_stats(self._ctx, 0, ctypes.byref(st)) == 0 else 0
 
-    def _run(self, prompt: str, images: list, max_tokens: int, sampling: SamplingParams,
-             chat_template: bool, vp: VisionPulse | None) -> Iterator[str]:
+    def _run(
+        self,
+        prompt: str,
+        images: list,
+        max_tokens: int,
+        sampling: SamplingParams,
+        chat_template: bool,
+        vp: VisionPulse | None,
+    ) -> Iterator[str]:
         self.last_result = None
         _log.clear()
         V.llama_vp_disable(self._ctx)  # prefill is always dense
@@ -571,9 +642,16 @@ class VisionModel:
                 text_parts.append(tail)
                 yield tail
             self.last_result = GenerationResult(
-                text="".join(text_parts), tokens=tokens, n_prompt_tokens=prep.n_tokens,
-                n_image_tokens=prep.n_image_tokens, n_generated=len(tokens), stop_reason=stop,
-                timings=t, visionpulse=report, images=list(self._image_spans))
+                text="".join(text_parts),
+                tokens=tokens,
+                n_prompt_tokens=prep.n_tokens,
+                n_image_tokens=prep.n_image_tokens,
+                n_generated=len(tokens),
+                stop_reason=stop,
+                timings=t,
+                visionpulse=report,
+                images=list(self._image_spans),
+            )
         finally:
             V.llama_vp_disable(self._ctx)
             L.llama_sampler_free(sampler)

@@ -1,4 +1,5 @@
 """What a generation returns."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -8,10 +9,11 @@ from typing import Any
 @dataclass
 class Timings:
     """Wall-clock timings of one generation, in milliseconds (rates in tokens/s)."""
+
     image_encode_ms: float = 0.0  # vision encoder + projector, all images
-    prefill_ms: float = 0.0       # text and image-embedding prefill into the KV cache
-    decode_ms: float = 0.0        # generated tokens after the first
-    n_decode: int = 0             # tokens timed by decode_ms
+    prefill_ms: float = 0.0  # text and image-embedding prefill into the KV cache
+    decode_ms: float = 0.0  # generated tokens after the first
+    n_decode: int = 0  # tokens timed by decode_ms
 
     @property
     def prefill_tok_s(self) -> float:
@@ -36,28 +38,29 @@ class Timings:
 @dataclass
 class ImageSpan:
     """Where one image chunk sits in the sequence: its first position, its token grid."""
-    pos: int        # position of its first token
+
+    pos: int  # position of its first token
     n_tokens: int
-    n_pos: int      # positions it takes (M-RoPE: max(nx, ny); else n_tokens)
-    nx: int         # token grid columns, as libmtmd reports them
-    ny: int         # token grid rows (1 for projectors that report a flat sequence)
+    n_pos: int  # positions it takes (M-RoPE: max(nx, ny); else n_tokens)
+    nx: int  # token grid columns, as libmtmd reports them
+    ny: int  # token grid rows (1 for projectors that report a flat sequence)
 
     @property
     def grid(self) -> tuple[int, int]:
         """(rows, cols) of the image's tokens; a flat square sequence is read as a square."""
         if self.ny > 1:
             return self.ny, self.nx
-        side = int(round(self.n_tokens ** 0.5))
+        side = round(self.n_tokens**0.5)
         return (side, side) if side * side == self.n_tokens else (1, self.n_tokens)
 
 
-def locate(spans: "list[ImageSpan]", ordinal: int) -> tuple[int, int, int]:
+def locate(spans: list[ImageSpan], ordinal: int) -> tuple[int, int, int]:
     """(image index, row, col) of a visual-token ordinal (as VisionPulse reports kept tokens)."""
     if ordinal < 0:
         raise IndexError(ordinal)
     for i, sp in enumerate(spans):
         if ordinal < sp.n_tokens:
-            rows, cols = sp.grid
+            _rows, cols = sp.grid
             return i, ordinal // cols, ordinal % cols
         ordinal -= sp.n_tokens
     raise IndexError("ordinal beyond the images of this prompt")
@@ -67,10 +70,10 @@ def locate(spans: "list[ImageSpan]", ordinal: int) -> tuple[int, int, int]:
 class GenerationResult:
     text: str
     tokens: list[int]
-    n_prompt_tokens: int   # every position in the prompt: text and image tokens
-    n_image_tokens: int    # of which image tokens
+    n_prompt_tokens: int  # every position in the prompt: text and image tokens
+    n_image_tokens: int  # of which image tokens
     n_generated: int
-    stop_reason: str       # "eos" | "length" | "context"
+    stop_reason: str  # "eos" | "length" | "context"
     timings: Timings
     visionpulse: Any = None  # VisionPulseReport when a selection mode was on
     images: list[ImageSpan] = field(default_factory=list)

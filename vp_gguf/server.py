@@ -125,8 +125,11 @@ def _num(body: dict, key: str, typ, default, lo=None, hi=None):
 
 
 def _usage(res) -> dict[str, Any]:
-    u: dict[str, Any] = {"prompt_tokens": res.n_prompt_tokens, "completion_tokens": res.n_generated,
-                         "total_tokens": res.n_prompt_tokens + res.n_generated}
+    u: dict[str, Any] = {
+        "prompt_tokens": res.n_prompt_tokens,
+        "completion_tokens": res.n_generated,
+        "total_tokens": res.n_prompt_tokens + res.n_generated,
+    }
     vp = res.visionpulse.usage() if res.visionpulse is not None else None
     if vp is not None:
         u["visionpulse"] = vp
@@ -138,7 +141,7 @@ def create_app(model: VisionModel, name: str, default_vp: VisionPulse | None = N
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title="vp-gguf", version="1")
-    lock = threading.Lock()            # one generation at a time on the one model
+    lock = threading.Lock()  # one generation at a time on the one model
     waiting = {"n": 0}
     waiting_lock = threading.Lock()
 
@@ -162,10 +165,12 @@ def create_app(model: VisionModel, name: str, default_vp: VisionPulse | None = N
             max_tokens = _num(body, "max_tokens", int, 256, 1, model.n_ctx)
             if "max_completion_tokens" in body:
                 max_tokens = _num(body, "max_completion_tokens", int, max_tokens, 1, model.n_ctx)
-            sampling = SamplingParams(temperature=_num(body, "temperature", float, 0.0, 0, 5),
-                                      top_p=_num(body, "top_p", float, 0.95, 0, 1),
-                                      top_k=_num(body, "top_k", int, 40, 0, 10 ** 6),
-                                      seed=_num(body, "seed", int, 0xFFFFFFFF, 0, 2 ** 32 - 1))
+            sampling = SamplingParams(
+                temperature=_num(body, "temperature", float, 0.0, 0, 5),
+                top_p=_num(body, "top_p", float, 0.95, 0, 1),
+                top_k=_num(body, "top_k", int, 40, 0, 10**6),
+                seed=_num(body, "seed", int, 0xFFFFFFFF, 0, 2**32 - 1),
+            )
             vp = _vp_from_body(body.get("visionpulse"), default_vp)
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
@@ -188,25 +193,34 @@ def create_app(model: VisionModel, name: str, default_vp: VisionPulse | None = N
                 with lock:
                     with waiting_lock:
                         waiting["n"] -= 1
-                    it = model.stream(prompt, images=images, max_tokens=max_tokens, sampling=sampling,
-                                      chat_template=False, visionpulse=vp)
+                    it = model.stream(
+                        prompt,
+                        images=images,
+                        max_tokens=max_tokens,
+                        sampling=sampling,
+                        chat_template=False,
+                        visionpulse=vp,
+                    )
                     for p in it:
                         if cancel.is_set():  # the client left: stop generating
                             it.close()
                             break
                         pieces.put(("piece", p))
                     pieces.put(("done", model.last_result))
-            except VPGGUFError as e:
-                pieces.put(("error", e))
-            except Exception as e:  # never a dead server
+            except Exception as e:  # noqa: BLE001 - a VPGGUFError or anything else: never a dead server
                 pieces.put(("error", e))
 
         threading.Thread(target=work, daemon=True).start()
         loop = asyncio.get_running_loop()
 
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            c = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
             if usage is not None:
                 c["usage"] = usage
             return f"data: {json.dumps(c)}\n\n"
@@ -226,10 +240,20 @@ def create_app(model: VisionModel, name: str, default_vp: VisionPulse | None = N
                 else:
                     res = val
                     break
-            return {"id": rid, "object": "chat.completion", "created": created, "model": name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                                 "finish_reason": finish_reason(res)}],
-                    "usage": _usage(res)}
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(text)},
+                        "finish_reason": finish_reason(res),
+                    }
+                ],
+                "usage": _usage(res),
+            }
 
         first = await loop.run_in_executor(None, pieces.get)  # errors before any text are HTTP errors
         if first[0] == "error":

@@ -1,32 +1,34 @@
 """VisionPulse settings and per-step reports (Python side of cpp/include/llama-visionpulse.h)."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence, Union
+from typing import Any
 
 from . import _vp_ctypes as V
 
 MODES = {
-    "dense": V.LLAMA_VP_MODE_DENSE,          # nothing dropped; stats only
+    "dense": V.LLAMA_VP_MODE_DENSE,  # nothing dropped; stats only
     "visionpulse": V.LLAMA_VP_MODE_DYNAMIC,  # the method: budget from the visual mass
-    "fixed": V.LLAMA_VP_MODE_FIXED,          # fixed ratio per step
-    "random": V.LLAMA_VP_MODE_RANDOM,        # same budget as visionpulse, random tokens (control)
-    "static": V.LLAMA_VP_MODE_STATIC,        # FastV-style: ranked once at the last prompt token
-    "forced": V.LLAMA_VP_MODE_FORCED,        # a given set (tests, tools)
+    "fixed": V.LLAMA_VP_MODE_FIXED,  # fixed ratio per step
+    "random": V.LLAMA_VP_MODE_RANDOM,  # same budget as visionpulse, random tokens (control)
+    "static": V.LLAMA_VP_MODE_STATIC,  # FastV-style: ranked once at the last prompt token
+    "forced": V.LLAMA_VP_MODE_FORCED,  # a given set (tests, tools)
 }
 ATTN = {"auto": V.LLAMA_VP_ATTN_AUTO, "mask": V.LLAMA_VP_ATTN_MASK, "gather": V.LLAMA_VP_ATTN_GATHER}
 ATTN_NAMES = {v: k for k, v in ATTN.items()}
 # Named settings that benchmarks and the evaluation harness compare side by side.
 COMPARISON_MODES: dict[str, dict[str, Any] | None] = {
     "dense": None,
-    "visionpulse-5": dict(mode="visionpulse", preset=5),
-    "visionpulse-10": dict(mode="visionpulse", preset=10),
-    "fixed-5%": dict(mode="fixed", ratio=0.05),
-    "fixed-1%": dict(mode="fixed", ratio=0.01),
-    "random-5": dict(mode="random", preset=5, seed=1),
-    "static-5%": dict(mode="static", ratio=0.05),
-    "visionpulse-5-lagged": dict(mode="visionpulse", preset=5, lagged=True),  # opt-in, beyond the paper
+    "visionpulse-5": {"mode": "visionpulse", "preset": 5},
+    "visionpulse-10": {"mode": "visionpulse", "preset": 10},
+    "fixed-5%": {"mode": "fixed", "ratio": 0.05},
+    "fixed-1%": {"mode": "fixed", "ratio": 0.01},
+    "random-5": {"mode": "random", "preset": 5, "seed": 1},
+    "static-5%": {"mode": "static", "ratio": 0.05},
+    "visionpulse-5-lagged": {"mode": "visionpulse", "preset": 5, "lagged": True},  # opt-in, beyond the paper
 }
 PRESETS = {5: (0.1, 0.01, 0.05), 10: (0.4, 0.05, 0.10)}  # tau, budget_min, budget_max
 
@@ -39,6 +41,7 @@ class VisionPulse:
     Every knob can be overridden; ``ratio`` is the kept fraction of ``fixed``/``static``
     (default: the preset's upper budget).
     """
+
     mode: str = "visionpulse"
     preset: int = 5
     tau: float | None = None
@@ -54,7 +57,7 @@ class VisionPulse:
     prune_swa: bool = False  # also prune sliding-window layers (their cost is bounded by the window)
 
     @classmethod
-    def parse(cls, spec: Union["VisionPulse", str, int, None], mode: str | None = None) -> "VisionPulse | None":
+    def parse(cls, spec: VisionPulse | str | int | None, mode: str | None = None) -> VisionPulse | None:
         """``None``/"off" -> None; 5/"5"/10/"10" -> that preset (with ``mode`` if given)."""
         if isinstance(spec, VisionPulse):
             return spec if mode is None else replace(spec, mode=mode)  # the caller's object stays as it was
@@ -71,9 +74,11 @@ class VisionPulse:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown VisionPulse preset {self.preset!r}: use 5 or 10")
         tau, bmin, bmax = PRESETS[self.preset]
-        d = dict(tau=self.tau if self.tau is not None else tau,
-                 budget_min=self.budget_min if self.budget_min is not None else bmin,
-                 budget_max=self.budget_max if self.budget_max is not None else bmax)
+        d = {
+            "tau": self.tau if self.tau is not None else tau,
+            "budget_min": self.budget_min if self.budget_min is not None else bmin,
+            "budget_max": self.budget_max if self.budget_max is not None else bmax,
+        }
         d["ratio"] = self.ratio if self.ratio is not None else d["budget_max"]
         return d
 
@@ -115,12 +120,13 @@ class VisionPulse:
 @dataclass
 class StepStats:
     """One decode step's selection (sequence 0)."""
+
     step: int
     n_kv: int
     n_visual: int
     n_kept: int
-    mass: float        # max over heads of the tau-softmax mass on visual tokens
-    mass_kept: float   # share of the (head-mean) visual mass on the kept tokens
+    mass: float  # max over heads of the tau-softmax mass on visual tokens
+    mass_kept: float  # share of the (head-mean) visual mass on the kept tokens
     kept: list[int] = field(default_factory=list)  # visual ordinals (images in order, row-major)
 
     @property
@@ -141,25 +147,41 @@ class VisionPulseReport:
     def record(self, ctx, with_kept: bool = True) -> None:
         """Append the C side's last step for sequence 0, if it is new since the last record."""
         import ctypes
+
         st = V.llama_vp_stats()
         if V.llama_vp_get_stats(ctx, 0, ctypes.byref(st)) == 0 and st.step > self._last_step:
             self._last_step = int(st.step)
             self.attn = ATTN_NAMES.get(V.llama_vp_last_attn(ctx), self.attn)
             self.probe = {0: "own", 1: "anchor"}.get(V.llama_vp_last_probe(ctx), self.probe)
-            self.steps.append(StepStats(step=int(st.step), n_kv=st.n_kv, n_visual=st.n_visual, n_kept=st.n_kept,
-                                        mass=float(st.mass), mass_kept=float(st.mass_kept),
-                                        kept=V.get_kept(ctx, 0) if with_kept else []))
+            self.steps.append(
+                StepStats(
+                    step=int(st.step),
+                    n_kv=st.n_kv,
+                    n_visual=st.n_visual,
+                    n_kept=st.n_kept,
+                    mass=float(st.mass),
+                    mass_kept=float(st.mass_kept),
+                    kept=V.get_kept(ctx, 0) if with_kept else [],
+                )
+            )
 
     def usage(self, per_step: bool = False) -> dict[str, Any] | None:
         """The selection as an API response's ``usage["visionpulse"]``; None when nothing was selected."""
         if not self.steps:
             return None
         s = self.summary()
-        d: dict[str, Any] = {"mode": self.mode, "anchor_layer": self.anchor_layer, "attn": self.attn,
-                             "probe": self.probe,
-                             "steps_pruned": s["steps"], "retention_mean": s["retention_mean"],
-                             "retention_min": s["retention_min"], "retention_max": s["retention_max"],
-                             "mass_mean": s["mass_mean"], "visual_tokens": self.steps[-1].n_visual}
+        d: dict[str, Any] = {
+            "mode": self.mode,
+            "anchor_layer": self.anchor_layer,
+            "attn": self.attn,
+            "probe": self.probe,
+            "steps_pruned": s["steps"],
+            "retention_mean": s["retention_mean"],
+            "retention_min": s["retention_min"],
+            "retention_max": s["retention_max"],
+            "mass_mean": s["mass_mean"],
+            "visual_tokens": self.steps[-1].n_visual,
+        }
         if per_step:
             d["steps"] = self.to_dict()["steps"]
         return d
@@ -172,15 +194,24 @@ class VisionPulseReport:
         cov = [s.mass_kept for s in self.steps]
         return {
             "steps": len(self.steps),
-            "retention_mean": sum(ret) / len(ret), "retention_min": min(ret), "retention_max": max(ret),
-            "mass_mean": sum(mass) / len(mass), "mass_min": min(mass), "mass_max": max(mass),
+            "retention_mean": sum(ret) / len(ret),
+            "retention_min": min(ret),
+            "retention_max": max(ret),
+            "mass_mean": sum(mass) / len(mass),
+            "mass_min": min(mass),
+            "mass_max": max(mass),
             "mass_kept_mean": sum(cov) / len(cov),
         }
 
     def to_dict(self, per_step: bool = True) -> dict[str, Any]:
-        d: dict[str, Any] = {"mode": self.mode, "anchor_layer": self.anchor_layer, "attn": self.attn,
-                             "probe": self.probe,
-                             "settings": self.settings, "summary": self.summary()}
+        d: dict[str, Any] = {
+            "mode": self.mode,
+            "anchor_layer": self.anchor_layer,
+            "attn": self.attn,
+            "probe": self.probe,
+            "settings": self.settings,
+            "summary": self.summary(),
+        }
         if per_step:
             d["steps"] = [asdict(s) for s in self.steps]
         return d

@@ -8,10 +8,12 @@ step outlined in red and the rest dimmed, with the token the step produced under
 Patches are placed with the token grids libmtmd reports (``GenerationResult.images``),
 so this works for every projector family and for several images.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -30,6 +32,7 @@ def _open(img: Any) -> Image.Image:
         return Image.fromarray(img).convert("RGB")
     if isinstance(img, (bytes, bytearray)):
         import io
+
         return Image.open(io.BytesIO(img)).convert("RGB")
     return Image.open(img).convert("RGB")
 
@@ -43,8 +46,14 @@ def _blank_rows_from(img: Image.Image, rows: int) -> int:
 class _Canvas:
     """The prompt's images scaled and laid side by side, with each visual ordinal's box."""
 
-    def __init__(self, images: Sequence[Any], spans: Sequence[ImageSpan], scale: float, crop_blank: bool,
-                 keep_rows: dict[int, int]) -> None:
+    def __init__(
+        self,
+        images: Sequence[Any],
+        spans: Sequence[ImageSpan],
+        scale: float,
+        crop_blank: bool,
+        keep_rows: dict[int, int],
+    ) -> None:
         if len(images) != len(spans):
             raise ValueError(f"{len(images)} images for {len(spans)} image spans")
         self.spans = list(spans)
@@ -54,10 +63,10 @@ class _Canvas:
             base = _open(img)
             rows, cols = sp.grid
             f = max(scale, 6.0 * cols / base.width)  # at least 6 px per patch
-            w, h = int(round(base.width * f)), int(round(base.height * f))
-            big = base.resize((w, h), Image.NEAREST)
+            w, h = round(base.width * f), round(base.height * f)
+            big = base.resize((w, h), Image.Resampling.NEAREST)
             shown = max(_blank_rows_from(base, rows), keep_rows.get(i, 0) + 1) if crop_blank else rows
-            big = big.crop((0, 0, w, int(round(shown * h / rows))))
+            big = big.crop((0, 0, w, round(shown * h / rows)))
             self.parts.append((big, w / cols, h / rows))
             self.offsets.append(x)
             x += w + _GAP
@@ -109,13 +118,23 @@ def _canvas(images, spans, kept_per_step, scale, crop_blank) -> _Canvas:
     return _Canvas(images, spans, scale, crop_blank, last)
 
 
-def kept_strip(images: Sequence[Any], spans: Sequence[ImageSpan], kept_per_step: Sequence[Sequence[int]],
-               captions: Sequence[str], out_path: str | Path, n_frames: int = 8, every: int | None = None,
-               scale: float = 2, crop_blank: bool = False) -> Path:
+def kept_strip(
+    images: Sequence[Any],
+    spans: Sequence[ImageSpan],
+    kept_per_step: Sequence[Sequence[int]],
+    captions: Sequence[str],
+    out_path: str | Path,
+    n_frames: int = 8,
+    every: int | None = None,
+    scale: float = 2,
+    crop_blank: bool = False,
+) -> Path:
     """A PNG strip of frames, early to late (or every k steps)."""
     cv = _canvas(images, spans, kept_per_step, scale, crop_blank)
-    frames = [_captioned(cv.frame(kept_per_step[s]), s, captions[s], len(kept_per_step[s]))
-              for s in pick_steps(len(kept_per_step), n_frames, every)]
+    frames = [
+        _captioned(cv.frame(kept_per_step[s]), s, captions[s], len(kept_per_step[s]))
+        for s in pick_steps(len(kept_per_step), n_frames, every)
+    ]
     w = sum(f.width for f in frames) + _GAP * max(0, len(frames) - 1)
     strip = Image.new("RGB", (max(w, 1), cv.height + _CAP_H), (255, 255, 255))
     x = 0
@@ -128,13 +147,23 @@ def kept_strip(images: Sequence[Any], spans: Sequence[ImageSpan], kept_per_step:
     return out_path
 
 
-def kept_gif(images: Sequence[Any], spans: Sequence[ImageSpan], kept_per_step: Sequence[Sequence[int]],
-             captions: Sequence[str], out_path: str | Path, every: int = 1, scale: float = 2,
-             frame_ms: int = 250, crop_blank: bool = False) -> Path:
+def kept_gif(
+    images: Sequence[Any],
+    spans: Sequence[ImageSpan],
+    kept_per_step: Sequence[Sequence[int]],
+    captions: Sequence[str],
+    out_path: str | Path,
+    every: int = 1,
+    scale: float = 2,
+    frame_ms: int = 250,
+    crop_blank: bool = False,
+) -> Path:
     """An animated GIF, one frame per step (or every k steps)."""
     cv = _canvas(images, spans, kept_per_step, scale, crop_blank)
-    frames = [_captioned(cv.frame(kept_per_step[s]), s, captions[s], len(kept_per_step[s]))
-              for s in pick_steps(len(kept_per_step), every=max(1, every))]
+    frames = [
+        _captioned(cv.frame(kept_per_step[s]), s, captions[s], len(kept_per_step[s]))
+        for s in pick_steps(len(kept_per_step), every=max(1, every))
+    ]
     if not frames:
         raise ValueError("no VisionPulse steps to draw")
     out_path = Path(out_path)
@@ -147,6 +176,7 @@ def stats_plot(report: Any, out_path: str | Path) -> Path:
     """Visual mass, budget (clamped mass) and K per step (needs matplotlib)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -156,8 +186,12 @@ def stats_plot(report: Any, out_path: str | Path) -> Path:
     s = report.settings
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(x, [st.mass for st in steps], label="visual mass M", color="tab:blue")
-    ax.plot(x, [min(max(st.mass, s["budget_min"]), s["budget_max"]) for st in steps], label="budget clamp(M)",
-            color="tab:orange")
+    ax.plot(
+        x,
+        [min(max(st.mass, s["budget_min"]), s["budget_max"]) for st in steps],
+        label="budget clamp(M)",
+        color="tab:orange",
+    )
     ax.plot(x, [st.retention for st in steps], label="kept K / N_v", color="tab:red", linestyle="--")
     ax.set_xlabel("decode step")
     ax.set_ylabel("fraction")
@@ -175,19 +209,32 @@ def stats_plot(report: Any, out_path: str | Path) -> Path:
     return out_path
 
 
-def visualize(model: Any, result: Any, images: Sequence[Any], out_dir: str | Path, n_frames: int = 8,
-              every: int | None = None, gif: bool = True, plot: bool = True, crop_blank: bool = False) -> dict[str, Path]:
+def visualize(
+    model: Any,
+    result: Any,
+    images: Sequence[Any],
+    out_dir: str | Path,
+    n_frames: int = 8,
+    every: int | None = None,
+    gif: bool = True,
+    plot: bool = True,
+    crop_blank: bool = False,
+) -> dict[str, Path]:
     """strip.png (+ steps.gif, stats.png) for one generation with VisionPulse."""
     rep = result.visionpulse
     if rep is None or not rep.steps:
-        raise ValueError("this generation has no VisionPulse steps: generate with visionpulse=5 (or 10) "
-                         "and at least two tokens")
+        raise ValueError(
+            "this generation has no VisionPulse steps: generate with visionpulse=5 (or 10) and at least two tokens"
+        )
     kept = [s.kept for s in rep.steps]
-    caps = [model.token_to_bytes(t).decode("utf-8", errors="replace") for t in result.tokens[1:1 + len(kept)]]
+    caps = [model.token_to_bytes(t).decode("utf-8", errors="replace") for t in result.tokens[1 : 1 + len(kept)]]
     caps += [""] * (len(kept) - len(caps))
     out = Path(out_dir)
-    res = {"strip": kept_strip(images, result.images, kept, caps, out / "strip.png", n_frames, every,
-                               crop_blank=crop_blank)}
+    res = {
+        "strip": kept_strip(
+            images, result.images, kept, caps, out / "strip.png", n_frames, every, crop_blank=crop_blank
+        )
+    }
     if gif:
         res["gif"] = kept_gif(images, result.images, kept, caps, out / "steps.gif", every or 1, crop_blank=crop_blank)
     if plot:

@@ -35,21 +35,21 @@ enum llama_vp_attn {
 };
 
 struct llama_vp_params {
-    int32_t  mode;          // enum llama_vp_mode
-    int32_t  anchor_layer;  // < 0: the full-attention layer nearest 47% of depth
-    float    tau;           // temperature of the mass softmax (> 0)
-    float    budget_min;    // DYNAMIC/RANDOM: lower clamp of the kept fraction, in (0, 1]
-    float    budget_max;    // DYNAMIC/RANDOM: upper clamp of the kept fraction, in (0, 1]
-    float    ratio;         // FIXED/STATIC: kept fraction, in (0, 1]
-    uint32_t seed;          // RANDOM: seed of the per-step choice
-    bool     auto_mark;     // treat cells written from embeddings as visual (default true)
+    int32_t  mode;               // enum llama_vp_mode
+    int32_t  anchor_layer;       // < 0: the full-attention layer nearest 47% of depth
+    float    tau;                // temperature of the mass softmax (> 0)
+    float    budget_min;         // DYNAMIC/RANDOM: lower clamp of the kept fraction, in (0, 1]
+    float    budget_max;         // DYNAMIC/RANDOM: upper clamp of the kept fraction, in (0, 1]
+    float    ratio;              // FIXED/STATIC: kept fraction, in (0, 1]
+    uint32_t seed;               // RANDOM: seed of the per-step choice
+    bool     auto_mark;          // treat cells written from embeddings as visual (default true)
     int32_t  first_pruned_layer; // < 0: anchor + 1. FORCED may prune from any layer (even 0);
                                  // the other modes select at the anchor, so only after it
-    int32_t  attn;          // enum llama_vp_attn
-    bool     lagged;        // beyond the paper (opt-in): full-attention layers before the anchor use
-                            // the previous step's kept set (DYNAMIC/FIXED/RANDOM); the anchor stays dense
-    bool     prune_swa;     // also prune sliding-window layers (default false: their cost is bounded by
-                            // the window, so there is nothing to save, and they carry the local context)
+    int32_t  attn;               // enum llama_vp_attn
+    bool     lagged;             // beyond the paper (opt-in): full-attention layers before the anchor use
+                                 // the previous step's kept set (DYNAMIC/FIXED/RANDOM); the anchor stays dense
+    bool     prune_swa;          // also prune sliding-window layers (default false: their cost is bounded by
+                                 // the window, so there is nothing to save, and they carry the local context)
 };
 
 // Preset "5": tau 0.1, budget [0.01, 0.05]. Preset "10": tau 0.4, budget [0.05, 0.10].
@@ -58,10 +58,10 @@ LLAMA_API struct llama_vp_params llama_vp_preset_params(int32_t preset); // 5 or
 
 // Returns 0, or a negative code with a message in llama_vp_last_error():
 //  -1 invalid parameter, -2 unsupported model (no usable full-attention layer, ALiBi, ...)
-LLAMA_API int32_t llama_vp_enable (struct llama_context * ctx, const struct llama_vp_params * params);
-LLAMA_API void    llama_vp_disable(struct llama_context * ctx);
-LLAMA_API bool    llama_vp_enabled(const struct llama_context * ctx);
-LLAMA_API int32_t llama_vp_anchor_layer(const struct llama_context * ctx); // resolved anchor, -1 if off
+LLAMA_API int32_t      llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params * params);
+LLAMA_API void         llama_vp_disable(struct llama_context * ctx);
+LLAMA_API bool         llama_vp_enabled(const struct llama_context * ctx);
+LLAMA_API int32_t      llama_vp_anchor_layer(const struct llama_context * ctx); // resolved anchor, -1 if off
 LLAMA_API const char * llama_vp_last_error(void);
 // The attention path (enum llama_vp_attn, never AUTO) the last decode step with a selection used; -1 if none.
 LLAMA_API int32_t llama_vp_last_attn(const struct llama_context * ctx);
@@ -71,30 +71,32 @@ LLAMA_API int32_t llama_vp_last_probe(const struct llama_context * ctx);
 
 // Explicit marks: the cells of seq with positions in [p0, p1) are visual. Once a
 // sequence has explicit marks, only those count for it (auto marks are ignored).
-LLAMA_API int32_t llama_vp_mark_visual (struct llama_context * ctx, llama_seq_id seq, llama_pos p0, llama_pos p1);
-LLAMA_API int32_t llama_vp_clear_marks (struct llama_context * ctx, llama_seq_id seq); // seq < 0: all
+LLAMA_API int32_t llama_vp_mark_visual(struct llama_context * ctx, llama_seq_id seq, llama_pos p0, llama_pos p1);
+LLAMA_API int32_t llama_vp_clear_marks(struct llama_context * ctx, llama_seq_id seq); // seq < 0: all
 // Number of visual cells of seq now in the KV cache (either kind of mark).
 LLAMA_API int32_t llama_vp_n_visual(struct llama_context * ctx, llama_seq_id seq);
 
 // FORCED mode: keep exactly these visual ordinals of seq (ordinals number the seq's
 // visual cells in (pos, y, x) order, i.e. images in prompt order, row-major).
-LLAMA_API int32_t llama_vp_set_forced(struct llama_context * ctx, llama_seq_id seq, const int32_t * ordinals, int32_t n);
+LLAMA_API int32_t llama_vp_set_forced(struct llama_context * ctx, llama_seq_id seq, const int32_t * ordinals,
+                                      int32_t n);
 
 struct llama_vp_stats {
-    int64_t step;          // decode steps with a selection so far for this seq
-    int32_t n_kv;          // cells attended by the step (visible to the query)
-    int32_t n_visual;      // N_v
-    int32_t n_kept;        // K (N_v when nothing was dropped)
-    float   mass;          // max over heads of the tau-softmax mass on visual cells
-    float   mass_kept;     // share of the visual attention mass (head mean) on the kept cells
+    int64_t step;      // decode steps with a selection so far for this seq
+    int32_t n_kv;      // cells attended by the step (visible to the query)
+    int32_t n_visual;  // N_v
+    int32_t n_kept;    // K (N_v when nothing was dropped)
+    float   mass;      // max over heads of the tau-softmax mass on visual cells
+    float   mass_kept; // share of the visual attention mass (head mean) on the kept cells
 };
 
 // Stats of the last decode step that involved seq; returns 0, or -1 if there is none.
 LLAMA_API int32_t llama_vp_get_stats(const struct llama_context * ctx, llama_seq_id seq, struct llama_vp_stats * out);
 // Visual ordinals kept at the last step (ascending); returns their count (may exceed cap).
-LLAMA_API int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, int32_t * ordinals, int32_t cap);
+LLAMA_API int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, int32_t * ordinals,
+                                    int32_t cap);
 // Reset the per-seq step counters, stats and STATIC selections (e.g. before a new prompt).
-LLAMA_API void    llama_vp_reset(struct llama_context * ctx, llama_seq_id seq); // seq < 0: all
+LLAMA_API void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq); // seq < 0: all
 
 #ifdef __cplusplus
 }

@@ -70,11 +70,12 @@ static bool vp_cell_is_visual(const llama_vp_context & vp, const std::vector<std
 
 // The visual cells of seq among the first n_kv cells, in ordinal order: (pos, y, x),
 // i.e. images in prompt order, each row-major (M-RoPE images share pos, differ in y/x).
-static std::vector<int32_t> vp_visual_cells(const llama_vp_context & vp, const llama_kv_cells & cells, uint32_t n_kv, llama_seq_id seq) {
+static std::vector<int32_t> vp_visual_cells(const llama_vp_context & vp, const llama_kv_cells & cells, uint32_t n_kv,
+                                            llama_seq_id seq) {
     std::vector<int32_t> res;
-    const auto it = vp.seqs.find(seq); // once per sequence, not per cell
-    const auto * marks = it != vp.seqs.end() && !it->second.marks.empty() ? &it->second.marks : nullptr;
-    const uint32_t n = std::min<uint32_t>(n_kv, cells.size());
+    const auto           it    = vp.seqs.find(seq); // once per sequence, not per cell
+    const auto *         marks = it != vp.seqs.end() && !it->second.marks.empty() ? &it->second.marks : nullptr;
+    const uint32_t       n     = std::min<uint32_t>(n_kv, cells.size());
     for (uint32_t i = 0; i < n; ++i) {
         if (vp_cell_is_visual(vp, marks, cells, i, seq)) {
             res.push_back((int32_t) i);
@@ -101,66 +102,66 @@ static std::vector<int32_t> vp_visual_cells(const llama_vp_context & vp, const l
 class llm_graph_input_vp : public llm_graph_input_i {
 public:
     struct row {
-        llama_seq_id seq = -1;
-        std::vector<int32_t> vis;       // visual cells of the base cache, ordinal order
-        std::vector<int32_t> vis_swa;   // visual cells of the SWA cache (for the map)
+        llama_seq_id         seq = -1;
+        std::vector<int32_t> vis;     // visual cells of the base cache, ordinal order
+        std::vector<int32_t> vis_swa; // visual cells of the SWA cache (for the map)
         std::vector<int32_t> swa_to_base;
     };
 
-    llama_vp_context * vp = nullptr;
-    int32_t mode = 0;          // effective mode of this step (STATIC becomes FIXED or FORCED)
-    bool rank_only = false;    // STATIC's first step: rank and remember, mask nothing
-    int64_t n_kv = 0, n_kv_swa = 0, n_rows = 0, n_stream = 1, k_max = 0, n_head = 0;
-    std::vector<row> rows;
+    llama_vp_context * vp        = nullptr;
+    int32_t            mode      = 0;     // effective mode of this step (STATIC becomes FIXED or FORCED)
+    bool               rank_only = false; // STATIC's first step: rank and remember, mask nothing
+    int64_t            n_kv = 0, n_kv_swa = 0, n_rows = 0, n_stream = 1, k_max = 0, n_head = 0;
+    std::vector<row>   rows;
 
-    ggml_tensor * t_vis      = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: 1 visual
-    ggml_tensor * t_vis_neg  = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: 0 visual, -inf not
-    ggml_tensor * t_nv       = nullptr; // F32 [1, n_rows, 1, n_stream]: N_v
-    ggml_tensor * t_k        = nullptr; // F32 [1, n_rows, 1, n_stream]: K (FIXED)
-    ggml_tensor * t_rand     = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: RANDOM ranking
-    ggml_tensor * t_rank     = nullptr; // F32 [k_max]: 0, 1, ..., k_max-1
-    ggml_tensor * t_drop     = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: FORCED drop mask
-    ggml_tensor * t_swa_map  = nullptr; // I32 [n_kv_swa, n_rows, n_stream]: base cell, n_kv if none
-    ggml_tensor * t_vis_swa  = nullptr; // F32 [n_kv_swa, n_rows, 1, n_stream]
+    ggml_tensor * t_vis     = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: 1 visual
+    ggml_tensor * t_vis_neg = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: 0 visual, -inf not
+    ggml_tensor * t_nv      = nullptr; // F32 [1, n_rows, 1, n_stream]: N_v
+    ggml_tensor * t_k       = nullptr; // F32 [1, n_rows, 1, n_stream]: K (FIXED)
+    ggml_tensor * t_rand    = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: RANDOM ranking
+    ggml_tensor * t_rank    = nullptr; // F32 [k_max]: 0, 1, ..., k_max-1
+    ggml_tensor * t_drop    = nullptr; // F32 [n_kv, n_rows, 1, n_stream]: FORCED drop mask
+    ggml_tensor * t_swa_map = nullptr; // I32 [n_kv_swa, n_rows, n_stream]: base cell, n_kv if none
+    ggml_tensor * t_vis_swa = nullptr; // F32 [n_kv_swa, n_rows, 1, n_stream]
 
     // outputs read back after the step
-    ggml_tensor * o_mass = nullptr, * o_idx = nullptr, * o_keep = nullptr;
-    ggml_tensor * o_cov_num = nullptr, * o_cov_den = nullptr;
+    ggml_tensor *o_mass = nullptr, *o_idx = nullptr, *o_keep = nullptr;
+    ggml_tensor *o_cov_num = nullptr, *o_cov_den = nullptr;
 
     // built at the anchor, used by the layers after it
-    ggml_tensor * keep_full = nullptr; // F32 [1, n_kv + 1, n_rows, n_stream]
-    ggml_tensor * mask_base = nullptr;
+    ggml_tensor * keep_full     = nullptr; // F32 [1, n_kv + 1, n_rows, n_stream]
+    ggml_tensor * mask_base     = nullptr;
     ggml_tensor * mask_base_f32 = nullptr;
-    ggml_tensor * kq_mask_f32 = nullptr; // the layers' own mask in F32 (cast once)
-    ggml_tensor * mask_swa  = nullptr;
-    bool anchor_built = false;
+    ggml_tensor * kq_mask_f32   = nullptr; // the layers' own mask in F32 (cast once)
+    ggml_tensor * mask_swa      = nullptr;
+    bool          anchor_built  = false;
 
     // GATHER path
-    int32_t path = -1;              // resolved llama_vp_attn of this step (MASK or GATHER)
-    int64_t n_nonvis_max = 0;       // most non-visual cells among the rows
-    int64_t n_sel = 0;              // gathered cells per stream after the anchor
-    ggml_tensor * t_negcell = nullptr; // F32 [n_kv]: -cell, the ascending-order key
-    ggml_tensor * sel_idx   = nullptr; // I32 [n_sel, n_stream]: gathered cells after the anchor
-    ggml_tensor * mask_gath = nullptr; // their mask (mask type) [n_sel, 1, 1, n_stream]
-    std::vector<int32_t> h_idx;        // FORCED: host-built selection [n_sel, n_stream]
-    ggml_tensor * t_hidx = nullptr;
+    int32_t              path         = -1;      // resolved llama_vp_attn of this step (MASK or GATHER)
+    int64_t              n_nonvis_max = 0;       // most non-visual cells among the rows
+    int64_t              n_sel        = 0;       // gathered cells per stream after the anchor
+    ggml_tensor *        t_negcell    = nullptr; // F32 [n_kv]: -cell, the ascending-order key
+    ggml_tensor *        sel_idx      = nullptr; // I32 [n_sel, n_stream]: gathered cells after the anchor
+    ggml_tensor *        mask_gath    = nullptr; // their mask (mask type) [n_sel, 1, 1, n_stream]
+    std::vector<int32_t> h_idx;                  // FORCED: host-built selection [n_sel, n_stream]
+    ggml_tensor *        t_hidx = nullptr;
 
     // lagged selection below the anchor: the previous step's kept set
-    bool lag = false;
-    int64_t n_lag_sel = 0;
-    std::vector<float>   h_lag_drop;   // [n_kv, n_rows, 1, n_stream]
-    std::vector<int32_t> h_lag_idx;    // [n_lag_sel, n_stream]
-    ggml_tensor * t_lag_drop = nullptr, * t_lag_idx = nullptr;
+    bool                             lag       = false;
+    int64_t                          n_lag_sel = 0;
+    std::vector<float>               h_lag_drop; // [n_kv, n_rows, 1, n_stream]
+    std::vector<int32_t>             h_lag_idx;  // [n_lag_sel, n_stream]
+    ggml_tensor *                    t_lag_drop = nullptr, *t_lag_idx = nullptr;
     std::map<int64_t, ggml_tensor *> t_iota; // I32 [n, n_stream]: 0..n-1, by n
-    ggml_tensor * mask_lag = nullptr, * mask_lag_f32 = nullptr, * mask_lag_gath = nullptr;
+    ggml_tensor *                    mask_lag = nullptr, *mask_lag_f32 = nullptr, *mask_lag_gath = nullptr;
 
     // without flash attention (llama_vp_attn_scores sees this layer's kq):
     // the anchor waits for its own layer's scores instead of probing,
-    ggml_tensor * anchor_q = nullptr, * anchor_k = nullptr, * anchor_mask = nullptr;
-    float anchor_scale = 0.0f;
+    ggml_tensor *anchor_q = nullptr, *anchor_k = nullptr, *anchor_mask = nullptr;
+    float        anchor_scale = 0.0f;
     // and a GATHER layer's scores of its gathered K rows go back to their cells
-    int scatter_il = -1;
-    ggml_tensor * scatter_idx = nullptr;
+    int                                    scatter_il  = -1;
+    ggml_tensor *                          scatter_idx = nullptr;
     std::map<ggml_tensor *, ggml_tensor *> scatter_buf; // by index list (lagged and anchor selections differ)
 
     void set_input(const llama_ubatch * ubatch) override;
@@ -176,21 +177,21 @@ static void vp_set(ggml_tensor * t, const void * data) {
 
 void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
     GGML_UNUSED(ubatch);
-    const int64_t R = n_rows * n_stream;
+    const int64_t      R = n_rows * n_stream;
     std::vector<float> vis(n_kv * R, 0.0f), vis_neg(n_kv * R, -INFINITY), nv(R, 0.0f), kk(R, 1.0f);
     std::vector<float> drop;
     if (t_drop) drop.assign(n_kv * R, 0.0f);
     for (int64_t r = 0; r < R; ++r) {
         const auto & rw = rows[r];
         for (int32_t c : rw.vis) {
-            vis[r*n_kv + c] = 1.0f;
-            vis_neg[r*n_kv + c] = 0.0f;
+            vis[r * n_kv + c]     = 1.0f;
+            vis_neg[r * n_kv + c] = 0.0f;
         }
-        nv[r] = (float) rw.vis.size();
+        nv[r]             = (float) rw.vis.size();
         const float ratio = vp->params.ratio;
-        kk[r] = std::max(1.0f, std::floor(ratio * (float) rw.vis.size()));
+        kk[r]             = std::max(1.0f, std::floor(ratio * (float) rw.vis.size()));
         if (t_drop) {
-            const auto it = vp->seqs.find(rw.seq);
+            const auto        it = vp->seqs.find(rw.seq);
             std::vector<char> keep(rw.vis.size(), 0);
             if (it != vp->seqs.end()) {
                 for (int32_t o : it->second.forced) {
@@ -198,7 +199,7 @@ void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
                 }
             }
             for (size_t o = 0; o < rw.vis.size(); ++o) {
-                if (!keep[o]) drop[r*n_kv + rw.vis[o]] = -VP_BIG;
+                if (!keep[o]) drop[r * n_kv + rw.vis[o]] = -VP_BIG;
             }
         }
     }
@@ -209,18 +210,21 @@ void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
     vp_set(t_drop, drop.data());
     if (t_rank) {
         std::vector<float> rk(k_max);
-        for (int64_t i = 0; i < k_max; ++i) rk[i] = (float) i;
+        for (int64_t i = 0; i < k_max; ++i)
+            rk[i] = (float) i;
         vp_set(t_rank, rk.data());
     }
     if (t_rand) {
         std::uniform_real_distribution<float> u(0.0f, 1.0f);
-        std::vector<float> rnd(n_kv * R);
-        for (auto & x : rnd) x = u(vp->rng);
+        std::vector<float>                    rnd(n_kv * R);
+        for (auto & x : rnd)
+            x = u(vp->rng);
         vp_set(t_rand, rnd.data());
     }
     if (t_negcell) {
         std::vector<float> nc(n_kv);
-        for (int64_t i = 0; i < n_kv; ++i) nc[i] = -(float) i;
+        for (int64_t i = 0; i < n_kv; ++i)
+            nc[i] = -(float) i;
         vp_set(t_negcell, nc.data());
     }
     vp_set(t_hidx, h_idx.data());
@@ -228,17 +232,18 @@ void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
     vp_set(t_lag_idx, h_lag_idx.data());
     for (auto & [n, t] : t_iota) {
         std::vector<int32_t> io(n * n_stream);
-        for (int64_t i = 0; i < (int64_t) io.size(); ++i) io[i] = (int32_t) (i % n);
+        for (int64_t i = 0; i < (int64_t) io.size(); ++i)
+            io[i] = (int32_t) (i % n);
         vp_set(t, io.data());
     }
     if (t_swa_map) {
         std::vector<int32_t> map(n_kv_swa * R, (int32_t) n_kv);
-        std::vector<float> vs(n_kv_swa * R, 0.0f);
+        std::vector<float>   vs(n_kv_swa * R, 0.0f);
         for (int64_t r = 0; r < R; ++r) {
             const auto & rw = rows[r];
             for (size_t j = 0; j < rw.vis_swa.size(); ++j) {
-                map[r*n_kv_swa + rw.vis_swa[j]] = rw.swa_to_base[j];
-                vs [r*n_kv_swa + rw.vis_swa[j]] = 1.0f;
+                map[r * n_kv_swa + rw.vis_swa[j]] = rw.swa_to_base[j];
+                vs[r * n_kv_swa + rw.vis_swa[j]]  = 1.0f;
             }
         }
         vp_set(t_swa_map, map.data());
@@ -250,7 +255,8 @@ void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
 // graph building
 //
 
-static ggml_tensor * vp_input(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3, const char * name) {
+static ggml_tensor * vp_input(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                              const char * name) {
     ggml_tensor * t = ggml_new_tensor_4d(ctx, type, ne0, ne1, ne2, ne3);
     ggml_set_input(t);
     ggml_set_name(t, name);
@@ -280,40 +286,42 @@ static std::vector<char> vp_keep_flags(size_t n_vis, const std::vector<int32_t> 
 // drop (optional): the -BIG mask of the dropped visual cells, [n_kv, n_rows, 1, n_stream].
 static int64_t vp_host_selection(const llm_graph_input_vp & inp, const std::vector<std::vector<char>> & keep,
                                  std::vector<int32_t> & idx, std::vector<float> * drop) {
-    const int64_t n_kv = inp.n_kv, R = (int64_t) inp.rows.size();
+    const int64_t                     n_kv = inp.n_kv, R = (int64_t) inp.rows.size();
     std::vector<std::vector<int32_t>> sel(R), pad(R);
-    int64_t n_sel = 0;
+    int64_t                           n_sel = 0;
     if (drop) drop->assign(n_kv * R, 0.0f);
     for (int64_t r = 0; r < R; ++r) {
         std::vector<char> state(n_kv, 1); // 1 attend, 0 dropped visual
-        const auto & vis = inp.rows[r].vis;
+        const auto &      vis = inp.rows[r].vis;
         for (size_t o = 0; o < vis.size(); ++o) {
             if (!keep[r][o]) {
                 state[vis[o]] = 0;
-                if (drop) (*drop)[r*n_kv + vis[o]] = -VP_BIG;
+                if (drop) (*drop)[r * n_kv + vis[o]] = -VP_BIG;
             }
         }
-        for (int64_t c = 0; c < n_kv; ++c) (state[c] ? sel[r] : pad[r]).push_back((int32_t) c);
+        for (int64_t c = 0; c < n_kv; ++c)
+            (state[c] ? sel[r] : pad[r]).push_back((int32_t) c);
         n_sel = std::max<int64_t>(n_sel, (int64_t) sel[r].size());
     }
     n_sel = std::max<int64_t>(n_sel, 1);
     idx.assign(n_sel * R, 0);
     for (int64_t r = 0; r < R; ++r) {
         size_t j = 0;
-        for (int32_t c : sel[r]) idx[r*n_sel + j++] = c;
-        for (int32_t c : pad[r]) { if ((int64_t) j >= n_sel) break; idx[r*n_sel + j++] = c; }
+        for (int32_t c : sel[r])
+            idx[r * n_sel + j++] = c;
+        for (int32_t c : pad[r]) {
+            if ((int64_t) j >= n_sel) break;
+            idx[r * n_sel + j++] = c;
+        }
     }
     return n_sel;
 }
 
 // The step's input object (its shapes and host data) when the step is a decode step with
 // visual cells, else null. Used to build a graph and to decide whether one can be reused.
-static std::unique_ptr<llm_graph_input_vp> vp_plan(
-        const llama_cparams & cparams,
-        const llama_ubatch & ub,
-        int64_t n_head,
-        const llama_kv_cache_context * base,
-        const llama_kv_cache_context * swa) {
+static std::unique_ptr<llm_graph_input_vp> vp_plan(const llama_cparams & cparams, const llama_ubatch & ub,
+                                                   int64_t n_head, const llama_kv_cache_context * base,
+                                                   const llama_kv_cache_context * swa) {
     llama_vp_context * vp = cparams.vp;
     if (!vp || !vp->enabled || !ub.token || ub.n_tokens == 0 || !cparams.causal_attn || !base) {
         return nullptr;
@@ -327,22 +335,22 @@ static std::unique_ptr<llm_graph_input_vp> vp_plan(
         }
         seen[s] = 1;
     }
-    const llama_kv_cache * kv = base->get_kv();
-    auto inp = std::make_unique<llm_graph_input_vp>();
-    inp->vp       = vp;
-    inp->mode     = vp->params.mode;
-    inp->n_kv     = base->get_n_kv();
-    inp->n_stream = cparams.kv_unified ? 1 : ub.n_seqs_unq;
-    inp->n_rows   = ub.n_tokens / inp->n_stream;
-    inp->n_head   = n_head;
+    const llama_kv_cache * kv  = base->get_kv();
+    auto                   inp = std::make_unique<llm_graph_input_vp>();
+    inp->vp                    = vp;
+    inp->mode                  = vp->params.mode;
+    inp->n_kv                  = base->get_n_kv();
+    inp->n_stream              = cparams.kv_unified ? 1 : ub.n_seqs_unq;
+    inp->n_rows                = ub.n_tokens / inp->n_stream;
+    inp->n_head                = n_head;
     inp->rows.resize(ub.n_tokens);
-    bool any = false;
+    bool    any    = false;
     int64_t nv_max = 0;
     for (uint32_t i = 0; i < ub.n_tokens; ++i) {
         auto & rw = inp->rows[i];
-        rw.seq = ub.seq_id[i][0];
-        rw.vis = vp_visual_cells(*vp, kv->get_cells(rw.seq), (uint32_t) inp->n_kv, rw.seq);
-        nv_max = std::max<int64_t>(nv_max, (int64_t) rw.vis.size());
+        rw.seq    = ub.seq_id[i][0];
+        rw.vis    = vp_visual_cells(*vp, kv->get_cells(rw.seq), (uint32_t) inp->n_kv, rw.seq);
+        nv_max    = std::max<int64_t>(nv_max, (int64_t) rw.vis.size());
         any |= !rw.vis.empty();
     }
     if (!any) {
@@ -357,23 +365,29 @@ static std::unique_ptr<llm_graph_input_vp> vp_plan(
             all_ranked &= it != vp->seqs.end() && it->second.has_forced;
         }
         inp->rank_only = !all_ranked;
-        inp->mode = all_ranked ? LLAMA_VP_MODE_FORCED : LLAMA_VP_MODE_FIXED;
+        inp->mode      = all_ranked ? LLAMA_VP_MODE_FORCED : LLAMA_VP_MODE_FIXED;
     }
     float frac = 1.0f;
     switch (inp->mode) {
-        case LLAMA_VP_MODE_DYNAMIC:
-        case LLAMA_VP_MODE_RANDOM: frac = vp->params.budget_max; break;
-        case LLAMA_VP_MODE_FIXED:  frac = vp->params.ratio;      break;
-        default: break;
+    case LLAMA_VP_MODE_DYNAMIC:
+    case LLAMA_VP_MODE_RANDOM:
+        frac = vp->params.budget_max;
+        break;
+    case LLAMA_VP_MODE_FIXED:
+        frac = vp->params.ratio;
+        break;
+    default:
+        break;
     }
     inp->k_max = std::clamp<int64_t>((int64_t) std::ceil(frac * (double) nv_max), 1, nv_max);
     if (swa && vp->params.prune_swa) { // the window's cells map to base cells only when it is pruned
-        inp->n_kv_swa = swa->get_n_kv();
+        inp->n_kv_swa              = swa->get_n_kv();
         const llama_kv_cache * kvs = swa->get_kv();
         for (auto & rw : inp->rows) {
             std::unordered_map<llama_pos, int32_t> base_of;
-            const auto & cb = kv->get_cells(rw.seq);
-            for (int32_t c : rw.vis) base_of[cb.pos_get(c)] = c;
+            const auto &                           cb = kv->get_cells(rw.seq);
+            for (int32_t c : rw.vis)
+                base_of[cb.pos_get(c)] = c;
             const auto & cs = kvs->get_cells(rw.seq);
             for (uint32_t j = 0; j < std::min<uint32_t>((uint32_t) inp->n_kv_swa, cs.size()); ++j) {
                 if (cs.is_empty(j) || !cs.seq_has(j, rw.seq)) continue;
@@ -397,20 +411,21 @@ static std::unique_ptr<llm_graph_input_vp> vp_plan(
         }
         inp->n_sel = vp_host_selection(*inp, keep, inp->h_idx, nullptr);
     }
-    const bool lag_mode = inp->mode == LLAMA_VP_MODE_DYNAMIC || inp->mode == LLAMA_VP_MODE_FIXED ||
-                          inp->mode == LLAMA_VP_MODE_RANDOM;
+    const bool lag_mode =
+        inp->mode == LLAMA_VP_MODE_DYNAMIC || inp->mode == LLAMA_VP_MODE_FIXED || inp->mode == LLAMA_VP_MODE_RANDOM;
     if (vp->params.lagged && lag_mode && !inp->rank_only) {
         // every row needs a previous step over the same visual cells
         std::vector<std::vector<char>> keep;
-        bool ok = true;
+        bool                           ok = true;
         for (const auto & rw : inp->rows) {
             auto it = vp->seqs.find(rw.seq);
-            ok = ok && it != vp->seqs.end() && it->second.has_stats && it->second.stats.n_visual == (int32_t) rw.vis.size();
+            ok      = ok && it != vp->seqs.end() && it->second.has_stats &&
+                      it->second.stats.n_visual == (int32_t) rw.vis.size();
             if (!ok) break;
             keep.push_back(vp_keep_flags(rw.vis.size(), &it->second.kept));
         }
         if (ok) {
-            inp->lag = true;
+            inp->lag       = true;
             inp->n_lag_sel = vp_host_selection(*inp, keep, inp->h_lag_idx, &inp->h_lag_drop);
         }
     }
@@ -421,7 +436,7 @@ static std::unique_ptr<llm_graph_input_vp> vp_plan(
 static void vp_caches(const llama_memory_context_i * mctx, const llama_kv_cache_context *& base,
                       const llama_kv_cache_context *& swa) {
     base = dynamic_cast<const llama_kv_cache_context *>(mctx);
-    swa = nullptr;
+    swa  = nullptr;
     if (!base) {
         if (const auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(mctx)) {
             base = iswa->get_base();
@@ -433,7 +448,7 @@ static void vp_caches(const llama_memory_context_i * mctx, const llama_kv_cache_
 // The graph of the previous step serves this one when every shape is the same; the host
 // data (visual cells, forced and lagged selections) is taken from the new plan.
 bool llm_graph_input_vp::can_reuse(const llm_graph_params & params) {
-    const llama_kv_cache_context * base, * swa;
+    const llama_kv_cache_context *base, *swa;
     vp_caches(params.mctx, base, swa);
     auto nw = vp_plan(params.cparams, params.ubatch, n_head, base, swa);
     if (!nw || nw->mode != mode || nw->rank_only != rank_only || nw->n_kv != n_kv || nw->n_kv_swa != n_kv_swa ||
@@ -441,18 +456,16 @@ bool llm_graph_input_vp::can_reuse(const llm_graph_params & params) {
         nw->lag != lag || nw->n_lag_sel != n_lag_sel) {
         return false;
     }
-    vp = nw->vp;
-    rows = std::move(nw->rows);
-    h_idx = std::move(nw->h_idx);
+    vp         = nw->vp;
+    rows       = std::move(nw->rows);
+    h_idx      = std::move(nw->h_idx);
     h_lag_drop = std::move(nw->h_lag_drop);
-    h_lag_idx = std::move(nw->h_lag_idx);
+    h_lag_idx  = std::move(nw->h_lag_idx);
     return true;
 }
 
-static llm_graph_input_vp * vp_begin_graph(
-        const llm_graph_context & g,
-        const llama_kv_cache_context * base,
-        const llama_kv_cache_context * swa) {
+static llm_graph_input_vp * vp_begin_graph(const llm_graph_context & g, const llama_kv_cache_context * base,
+                                           const llama_kv_cache_context * swa) {
     auto inp = vp_plan(g.cparams, g.ubatch, g.n_head, base, swa);
     if (!inp) {
         return nullptr;
@@ -487,18 +500,18 @@ static ggml_tensor * vp_as_mask_type(ggml_context * ctx, ggml_tensor * m, const 
 
 // The probe and the selection, at the anchor layer.
 // kq_own: the anchor layer's own pre-softmax scores [n_kv, R, H, S] (soft-capped), or null to probe.
-static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * inp,
-        ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale, ggml_tensor * kq_own) {
-    ggml_context * ctx = g.ctx0;
-    const auto & p = inp->vp->params;
-    const int64_t n_kv = inp->n_kv, R = inp->n_rows, S = inp->n_stream, H = g.n_head;
+static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * inp, ggml_tensor * q, ggml_tensor * k,
+                            ggml_tensor * kq_mask, float kq_scale, ggml_tensor * kq_own) {
+    ggml_context * ctx  = g.ctx0;
+    const auto &   p    = inp->vp->params;
+    const int64_t  n_kv = inp->n_kv, R = inp->n_rows, S = inp->n_stream, H = g.n_head;
 
     inp->t_vis     = vp_input(ctx, GGML_TYPE_F32, n_kv, R, 1, S, "vp_vis");
     inp->t_vis_neg = vp_input(ctx, GGML_TYPE_F32, n_kv, R, 1, S, "vp_vis_neg");
     inp->t_nv      = vp_input(ctx, GGML_TYPE_F32, 1, R, 1, S, "vp_nv");
 
     // scores of the current queries against every cell, per head
-    ggml_tensor * kp = ggml_permute(ctx, k, 0, 2, 1, 3);            // [d, n_kv, H_kv, S]
+    ggml_tensor * kp   = ggml_permute(ctx, k, 0, 2, 1, 3); // [d, n_kv, H_kv, S]
     const int64_t H_kv = k->ne[1], G = H / H_kv;
     ggml_tensor * kq;
     inp->vp->last_probe = kq_own ? 1 : 0;
@@ -506,14 +519,14 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
         kq = kq_own;
     } else if (R == 1) {
         // GQA-aware: the G query heads of a KV head are one matrix, so each K row is read once
-        ggml_tensor * qg = ggml_view_4d(ctx, q, q->ne[0], G, H_kv, S, q->nb[1], q->nb[1]*G, q->nb[2], 0);
-        kq = ggml_mul_mat(ctx, kp, qg);                             // [n_kv, G, H_kv, S]
+        ggml_tensor * qg = ggml_view_4d(ctx, q, q->ne[0], G, H_kv, S, q->nb[1], q->nb[1] * G, q->nb[2], 0);
+        kq               = ggml_mul_mat(ctx, kp, qg); // [n_kv, G, H_kv, S]
         ggml_prec_set_acc(kq, GGML_PREC_F32);
-        kq = ggml_reshape_4d(ctx, kq, n_kv, 1, H, S);               // [n_kv, R, H, S]
+        kq = ggml_reshape_4d(ctx, kq, n_kv, 1, H, S); // [n_kv, R, H, S]
     } else {
-        ggml_tensor * q4 = ggml_view_4d(ctx, q, q->ne[0], q->ne[1], R, S, q->nb[1], q->nb[2], q->nb[2]*R, 0);
-        q4 = ggml_permute(ctx, q4, 0, 2, 1, 3);                     // [d, R, H, S]
-        kq = ggml_mul_mat(ctx, kp, q4);                             // [n_kv, R, H, S] (GQA by broadcast)
+        ggml_tensor * q4 = ggml_view_4d(ctx, q, q->ne[0], q->ne[1], R, S, q->nb[1], q->nb[2], q->nb[2] * R, 0);
+        q4               = ggml_permute(ctx, q4, 0, 2, 1, 3); // [d, R, H, S]
+        kq               = ggml_mul_mat(ctx, kp, q4);         // [n_kv, R, H, S] (GQA by broadcast)
         ggml_prec_set_acc(kq, GGML_PREC_F32);
     }
     if (g.hparams.attn_soft_cap && !kq_own) {
@@ -524,33 +537,33 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
     ggml_tensor * mask = vp_base_mask_f32(ctx, inp, kq_mask);
 
     // visual mass: max over heads of the tau-softmax share on visual cells
-    ggml_tensor * pr = ggml_soft_max_ext(ctx, kq, mask, kq_scale / p.tau, 0.0f);      // [n_kv, R, H, S]
-    ggml_tensor * mass_h = ggml_sum_rows(ctx, ggml_mul(ctx, pr, inp->t_vis));          // [1, R, H, S]
-    ggml_tensor * mh = ggml_cont(ctx, ggml_permute(ctx, mass_h, 2, 1, 0, 3));          // [H, R, 1, S]
-    mh = ggml_reshape_2d(ctx, mh, H, R*S);
-    ggml_tensor * mass = ggml_pool_2d(ctx, mh, GGML_OP_POOL_MAX, (int) H, 1, (int) H, 1, 0, 0); // [1, R*S]
-    mass = ggml_reshape_4d(ctx, mass, 1, R, 1, S);
-    inp->o_mass = vp_output(g.gf, mass, "vp_mass");
+    ggml_tensor * pr     = ggml_soft_max_ext(ctx, kq, mask, kq_scale / p.tau, 0.0f); // [n_kv, R, H, S]
+    ggml_tensor * mass_h = ggml_sum_rows(ctx, ggml_mul(ctx, pr, inp->t_vis));        // [1, R, H, S]
+    ggml_tensor * mh     = ggml_cont(ctx, ggml_permute(ctx, mass_h, 2, 1, 0, 3));    // [H, R, 1, S]
+    mh                   = ggml_reshape_2d(ctx, mh, H, R * S);
+    ggml_tensor * mass   = ggml_pool_2d(ctx, mh, GGML_OP_POOL_MAX, (int) H, 1, (int) H, 1, 0, 0); // [1, R*S]
+    mass                 = ggml_reshape_4d(ctx, mass, 1, R, 1, S);
+    inp->o_mass          = vp_output(g.gf, mass, "vp_mass");
 
     // head-mean of the tau-softmax, for the share of mass the kept cells cover
     ggml_tensor * pmean = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, pr, 1, 2, 0, 3))); // [1, n_kv, R, S]
-    pmean = ggml_reshape_4d(ctx, pmean, n_kv, R, 1, S);
+    pmean               = ggml_reshape_4d(ctx, pmean, n_kv, R, 1, S);
 
     ggml_tensor * keep_base = nullptr; // F32 [n_kv, R, 1, S]: 1 = visual and kept
     if (inp->mode == LLAMA_VP_MODE_FORCED) {
         // keep = visual * (1 + drop/BIG); the mask itself may already exist (pruning from below the anchor)
         ggml_tensor * drop = vp_forced_drop(g, inp);
-        keep_base = ggml_mul(ctx, inp->t_vis, ggml_scale_bias(ctx, drop, 1.0f / VP_BIG, 1.0f));
+        keep_base          = ggml_mul(ctx, inp->t_vis, ggml_scale_bias(ctx, drop, 1.0f / VP_BIG, 1.0f));
         if (!inp->mask_base) {
             inp->mask_base_f32 = ggml_add(ctx, mask, drop);
-            inp->mask_base = vp_as_mask_type(ctx, inp->mask_base_f32, kq_mask);
+            inp->mask_base     = vp_as_mask_type(ctx, inp->mask_base_f32, kq_mask);
         }
     } else if (inp->mode != LLAMA_VP_MODE_DENSE) {
         const int64_t KM = inp->k_max;
         ggml_tensor * K;
         if (inp->mode == LLAMA_VP_MODE_FIXED) {
             inp->t_k = vp_input(ctx, GGML_TYPE_F32, 1, R, 1, S, "vp_k");
-            K = inp->t_k;
+            K        = inp->t_k;
         } else {
             K = ggml_clamp(ctx, mass, p.budget_min, p.budget_max);
             K = ggml_floor(ctx, ggml_mul(ctx, K, inp->t_nv));
@@ -562,28 +575,28 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
         ggml_tensor * score;
         if (inp->mode == LLAMA_VP_MODE_RANDOM) {
             inp->t_rand = vp_input(ctx, GGML_TYPE_F32, n_kv, R, 1, S, "vp_rand");
-            score = inp->t_rand;
+            score       = inp->t_rand;
         } else {
             score = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, kq, 1, 2, 0, 3))); // [1, n_kv, R, S]
             score = ggml_reshape_4d(ctx, score, n_kv, R, 1, S);
             score = ggml_scale(ctx, score, kq_scale / (float) H);
         }
         ggml_tensor * order = ggml_argsort(ctx, ggml_add(ctx, score, inp->t_vis_neg), GGML_SORT_ORDER_DESC);
-        ggml_tensor * idx = ggml_cont(ctx, ggml_view_4d(ctx, order, KM, R, 1, S,
-                                                        order->nb[1], order->nb[2], order->nb[3], 0));
+        ggml_tensor * idx =
+            ggml_cont(ctx, ggml_view_4d(ctx, order, KM, R, 1, S, order->nb[1], order->nb[2], order->nb[3], 0));
         inp->o_idx = vp_output(g.gf, idx, "vp_idx");
 
         // keep rank r iff r < K
-        inp->t_rank = vp_input(ctx, GGML_TYPE_F32, KM, 1, 1, 1, "vp_rank");
+        inp->t_rank          = vp_input(ctx, GGML_TYPE_F32, KM, 1, 1, 1, "vp_rank");
         ggml_tensor * keep_r = ggml_sub(ctx, ggml_repeat_4d(ctx, K, KM, R, 1, S), inp->t_rank);
-        keep_r = ggml_step(ctx, keep_r);                                                 // [KM, R, 1, S]
-        inp->o_keep = vp_output(g.gf, keep_r, "vp_keep");
+        keep_r               = ggml_step(ctx, keep_r); // [KM, R, 1, S]
+        inp->o_keep          = vp_output(g.gf, keep_r, "vp_keep");
 
         // scatter the per-rank flags to cells; slot n_kv collects nothing (SWA map's "none")
         ggml_tensor * full = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, n_kv + 1, R, S);
-        full = ggml_fill(ctx, full, 0.0f);
-        full = ggml_set_rows(ctx, full, ggml_reshape_4d(ctx, keep_r, 1, KM, R, S),
-                             ggml_reshape_4d(ctx, idx, KM, R, S, 1));
+        full               = ggml_fill(ctx, full, 0.0f);
+        full =
+            ggml_set_rows(ctx, full, ggml_reshape_4d(ctx, keep_r, 1, KM, R, S), ggml_reshape_4d(ctx, idx, KM, R, S, 1));
         inp->keep_full = full;
         keep_base = ggml_cont(ctx, ggml_view_4d(ctx, full, 1, n_kv, R, S, full->nb[1], full->nb[2], full->nb[3], 0));
         keep_base = ggml_mul(ctx, ggml_reshape_4d(ctx, keep_base, n_kv, R, 1, S), inp->t_vis);
@@ -594,11 +607,12 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
             if (inp->n_rows == 1) {
                 // the cells to gather: text and kept visual first, in ascending cell order
                 // (key = attended * 2 n_kv - cell), then dropped visual cells as padding
-                inp->t_negcell = vp_input(ctx, GGML_TYPE_F32, n_kv, 1, 1, 1, "vp_negcell");
+                inp->t_negcell    = vp_input(ctx, GGML_TYPE_F32, n_kv, 1, 1, 1, "vp_negcell");
                 ggml_tensor * att = ggml_add(ctx, ggml_scale_bias(ctx, inp->t_vis, -1.0f, 1.0f), keep_base);
                 ggml_tensor * key = ggml_add(ctx, ggml_scale(ctx, att, 2.0f * (float) n_kv), inp->t_negcell);
-                ggml_tensor * ord = ggml_argsort(ctx, key, GGML_SORT_ORDER_DESC);       // [n_kv, 1, 1, S]
-                ord = ggml_cont(ctx, ggml_view_4d(ctx, ord, inp->n_sel, 1, 1, S, ord->nb[1], ord->nb[2], ord->nb[3], 0));
+                ggml_tensor * ord = ggml_argsort(ctx, key, GGML_SORT_ORDER_DESC); // [n_kv, 1, 1, S]
+                ord =
+                    ggml_cont(ctx, ggml_view_4d(ctx, ord, inp->n_sel, 1, 1, S, ord->nb[1], ord->nb[2], ord->nb[3], 0));
                 inp->sel_idx = ggml_reshape_2d(ctx, ord, inp->n_sel, S);
             }
         }
@@ -606,7 +620,7 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
 
     if (keep_base) {
         ggml_tensor * num = ggml_sum_rows(ctx, ggml_mul(ctx, pmean, keep_base));
-        inp->o_cov_num = vp_output(g.gf, num, "vp_cov_num");
+        inp->o_cov_num    = vp_output(g.gf, num, "vp_cov_num");
     }
     inp->o_cov_den = vp_output(g.gf, ggml_sum_rows(ctx, ggml_mul(ctx, pmean, inp->t_vis)), "vp_cov_den");
 
@@ -617,25 +631,26 @@ static void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp * in
 }
 
 // The sliding-window layers' view of the same selection (their cells are indexed differently).
-static ggml_tensor * vp_build_swa_mask(const llm_graph_context & g, llm_graph_input_vp * inp, ggml_tensor * kq_mask_swa) {
+static ggml_tensor * vp_build_swa_mask(const llm_graph_context & g, llm_graph_input_vp * inp,
+                                       ggml_tensor * kq_mask_swa) {
     ggml_context * ctx = g.ctx0;
-    const int64_t R = inp->n_rows, S = inp->n_stream, NS = inp->n_kv_swa;
-    inp->t_swa_map = vp_input(ctx, GGML_TYPE_I32, NS, R, S, 1, "vp_swa_map");
-    inp->t_vis_swa = vp_input(ctx, GGML_TYPE_F32, NS, R, 1, S, "vp_vis_swa");
+    const int64_t  R = inp->n_rows, S = inp->n_stream, NS = inp->n_kv_swa;
+    inp->t_swa_map     = vp_input(ctx, GGML_TYPE_I32, NS, R, S, 1, "vp_swa_map");
+    inp->t_vis_swa     = vp_input(ctx, GGML_TYPE_F32, NS, R, 1, S, "vp_vis_swa");
     ggml_tensor * mask = vp_f32(ctx, kq_mask_swa);
     ggml_tensor * keep;
     if (inp->mode == LLAMA_VP_MODE_FORCED) {
         // FORCED keeps per base cell in t_drop: gather it through the map
-        ggml_tensor * kd = ggml_scale_bias(ctx, vp_forced_drop(g, inp), 1.0f / VP_BIG, 1.0f); // 1 keep, 0 drop
+        ggml_tensor * kd    = ggml_scale_bias(ctx, vp_forced_drop(g, inp), 1.0f / VP_BIG, 1.0f); // 1 keep, 0 drop
         ggml_tensor * kfull = ggml_concat(ctx, ggml_reshape_4d(ctx, kd, 1, inp->n_kv, R, S),
                                           ggml_fill(ctx, ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, 1, R, S), 0.0f), 1);
-        keep = ggml_get_rows(ctx, kfull, inp->t_swa_map);
+        keep                = ggml_get_rows(ctx, kfull, inp->t_swa_map);
     } else {
-        keep = ggml_get_rows(ctx, inp->keep_full, inp->t_swa_map);                // [1, NS, R, S]
+        keep = ggml_get_rows(ctx, inp->keep_full, inp->t_swa_map); // [1, NS, R, S]
     }
-    keep = ggml_mul(ctx, ggml_reshape_4d(ctx, keep, NS, R, 1, S), inp->t_vis_swa);
+    keep               = ggml_mul(ctx, ggml_reshape_4d(ctx, keep, NS, R, 1, S), inp->t_vis_swa);
     ggml_tensor * drop = ggml_scale(ctx, ggml_sub(ctx, inp->t_vis_swa, keep), -VP_BIG);
-    ggml_tensor * res = ggml_add(ctx, mask, drop);
+    ggml_tensor * res  = ggml_add(ctx, mask, drop);
     if (kq_mask_swa->type != GGML_TYPE_F32) {
         res = ggml_cast(ctx, res, kq_mask_swa->type);
     }
@@ -650,7 +665,7 @@ static int32_t vp_resolve_path(const llm_graph_context & g, const llm_graph_inpu
     if (inp.vp->params.attn != LLAMA_VP_ATTN_AUTO) {
         return inp.vp->params.attn;
     }
-    const ggml_tensor * src = k->view_src ? k->view_src : k;
+    const ggml_tensor *   src = k->view_src ? k->view_src : k;
     ggml_backend_buffer_t buf = src->buffer;
     if (!buf || ggml_backend_buffer_is_host(buf)) {
         // CPU flash attention skips -inf cells; the non-FA CPU path reads every cell
@@ -677,16 +692,17 @@ static ggml_tensor * vp_to_cache_type(ggml_context * ctx, ggml_tensor * rows, gg
 // Rows idx ([n_sel, S]) of a cache view laid out [d, H_kv, n_kv, S] (one contiguous row per cell).
 static ggml_tensor * vp_gather_rows(ggml_context * ctx, ggml_tensor * t, ggml_tensor * idx, ggml_tensor * iota) {
     const int64_t n_sel = idx->ne[0];
-    ggml_tensor * t3 = ggml_view_3d(ctx, t, t->ne[0]*t->ne[1], t->ne[2], t->ne[3], t->nb[2], t->nb[3], 0);
-    ggml_tensor * r = vp_to_cache_type(ctx, ggml_get_rows(ctx, t3, idx), t->type, iota);
+    ggml_tensor * t3    = ggml_view_3d(ctx, t, t->ne[0] * t->ne[1], t->ne[2], t->ne[3], t->nb[2], t->nb[3], 0);
+    ggml_tensor * r     = vp_to_cache_type(ctx, ggml_get_rows(ctx, t3, idx), t->type, iota);
     return ggml_reshape_4d(ctx, r, t->ne[0], t->ne[1], n_sel, t->ne[3]);
 }
 
 // The mask of the gathered cells: mask_f32 [n_kv, 1, 1, S] -> [n_sel, 1, 1, S], in the mask's type.
-static ggml_tensor * vp_gather_mask(ggml_context * ctx, ggml_tensor * mask_f32, ggml_tensor * idx, const ggml_tensor * like) {
+static ggml_tensor * vp_gather_mask(ggml_context * ctx, ggml_tensor * mask_f32, ggml_tensor * idx,
+                                    const ggml_tensor * like) {
     const int64_t n_sel = idx->ne[0], S = idx->ne[1];
     ggml_tensor * m = ggml_reshape_4d(ctx, mask_f32, 1, mask_f32->ne[0], S, 1);
-    m = ggml_reshape_4d(ctx, ggml_get_rows(ctx, m, idx), n_sel, 1, 1, S);
+    m               = ggml_reshape_4d(ctx, ggml_get_rows(ctx, m, idx), n_sel, 1, 1, S);
     return vp_as_mask_type(ctx, m, like);
 }
 
@@ -699,8 +715,8 @@ static ggml_tensor * vp_gather_mask(ggml_context * ctx, ggml_tensor * mask_f32, 
 static ggml_tensor * vp_apply_gather(llm_graph_input_vp & inp, ggml_context * ctx, ggml_tensor ** k, ggml_tensor ** v,
                                      ggml_tensor * idx, ggml_tensor *& mask_cache, ggml_tensor * mask,
                                      ggml_tensor * mask_f32, int il) {
-    ggml_tensor * iota = nullptr; // row numbers 0..n_sel-1 for re-quantizing (host input, shared)
-    const bool v_trans = (*v)->nb[1] > (*v)->nb[2];
+    ggml_tensor * iota    = nullptr; // row numbers 0..n_sel-1 for re-quantizing (host input, shared)
+    const bool    v_trans = (*v)->nb[1] > (*v)->nb[2];
     if (ggml_is_quantized((*k)->type) || (!v_trans && ggml_is_quantized((*v)->type))) {
         auto & t = inp.t_iota[idx->ne[0]];
         if (!t) t = vp_input(ctx, GGML_TYPE_I32, idx->ne[0], idx->ne[1], 1, 1, "vp_iota");
@@ -719,44 +735,35 @@ static ggml_tensor * vp_apply_gather(llm_graph_input_vp & inp, ggml_context * ct
     return mask_cache;
 }
 
-ggml_tensor * llama_vp_build_attn(
-        const llm_graph_context & g,
-        const llama_kv_cache_context * base,
-        const llama_kv_cache_context * swa,
-        bool           is_swa,
-        ggml_tensor *  q,
-        ggml_tensor ** k,
-        ggml_tensor ** v,
-        ggml_tensor *  kq_mask,
-        float          kq_scale,
-        int            il,
-        int64_t *      n_kv_max) {
+ggml_tensor * llama_vp_build_attn(const llm_graph_context & g, const llama_kv_cache_context * base,
+                                  const llama_kv_cache_context * swa, bool is_swa, ggml_tensor * q, ggml_tensor ** k,
+                                  ggml_tensor ** v, ggml_tensor * kq_mask, float kq_scale, int il, int64_t * n_kv_max) {
     llama_vp_context * vp = g.cparams.vp;
     if (!vp || !vp->enabled) {
         return kq_mask;
     }
     if (!g.vp_graph_checked) {
         g.vp_graph_checked = true;
-        g.vp_graph = vp_begin_graph(g, base, swa);
+        g.vp_graph         = vp_begin_graph(g, base, swa);
     }
     llm_graph_input_vp * inp = g.vp_graph;
     if (!inp) {
         return kq_mask;
     }
-    ggml_context * ctx = g.ctx0;
-    ggml_tensor * k_full = *k; // the anchor probes every cell
+    ggml_context * ctx    = g.ctx0;
+    ggml_tensor *  k_full = *k; // the anchor probes every cell
     if (inp->path < 0) {
-        inp->path = vp_resolve_path(g, *inp, *k);
+        inp->path     = vp_resolve_path(g, *inp, *k);
         vp->last_attn = inp->path;
     }
     const bool gather = inp->path == LLAMA_VP_ATTN_GATHER;
-    const bool hint = kq_mask->type == GGML_TYPE_F16; // flash attention
+    const bool hint   = kq_mask->type == GGML_TYPE_F16; // flash attention
 
     const bool pruned = il >= vp->first_pruned;
     if (pruned && inp->mode == LLAMA_VP_MODE_FORCED && !is_swa && !inp->mask_base) {
         // FORCED needs no probe: its mask can serve layers below the anchor too
         inp->mask_base_f32 = ggml_add(ctx, vp_base_mask_f32(ctx, inp, kq_mask), vp_forced_drop(g, inp));
-        inp->mask_base = vp_as_mask_type(ctx, inp->mask_base_f32, kq_mask);
+        inp->mask_base     = vp_as_mask_type(ctx, inp->mask_base_f32, kq_mask);
     }
     ggml_tensor * res = kq_mask;
     if (pruned && (inp->mode == LLAMA_VP_MODE_FORCED || inp->anchor_built)) {
@@ -774,9 +781,11 @@ ggml_tensor * llama_vp_build_attn(
                 if (!inp->t_hidx) {
                     inp->t_hidx = vp_input(ctx, GGML_TYPE_I32, inp->n_sel, inp->n_stream, 1, 1, "vp_hidx");
                 }
-                res = vp_apply_gather(*inp, ctx, k, v, inp->t_hidx, inp->mask_gath, inp->mask_base, inp->mask_base_f32, il);
+                res = vp_apply_gather(*inp, ctx, k, v, inp->t_hidx, inp->mask_gath, inp->mask_base, inp->mask_base_f32,
+                                      il);
             } else if (gather && inp->sel_idx) {
-                res = vp_apply_gather(*inp, ctx, k, v, inp->sel_idx, inp->mask_gath, inp->mask_base, inp->mask_base_f32, il);
+                res = vp_apply_gather(*inp, ctx, k, v, inp->sel_idx, inp->mask_gath, inp->mask_base, inp->mask_base_f32,
+                                      il);
             } else if (hint) {
                 *n_kv_max = inp->n_sel;
             }
@@ -784,16 +793,17 @@ ggml_tensor * llama_vp_build_attn(
     } else if (inp->lag && !is_swa && il < vp->anchor) {
         // lagged: the previous step's selection, below the anchor
         if (!inp->mask_lag) {
-            inp->t_lag_drop = vp_input(ctx, GGML_TYPE_F32, inp->n_kv, inp->n_rows, 1, inp->n_stream, "vp_lag_drop");
+            inp->t_lag_drop   = vp_input(ctx, GGML_TYPE_F32, inp->n_kv, inp->n_rows, 1, inp->n_stream, "vp_lag_drop");
             inp->mask_lag_f32 = ggml_add(ctx, vp_base_mask_f32(ctx, inp, kq_mask), inp->t_lag_drop);
-            inp->mask_lag = vp_as_mask_type(ctx, inp->mask_lag_f32, kq_mask);
+            inp->mask_lag     = vp_as_mask_type(ctx, inp->mask_lag_f32, kq_mask);
         }
         res = inp->mask_lag;
         if (gather) {
             if (!inp->t_lag_idx) {
                 inp->t_lag_idx = vp_input(ctx, GGML_TYPE_I32, inp->n_lag_sel, inp->n_stream, 1, 1, "vp_lag_idx");
             }
-            res = vp_apply_gather(*inp, ctx, k, v, inp->t_lag_idx, inp->mask_lag_gath, inp->mask_lag, inp->mask_lag_f32, il);
+            res = vp_apply_gather(*inp, ctx, k, v, inp->t_lag_idx, inp->mask_lag_gath, inp->mask_lag, inp->mask_lag_f32,
+                                  il);
         } else if (hint) {
             *n_kv_max = inp->n_lag_sel;
         }
@@ -802,9 +812,9 @@ ggml_tensor * llama_vp_build_attn(
         GGML_ASSERT(!is_swa && "the VisionPulse anchor must be a full-attention layer");
         if (!g.cparams.flash_attn && *k == k_full) {
             // the layer's own kq will exist: llama_vp_attn_scores builds the selection from it
-            inp->anchor_q = q;
-            inp->anchor_k = k_full;
-            inp->anchor_mask = kq_mask;
+            inp->anchor_q     = q;
+            inp->anchor_k     = k_full;
+            inp->anchor_mask  = kq_mask;
             inp->anchor_scale = kq_scale;
         } else {
             vp_build_anchor(g, inp, q, k_full, kq_mask, kq_scale, nullptr); // probes the dense attention
@@ -823,20 +833,20 @@ ggml_tensor * llama_vp_attn_scores(const llm_graph_context & g, ggml_tensor * kq
         // [n_sel, 1, H, S] -> [n_kv, 1, H, S]: one-value rows, the stream's index list for every head.
         // The layers share one zeroed buffer: they all write the same cells (the step's selection),
         // and each layer's write depends on the previous layer's output, so on its softmax too.
-        ggml_tensor * idx = inp->scatter_idx;
-        const int64_t H = kq->ne[2], S = kq->ne[3];
+        ggml_tensor *  idx = inp->scatter_idx;
+        const int64_t  H = kq->ne[2], S = kq->ne[3];
         ggml_tensor *& buf = inp->scatter_buf[idx];
         if (!buf) {
             buf = ggml_fill(ctx, ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, inp->n_kv, H, S), 0.0f);
         }
-        buf = ggml_set_rows(ctx, buf, ggml_reshape_4d(ctx, ggml_cont(ctx, kq), 1, kq->ne[0], H, S),
-                            ggml_reshape_3d(ctx, idx, idx->ne[0], 1, idx->ne[1]));
-        kq = ggml_reshape_4d(ctx, buf, inp->n_kv, 1, H, S);
+        buf              = ggml_set_rows(ctx, buf, ggml_reshape_4d(ctx, ggml_cont(ctx, kq), 1, kq->ne[0], H, S),
+                                         ggml_reshape_3d(ctx, idx, idx->ne[0], 1, idx->ne[1]));
+        kq               = ggml_reshape_4d(ctx, buf, inp->n_kv, 1, H, S);
         inp->scatter_idx = nullptr;
     }
     if (inp->anchor_q && il == inp->vp->anchor) {
-        const bool same = kq->ne[0] == inp->n_kv && kq->ne[1] == inp->n_rows && kq->ne[2] == g.n_head &&
-                          kq->ne[3] == inp->n_stream;
+        const bool same =
+            kq->ne[0] == inp->n_kv && kq->ne[1] == inp->n_rows && kq->ne[2] == g.n_head && kq->ne[3] == inp->n_stream;
         vp_build_anchor(g, inp, inp->anchor_q, inp->anchor_k, inp->anchor_mask, inp->anchor_scale, same ? kq : nullptr);
         inp->anchor_q = nullptr;
     }
@@ -860,46 +870,49 @@ void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res)
         if ((inp = dynamic_cast<llm_graph_input_vp *>(in.get()))) break;
     }
     if (!inp || !inp->anchor_built) return;
-    const int64_t R = inp->n_rows * inp->n_stream, KM = inp->k_max;
-    const auto mass = vp_get_f32(inp->o_mass);
-    const auto keep = vp_get_f32(inp->o_keep);
-    const auto num  = vp_get_f32(inp->o_cov_num);
-    const auto den  = vp_get_f32(inp->o_cov_den);
+    const int64_t        R = inp->n_rows * inp->n_stream, KM = inp->k_max;
+    const auto           mass = vp_get_f32(inp->o_mass);
+    const auto           keep = vp_get_f32(inp->o_keep);
+    const auto           num  = vp_get_f32(inp->o_cov_num);
+    const auto           den  = vp_get_f32(inp->o_cov_den);
     std::vector<int32_t> idx(inp->o_idx ? ggml_nelements(inp->o_idx) : 0);
     if (inp->o_idx) ggml_backend_tensor_get(inp->o_idx, idx.data(), 0, ggml_nbytes(inp->o_idx));
 
     for (int64_t r = 0; r < R; ++r) {
-        const auto & rw = inp->rows[r];
-        auto & st = vp->seqs[rw.seq];
-        const int32_t nv = (int32_t) rw.vis.size();
+        const auto &         rw = inp->rows[r];
+        auto &               st = vp->seqs[rw.seq];
+        const int32_t        nv = (int32_t) rw.vis.size();
         std::vector<int32_t> kept;
         if (inp->mode == LLAMA_VP_MODE_DENSE || nv == 0) {
-            for (int32_t o = 0; o < nv; ++o) kept.push_back(o);
+            for (int32_t o = 0; o < nv; ++o)
+                kept.push_back(o);
         } else if (inp->mode == LLAMA_VP_MODE_FORCED) {
-            for (int32_t o : st.forced) if (o >= 0 && o < nv) kept.push_back(o);
+            for (int32_t o : st.forced)
+                if (o >= 0 && o < nv) kept.push_back(o);
         } else {
             std::unordered_map<int32_t, int32_t> ord;
-            for (int32_t o = 0; o < nv; ++o) ord[rw.vis[o]] = o;
+            for (int32_t o = 0; o < nv; ++o)
+                ord[rw.vis[o]] = o;
             for (int64_t j = 0; j < KM; ++j) {
-                if (keep[r*KM + j] > 0.5f) {
-                    auto it = ord.find(idx[r*KM + j]);
+                if (keep[r * KM + j] > 0.5f) {
+                    auto it = ord.find(idx[r * KM + j]);
                     if (it != ord.end()) kept.push_back(it->second);
                 }
             }
         }
         std::sort(kept.begin(), kept.end());
         kept.erase(std::unique(kept.begin(), kept.end()), kept.end());
-        st.stats.step     += 1;
+        st.stats.step += 1;
         st.stats.n_kv      = (int32_t) inp->n_kv;
         st.stats.n_visual  = nv;
         st.stats.n_kept    = (int32_t) kept.size();
         st.stats.mass      = mass.empty() ? 0.0f : mass[r];
         st.stats.mass_kept = (num.empty() || den.empty() || den[r] <= 0.0f) ? 1.0f : num[r] / den[r];
         if (inp->rank_only) {
-            st.forced = kept;
+            st.forced     = kept;
             st.has_forced = true;
         }
-        st.kept = std::move(kept);
+        st.kept      = std::move(kept);
         st.has_stats = true;
     }
 }
@@ -921,21 +934,24 @@ struct llama_vp_params llama_vp_default_params(void) {
 }
 
 struct llama_vp_params llama_vp_preset_params(int32_t preset) {
-    llama_vp_params p = {};
-    p.mode         = LLAMA_VP_MODE_DYNAMIC;
-    p.anchor_layer = -1;
-    p.tau          = 0.1f;
-    p.budget_min   = 0.01f;
-    p.budget_max   = 0.05f;
-    p.ratio        = 0.05f;
-    p.seed         = 0;
-    p.auto_mark    = true;
+    llama_vp_params p    = {};
+    p.mode               = LLAMA_VP_MODE_DYNAMIC;
+    p.anchor_layer       = -1;
+    p.tau                = 0.1f;
+    p.budget_min         = 0.01f;
+    p.budget_max         = 0.05f;
+    p.ratio              = 0.05f;
+    p.seed               = 0;
+    p.auto_mark          = true;
     p.first_pruned_layer = -1;
-    p.attn         = LLAMA_VP_ATTN_AUTO;
-    p.lagged       = false;
-    p.prune_swa    = false;
+    p.attn               = LLAMA_VP_ATTN_AUTO;
+    p.lagged             = false;
+    p.prune_swa          = false;
     if (preset == 10) {
-        p.tau = 0.4f; p.budget_min = 0.05f; p.budget_max = 0.10f; p.ratio = 0.10f;
+        p.tau        = 0.4f;
+        p.budget_min = 0.05f;
+        p.budget_max = 0.10f;
+        p.ratio      = 0.10f;
     } else if (preset != 5) {
         p.mode = -1;
     }
@@ -967,30 +983,36 @@ int32_t llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params
         return vp_fail(-1, "unknown mode " + std::to_string(p.mode));
     }
     if (!std::isfinite(p.tau) || p.tau <= 0.0f) return vp_fail(-1, "tau must be a finite number > 0");
-    if (!vp_frac_ok(p.budget_min) || !vp_frac_ok(p.budget_max)) return vp_fail(-1, "budget_min and budget_max must be in (0, 1]");
+    if (!vp_frac_ok(p.budget_min) || !vp_frac_ok(p.budget_max))
+        return vp_fail(-1, "budget_min and budget_max must be in (0, 1]");
     if (p.budget_min > p.budget_max) return vp_fail(-1, "budget_min must not exceed budget_max");
     if (!vp_frac_ok(p.ratio)) return vp_fail(-1, "ratio must be in (0, 1]");
     if (p.attn < LLAMA_VP_ATTN_AUTO || p.attn > LLAMA_VP_ATTN_GATHER) {
         return vp_fail(-1, "unknown attention path " + std::to_string(p.attn) + " (0 auto, 1 mask, 2 gather)");
     }
 
-    const auto & hp = ctx->get_model().hparams;
+    const auto &  hp      = ctx->get_model().hparams;
     const int32_t n_layer = (int32_t) hp.n_layer();
     if (hp.f_max_alibi_bias != 0.0f) return vp_fail(-2, "models with ALiBi are not supported");
     int32_t anchor = p.anchor_layer;
     if (anchor < 0) {
         // the full-attention layer nearest 47% of depth (17 of 36 in the reference)
         const double target = 0.47 * n_layer;
-        double best = 1e9;
+        double       best   = 1e9;
         for (int32_t il = 0; il < n_layer; ++il) {
             if (hp.is_swa(il)) continue;
-            if (std::fabs(il - target) < best) { best = std::fabs(il - target); anchor = il; }
+            if (std::fabs(il - target) < best) {
+                best   = std::fabs(il - target);
+                anchor = il;
+            }
         }
         if (anchor < 0) return vp_fail(-2, "the model has no full-attention layer to anchor on");
     } else if (anchor >= n_layer) {
-        return vp_fail(-1, "anchor_layer " + std::to_string(anchor) + " out of range [0, " + std::to_string(n_layer) + ")");
+        return vp_fail(-1,
+                       "anchor_layer " + std::to_string(anchor) + " out of range [0, " + std::to_string(n_layer) + ")");
     } else if (hp.is_swa(anchor)) {
-        return vp_fail(-1, "anchor_layer " + std::to_string(anchor) + " is a sliding-window layer; pick a full-attention layer");
+        return vp_fail(-1, "anchor_layer " + std::to_string(anchor) +
+                               " is a sliding-window layer; pick a full-attention layer");
     }
     int32_t first = p.first_pruned_layer < 0 ? anchor + 1 : p.first_pruned_layer;
     if (first > n_layer) {
@@ -1001,10 +1023,10 @@ int32_t llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params
     }
     llama_vp_context * vp = vp_of(ctx);
     if (!vp) vp = new llama_vp_context();
-    vp->params  = p;
-    vp->anchor  = anchor;
+    vp->params       = p;
+    vp->anchor       = anchor;
     vp->first_pruned = first;
-    vp->enabled = true;
+    vp->enabled      = true;
     vp->rng.seed(p.seed);
     ctx->set_vp(vp);
     return 0;
@@ -1031,7 +1053,7 @@ int32_t llama_vp_anchor_layer(const struct llama_context * ctx) {
 static llama_vp_context * vp_state(struct llama_context * ctx) {
     llama_vp_context * vp = vp_of(ctx);
     if (!vp) {
-        vp = new llama_vp_context();
+        vp         = new llama_vp_context();
         vp->params = llama_vp_default_params();
         ctx->set_vp(vp);
     }
@@ -1060,9 +1082,9 @@ int32_t llama_vp_clear_marks(struct llama_context * ctx, llama_seq_id seq) {
 
 int32_t llama_vp_n_visual(struct llama_context * ctx, llama_seq_id seq) {
     if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
-    llama_vp_context * vp = vp_state(ctx);
-    auto * mem = ctx->get_memory();
-    const llama_kv_cache * kv = dynamic_cast<const llama_kv_cache *>(mem);
+    llama_vp_context *     vp  = vp_state(ctx);
+    auto *                 mem = ctx->get_memory();
+    const llama_kv_cache * kv  = dynamic_cast<const llama_kv_cache *>(mem);
     if (!kv) {
         if (auto * iswa = dynamic_cast<const llama_kv_cache_iswa *>(mem)) kv = iswa->get_base();
     }
@@ -1098,7 +1120,8 @@ int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, in
     auto it = vp->seqs.find(seq);
     if (it == vp->seqs.end()) return 0;
     const auto & kept = it->second.kept;
-    for (int32_t i = 0; i < cap && i < (int32_t) kept.size(); ++i) ordinals[i] = kept[i];
+    for (int32_t i = 0; i < cap && i < (int32_t) kept.size(); ++i)
+        ordinals[i] = kept[i];
     return (int32_t) kept.size();
 }
 
@@ -1107,7 +1130,7 @@ void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq) {
     if (!vp) return;
     for (auto & [s, st] : vp->seqs) {
         if (seq >= 0 && s != seq) continue;
-        st.stats = {};
+        st.stats     = {};
         st.has_stats = false;
         st.kept.clear();
         if (vp->params.mode == LLAMA_VP_MODE_STATIC) { // a new prompt is ranked anew

@@ -16,24 +16,24 @@ class llama_kv_cache_context;
 class llm_graph_input_vp;
 
 struct llama_vp_seq {
-    std::vector<std::pair<llama_pos, llama_pos>> marks; // explicit visual ranges [p0, p1)
-    std::vector<int32_t> forced;                        // FORCED: kept visual ordinals (sorted)
-    bool has_forced = false;
-    llama_vp_stats stats = {};
-    bool has_stats = false;
-    std::vector<int32_t> kept;                          // kept ordinals of the last step
+    std::vector<std::pair<llama_pos, llama_pos>> marks;  // explicit visual ranges [p0, p1)
+    std::vector<int32_t>                         forced; // FORCED: kept visual ordinals (sorted)
+    bool                                         has_forced = false;
+    llama_vp_stats                               stats      = {};
+    bool                                         has_stats  = false;
+    std::vector<int32_t>                         kept; // kept ordinals of the last step
 };
 
 // Per llama_context state; owned by the context (cparams.vp), freed with it.
 struct llama_vp_context {
-    llama_vp_params params = {};
-    bool enabled = false;
-    int32_t anchor = -1;
-    int32_t first_pruned = -1; // resolved: layers >= this one use the selection
+    llama_vp_params                      params       = {};
+    bool                                 enabled      = false;
+    int32_t                              anchor       = -1;
+    int32_t                              first_pruned = -1; // resolved: layers >= this one use the selection
     std::map<llama_seq_id, llama_vp_seq> seqs;
-    std::mt19937 rng;
-    int32_t last_attn = -1;    // path of the last step with a selection
-    int32_t last_probe = -1;   // 1: its scores were the anchor layer's own, 0: probed
+    std::mt19937                         rng;
+    int32_t                              last_attn  = -1; // path of the last step with a selection
+    int32_t                              last_probe = -1; // 1: its scores were the anchor layer's own, 0: probed
 };
 
 // Hooks called from the patched upstream files.
@@ -43,18 +43,9 @@ struct llama_vp_context {
 // `base`/`swa`: the cache contexts of the full-attention and sliding-window caches
 // (`swa` is null for models with a single cache); `is_swa`: this layer's kind.
 // *n_kv_max: set to a bound on the finite mask entries per row (flash attention's sparse hint), or 0.
-ggml_tensor * llama_vp_build_attn(
-        const llm_graph_context & g,
-        const llama_kv_cache_context * base,
-        const llama_kv_cache_context * swa,
-        bool           is_swa,
-        ggml_tensor *  q,
-        ggml_tensor ** k,
-        ggml_tensor ** v,
-        ggml_tensor *  kq_mask,
-        float          kq_scale,
-        int            il,
-        int64_t *      n_kv_max);
+ggml_tensor * llama_vp_build_attn(const llm_graph_context & g, const llama_kv_cache_context * base,
+                                  const llama_kv_cache_context * swa, bool is_swa, ggml_tensor * q, ggml_tensor ** k,
+                                  ggml_tensor ** v, ggml_tensor * kq_mask, float kq_scale, int il, int64_t * n_kv_max);
 
 // In build_attn_mha without flash attention, on the layer's scores kq [n_kv, n_tokens, n_head, S]
 // (soft-capped, before the softmax): the anchor takes them as its scores (no probe of its own),

@@ -5,6 +5,7 @@ by LLAMA_CPP_LIB_PATH and MTMD_CPP_LIB. Pointing both at vp_gguf/lib makes a
 plain ``import llama_cpp`` use our patched build, whether or not vp_gguf was
 imported first. A value the user set is left alone.
 """
+
 import os
 
 LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vp_gguf", "lib")

@@ -5,6 +5,7 @@ package (its `assemble()` writes the .gguf; no hub access). Projectors are
 generated in about a second each, per grid size, and cached by a hash of the
 code that makes them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,9 +35,10 @@ def gemma_path() -> Path:
 def _code_hash() -> str:
     """Changes when the tiles could: our code, or Pillow (its built-in font draws them)."""
     import PIL
+
     h = hashlib.sha256(PIL.__version__.encode())
     for mod in (glyphs, projector):
-        h.update(Path(mod.__file__).read_bytes())
+        h.update(Path(str(mod.__file__)).read_bytes())
     return h.hexdigest()[:10]
 
 

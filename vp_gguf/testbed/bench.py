@@ -4,6 +4,7 @@ Per item: dense greedy generation first; then each mode generates (exact match,
 retention, visual mass, length) and is teacher-forced on the dense answer
 (per-step top-1 agreement and KL(dense || mode) of the next-token distribution).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from .. import VisionModel, VisionPulse
-from ..visionpulse import COMPARISON_MODES
 from .._progress import progress
+from ..visionpulse import COMPARISON_MODES
 from . import assets
 from .tasks import Item, score
 
@@ -55,8 +56,9 @@ class Bench:
 
     def model(self, grid: int) -> VisionModel:
         if grid not in self._models:
-            self._models[grid] = VisionModel(self.model_path, assets.glyph_mmproj(grid, self.model_path),
-                                             n_ctx=self.n_ctx, n_threads=self.n_threads)
+            self._models[grid] = VisionModel(
+                self.model_path, assets.glyph_mmproj(grid, self.model_path), n_ctx=self.n_ctx, n_threads=self.n_threads
+            )
         return self._models[grid]
 
     def close(self) -> None:
@@ -77,8 +79,9 @@ class Bench:
                 r = dense
             else:
                 r = m.generate(item.prompt, images=imgs, max_tokens=item.max_tokens, visionpulse=spec)
-            res = ModeResult(correct=score(item, r.text), text=r.text, n_generated=r.n_generated,
-                             decode_tok_s=r.timings.decode_tok_s)
+            res = ModeResult(
+                correct=score(item, r.text), text=r.text, n_generated=r.n_generated, decode_tok_s=r.timings.decode_tok_s
+            )
             if r.visionpulse is not None:
                 res.retention = [s.retention for s in r.visionpulse.steps]
                 res.mass = [s.mass for s in r.visionpulse.steps]
@@ -102,7 +105,8 @@ def summarize(results: list[dict[str, Any]], modes: list[str]) -> dict[str, dict
         table[name] = {
             "accuracy": acc,
             "rel_accuracy": acc / dense_acc if dense_acc else float("nan"),
-            "retention_mean": float(np.mean(ret)), "retention_min": float(np.min(ret)),
+            "retention_mean": float(np.mean(ret)),
+            "retention_min": float(np.min(ret)),
             "retention_max": float(np.max(ret)),
             "mass_mean": float(np.mean(mass)),
             "gen_len_mean": float(np.mean([r["n_generated"] for r in rs])),
@@ -113,15 +117,21 @@ def summarize(results: list[dict[str, Any]], modes: list[str]) -> dict[str, dict
 
 
 def markdown_table(table: dict[str, dict[str, float]], n_items: int, anchor_desc: str) -> str:
-    lines = [f"Anchor: {anchor_desc}; {n_items} items.", "",
-             "| mode | accuracy | vs dense | retention mean (min-max) | visual mass | gen. length | "
-             "top-1 agree (TF) | KL vs dense (TF) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Anchor: {anchor_desc}; {n_items} items.",
+        "",
+        (
+            "| mode | accuracy | vs dense | retention mean (min-max) | visual mass | gen. length | "
+            "top-1 agree (TF) | KL vs dense (TF) |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, t in table.items():
         lines.append(
             f"| {name} | {100 * t['accuracy']:.1f}% | {100 * t['rel_accuracy']:.1f}% | "
             f"{100 * t['retention_mean']:.2f}% ({100 * t['retention_min']:.2f}-{100 * t['retention_max']:.2f}%) | "
-            f"{t['mass_mean']:.3f} | {t['gen_len_mean']:.1f} | {100 * t['top1_agree']:.1f}% | {t['kl_mean']:.4f} |")
+            f"{t['mass_mean']:.3f} | {t['gen_len_mean']:.1f} | {100 * t['top1_agree']:.1f}% | {t['kl_mean']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -141,4 +151,4 @@ def to_jsonable(r: dict[str, ModeResult]) -> dict[str, Any]:
     return {k: v.__dict__ for k, v in r.items()}
 
 
-__all__ = ["Bench", "MODES", "mode_spec", "summarize", "markdown_table", "by_task_table", "progress", "to_jsonable"]
+__all__ = ["MODES", "Bench", "by_task_table", "markdown_table", "mode_spec", "progress", "summarize", "to_jsonable"]

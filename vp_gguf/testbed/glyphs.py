@@ -5,25 +5,26 @@ patch-sized tile. A glyph image is a grid of such tiles, read row-major, so an
 image "spells" a token sequence: the projector (projector.py) maps each tile to
 the input embedding of the token it shows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-PATCH = 14                       # CLIP-style patch size of the testbed projector
-BLANK = " "                      # an empty tile reads as a space token
+PATCH = 14  # CLIP-style patch size of the testbed projector
+BLANK = " "  # an empty tile reads as a space token
 CHARS = "0123456789ABCDEFGHKLMNPRSUVWXYZ:,.|=- "  # tiles must be linearly independent: no I/T (same tile at 14 px), O/Q (like 0)
 
 
-@lru_cache(maxsize=None)
-def _font(size: int) -> ImageFont.FreeTypeFont:
+@cache
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-@lru_cache(maxsize=None)
+@cache
 def tile(ch: str, patch: int = PATCH) -> np.ndarray:
     """The uint8 RGB tile of one character, pure black on white, patch x patch x 3.
 
@@ -44,6 +45,7 @@ def tile(ch: str, patch: int = PATCH) -> np.ndarray:
 @dataclass(frozen=True)
 class GlyphGrid:
     """A square image of n_side x n_side tiles."""
+
     n_side: int
     patch: int = PATCH
 
@@ -65,5 +67,5 @@ class GlyphGrid:
             if ch not in CHARS:
                 raise ValueError(f"no glyph for {ch!r}; glyphs: {CHARS!r}")
             r, c = divmod(i, self.n_side)
-            arr[r * self.patch:(r + 1) * self.patch, c * self.patch:(c + 1) * self.patch] = tile(ch, self.patch)
+            arr[r * self.patch : (r + 1) * self.patch, c * self.patch : (c + 1) * self.patch] = tile(ch, self.patch)
         return Image.fromarray(arr)

@@ -18,6 +18,7 @@ model's own token path produces it (the dequantised token_embd row, times
 sqrt(n_embd) for the Gemma family, whose graph scales token inputs but not
 embedding inputs).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from ..gguf_file import GGUFInfo, read_gguf_info
-from ..testing.tiny_vlm import _finish, _tname, VisionSpec, gguf_module, start_mmproj
+from ..testing.tiny_vlm import VisionSpec, _finish, _tname, gguf_module, start_mmproj
 from .glyphs import BLANK, CHARS, PATCH, tile
 
 _SQRT_SCALED_ARCHS = {"gemma", "gemma2", "gemma3"}  # scale token inputs by sqrt(n_embd)
-_MEAN, _STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)       # x = pixel / 255
-HI, LO = 16.0, -16.0                                 # beyond ggml's GELU cut-offs (+-10)
+_MEAN, _STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # x = pixel / 255
+HI, LO = 16.0, -16.0  # beyond ggml's GELU cut-offs (+-10)
 
 
 def glyph_token_ids(info: GGUFInfo, chars: str = CHARS) -> dict[str, int]:
@@ -42,7 +43,7 @@ def glyph_token_ids(info: GGUFInfo, chars: str = CHARS) -> dict[str, int]:
     index = {t: i for i, t in enumerate(tokens)}
     out = {}
     for ch in chars:
-        for cand in ((ch,) if ch != " " else ("▁", " ", "Ġ")):
+        for cand in (ch,) if ch != " " else ("▁", " ", "Ġ"):
             if cand in index:
                 out[ch] = index[cand]
                 break
@@ -62,13 +63,13 @@ def token_embeddings(info: GGUFInfo, ids: list[int]) -> np.ndarray:
         for i in ids:
             if not 0 <= i < n_vocab:
                 raise ValueError(f"token id {i} out of range")
-            if t.ggml_type == 0:      # F32
+            if t.ggml_type == 0:  # F32
                 f.seek(info.data_offset + t.offset + i * n_embd * 4)
                 rows.append(np.frombuffer(f.read(n_embd * 4), dtype=np.float32))
-            elif t.ggml_type == 1:    # F16
+            elif t.ggml_type == 1:  # F16
                 f.seek(info.data_offset + t.offset + i * n_embd * 2)
                 rows.append(np.frombuffer(f.read(n_embd * 2), dtype=np.float16).astype(np.float32))
-            elif t.ggml_type == 8:    # Q8_0: blocks of (fp16 d, 32 x int8); value = q * d, exact in f32
+            elif t.ggml_type == 8:  # Q8_0: blocks of (fp16 d, 32 x int8); value = q * d, exact in f32
                 nb = n_embd // 32
                 f.seek(info.data_offset + t.offset + i * nb * 34)
                 blk = np.frombuffer(f.read(nb * 34), dtype=np.uint8).reshape(nb, 34)
@@ -90,23 +91,24 @@ def ink_matrix(chars: str, patch: int = PATCH) -> np.ndarray:
     return np.stack(rows)
 
 
-def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int,
-                       chars: str = CHARS, patch: int = PATCH) -> Path:
+def build_glyph_mmproj(
+    model_path: str | Path, out_path: str | Path, n_side: int, chars: str = CHARS, patch: int = PATCH
+) -> Path:
     """Write an mmproj whose n_side x n_side tile grid reads as the glyphs' tokens."""
     info = read_gguf_info(model_path)
     arch = info.architecture
     n_embd = int(info.get(f"{arch}.embedding_length"))
     ids = glyph_token_ids(info, chars)
-    emb = token_embeddings(info, [ids[c] for c in chars])             # [G, n_embd]
-    ink = ink_matrix(chars, patch)                                     # [G, 3 P^2] of 0/1
+    emb = token_embeddings(info, [ids[c] for c in chars])  # [G, n_embd]
+    ink = ink_matrix(chars, patch)  # [G, 3 P^2] of 0/1
     G = len(chars)
     if len({r.tobytes() for r in ink}) < G:
         raise ValueError("two glyphs render to the same tile; use a larger patch or fewer glyphs")
-    sign = 2.0 * ink - 1.0                                             # +1 on ink, -1 elsewhere
-    conv = sign.astype(np.float32)                                     # c_g = sign_g . x, x = 1 - ink
-    bias0 = (HI - LO) * (sign.sum(1) - ink.sum(1)) + HI                # integers: exact in F32
-    d = G                        # vision width: one channel per glyph
-    n_ff = d + 8                 # clip.cpp swaps up/down when n_ff == d; the block never runs anyway
+    sign = 2.0 * ink - 1.0  # +1 on ink, -1 elsewhere
+    conv = sign.astype(np.float32)  # c_g = sign_g . x, x = 1 - ink
+    bias0 = (HI - LO) * (sign.sum(1) - ink.sum(1)) + HI  # integers: exact in F32
+    d = G  # vision width: one channel per glyph
+    n_ff = d + 8  # clip.cpp swaps up/down when n_ff == d; the block never runs anyway
     n_patches = n_side * n_side
 
     gguf = gguf_module()
@@ -114,12 +116,27 @@ def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
-    spec = VisionSpec(projector="mlp", image_size=n_side * patch, patch_size=patch, n_embd=d, n_layer=1,
-                       n_head=1, n_ff=n_ff, eps=1e-5, mean=_MEAN, std=_STD)
-    w = start_mmproj(gguf, tmp, f"vp-gguf glyph projector for {info.get('general.name', arch)}",
-                     f"closed-form glyph reader: {n_side}x{n_side} tiles of {patch}px, glyphs {chars!r}",
-                     spec, n_embd)
-    z = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
+    spec = VisionSpec(
+        projector="mlp",
+        image_size=n_side * patch,
+        patch_size=patch,
+        n_embd=d,
+        n_layer=1,
+        n_head=1,
+        n_ff=n_ff,
+        eps=1e-5,
+        mean=_MEAN,
+        std=_STD,
+    )
+    w = start_mmproj(
+        gguf,
+        tmp,
+        f"vp-gguf glyph projector for {info.get('general.name', arch)}",
+        f"closed-form glyph reader: {n_side}x{n_side} tiles of {patch}px, glyphs {chars!r}",
+        spec,
+        n_embd,
+    )
+    z = lambda *shape: np.zeros(shape, dtype=np.float32)
     w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH), conv.reshape(d, 3, patch, patch))
     # no class token: with one, libmtmd's LLaVA graph drops the first patch and keeps the class row
     w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_POS), z(n_patches, d))
@@ -143,12 +160,13 @@ def build_glyph_mmproj(model_path: str | Path, out_path: str | Path, n_side: int
     return out_path
 
 
-__all__ = ["build_glyph_mmproj", "glyph_token_ids", "token_embeddings", "ink_matrix", "BLANK"]
+__all__ = ["BLANK", "build_glyph_mmproj", "glyph_token_ids", "ink_matrix", "token_embeddings"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """python -m vp_gguf.testbed.projector [--model M] --grid 16 --out glyph-mmproj.gguf"""
     import argparse
+
     ap = argparse.ArgumentParser(description="write the closed-form glyph projector for a GGUF text model")
     ap.add_argument("--model", help="text model GGUF (default: the testbed's Gemma 3 270M)")
     ap.add_argument("--grid", type=int, default=16, help="tiles per side (image size = grid x 14 px)")
@@ -156,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.model is None:
         from .assets import gemma_path
+
         a.model = gemma_path()
     print(build_glyph_mmproj(a.model, a.out, a.grid))
     return 0

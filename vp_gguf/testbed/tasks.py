@@ -13,10 +13,12 @@ a folder with `items.jsonl` (one item per line) and the PNGs it names:
 - many:   several images, the digits to read back in the last one;
 grids of 16, 32 and 64 tiles a side give 256, 1024 and 4096 visual tokens per image.
 """
+
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,9 +35,9 @@ KEY_LETTERS = "ABCDEFGHKLMNPRSUVWXYZ"
 class Item:
     id: str
     task: str
-    grid: int                 # tiles per side (the projector's image size / 14)
-    images: list[str]         # file names, relative to the suite folder
-    prompt: str               # one MARKER per image
+    grid: int  # tiles per side (the projector's image size / 14)
+    images: list[str]  # file names, relative to the suite folder
+    prompt: str  # one MARKER per image
     answer: str
     max_tokens: int
     meta: dict = field(default_factory=dict)
@@ -48,9 +50,9 @@ def score(item: Item, text: str) -> bool:
     """Exact match on what the task asks for."""
     if item.task in ("copy", "second", "many"):
         want = item.answer.split()
-        return text.split()[:len(want)] == want
+        return text.split()[: len(want)] == want
     if item.task == "lookup":
-        return text.strip()[:len(item.answer)] == item.answer
+        return text.strip()[: len(item.answer)] == item.answer
     raise ValueError(f"unknown task {item.task!r}")
 
 
@@ -72,7 +74,7 @@ def _sequence_image(rng: random.Random, grid: int, n_digits: int, fill: bool) ->
     """n_digits to read back; with fill the rest of the grid holds more digits (no blank runs)."""
     g = GlyphGrid(grid)
     digits = _digits(rng, g.n_cells // 2 if fill else n_digits)
-    return digits, g.render((" " + " ".join(digits))[:g.n_cells])
+    return digits, g.render((" " + " ".join(digits))[: g.n_cells])
 
 
 def _codes_image(rng: random.Random, grid: int, n_pairs: int) -> tuple[list[str], list[str], Image]:
@@ -93,8 +95,16 @@ def make_copy(rng: random.Random, idx: int, grid: int, n_digits: int, out: Path)
     digits, img = _sequence_image(rng, grid, n_digits, fill)
     name = f"copy-{grid * grid}-{idx}"
     img.save(out / f"{name}.png")
-    return Item(name, "copy", grid, [f"{name}.png"], _copy_prompt("", digits),
-                " ".join(digits[PRIME:n_digits]), 2 * n_digits, {"n_digits": n_digits, "filled": fill})
+    return Item(
+        name,
+        "copy",
+        grid,
+        [f"{name}.png"],
+        _copy_prompt("", digits),
+        " ".join(digits[PRIME:n_digits]),
+        2 * n_digits,
+        {"n_digits": n_digits, "filled": fill},
+    )
 
 
 def make_lookup(rng: random.Random, idx: int, grid: int, n_pairs: int, out: Path) -> Item:
@@ -102,8 +112,16 @@ def make_lookup(rng: random.Random, idx: int, grid: int, n_pairs: int, out: Path
     q = rng.randrange(n_pairs)
     name = f"lookup-{grid * grid}-{idx}"
     img.save(out / f"{name}.png")
-    return Item(name, "lookup", grid, [f"{name}.png"], f"Codes:{MARKER}\n{keys[q]}:", codes[q], 5,
-                {"n_pairs": n_pairs, "key": keys[q], "pair_index": q})
+    return Item(
+        name,
+        "lookup",
+        grid,
+        [f"{name}.png"],
+        f"Codes:{MARKER}\n{keys[q]}:",
+        codes[q],
+        5,
+        {"n_pairs": n_pairs, "key": keys[q], "pair_index": q},
+    )
 
 
 def _many(rng: random.Random, name: str, task: str, grid: int, n_images: int, n_digits: int, out: Path) -> Item:
@@ -116,8 +134,16 @@ def _many(rng: random.Random, name: str, task: str, grid: int, n_images: int, n_
     files.append(f"{name}-{n_images - 1}.png")
     img.save(out / files[-1])
     prompt = f"Codes:{MARKER}\n" * (n_images - 1)
-    return Item(name, task, grid, files, _copy_prompt(prompt, digits), " ".join(digits[PRIME:]),
-                2 * n_digits, {"n_digits": n_digits, "n_images": n_images})
+    return Item(
+        name,
+        task,
+        grid,
+        files,
+        _copy_prompt(prompt, digits),
+        " ".join(digits[PRIME:]),
+        2 * n_digits,
+        {"n_digits": n_digits, "n_images": n_images},
+    )
 
 
 def make_second(rng: random.Random, idx: int, grid: int, n_digits: int, out: Path) -> Item:
@@ -130,11 +156,17 @@ def make_many(rng: random.Random, idx: int, grid: int, n_images: int, out: Path)
     return _many(rng, f"many-{grid * grid}x{n_images}-{idx}", "many", grid, n_images, 40, out)
 
 
-SUITES = {
+SUITES: dict[str, list[tuple[Callable[..., Item], int, int, int]]] = {
     # name: list of (generator, grid, size, count); size = digits, pairs or images
     # default: 256 to 4096 visual tokens, one image or several
-    "default": [(make_copy, 16, 40, 4), (make_lookup, 16, 12, 4), (make_second, 16, 40, 3),
-                (make_copy, 32, 40, 2), (make_copy, 64, 40, 1), (make_many, 16, 16, 1)],
+    "default": [
+        (make_copy, 16, 40, 4),
+        (make_lookup, 16, 12, 4),
+        (make_second, 16, 40, 3),
+        (make_copy, 32, 40, 2),
+        (make_copy, 64, 40, 1),
+        (make_many, 16, 16, 1),
+    ],
     # extended: what the 270M model itself cannot do densely (kept to show it)
     "extended": [(make_lookup, 32, 48, 2), (make_lookup, 64, 160, 1)],
     "quick": [(make_copy, 16, 40, 2), (make_lookup, 16, 12, 2)],
@@ -158,8 +190,7 @@ def make_suite(name: str, out_dir: str | Path, seed: int = 0) -> list[Item]:
 
 def write_items(path: str | Path, items: list[Item]) -> None:
     with open(path, "w") as f:
-        for it in items:
-            f.write(json.dumps(asdict(it)) + "\n")
+        f.writelines(json.dumps(asdict(it)) + "\n" for it in items)
 
 
 def read_items(path: str | Path) -> list[Item]:

@@ -11,6 +11,7 @@ The layout (row sizes, types, V transposed or not, cell metadata with or without
 the M-RoPE extension, one cache or two for sliding-window models) is read from a
 template: the state of the same context after decoding a couple of real tokens.
 """
+
 from __future__ import annotations
 
 import struct
@@ -27,9 +28,9 @@ class _Layer:
     k_type: int
     k_row: int
     v_type: int = -1
-    v_row: int = 0          # non-transposed V: bytes per cell
-    v_el: int = 0           # transposed V: bytes per element
-    v_embd: int = 0         # transposed V: rows (n_embd_v_gqa)
+    v_row: int = 0  # non-transposed V: bytes per cell
+    v_el: int = 0  # transposed V: bytes per element
+    v_embd: int = 0  # transposed V: rows (n_embd_v_gqa)
 
 
 @dataclass
@@ -57,8 +58,11 @@ def _parse_cache(buf: bytes, off: int, n_layer_max: int) -> tuple[_Cache, int]:
             o = off + cells * size
             if o + 8 > len(buf):
                 continue
-            ok = all(struct.unpack_from("<iI", buf, off + i * size) == (i, 1) and
-                     struct.unpack_from("<i", buf, off + i * size + size - 4)[0] == 0 for i in range(cells))
+            ok = all(
+                struct.unpack_from("<iI", buf, off + i * size) == (i, 1)
+                and struct.unpack_from("<i", buf, off + i * size + size - 4)[0] == 0
+                for i in range(cells)
+            )
             v_trans, n_layer = struct.unpack_from("<II", buf, o)
             if ok and v_trans in (0, 1) and 0 < n_layer <= n_layer_max:
                 break

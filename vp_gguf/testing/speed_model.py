@@ -7,6 +7,7 @@ output, Q/K/V biases, every matrix in Q4_K (what Q4_K_M mostly is). The blocks a
 random bytes with small scales: the text is gibberish, the work per token is the
 real model's. ~1.8 GB, written in about half a minute and cached by the caller.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -16,9 +17,19 @@ import numpy as np
 
 from . import tiny_vlm as T
 
-QWEN25_VL_3B = T._TextSpec(arch="qwen2vl", n_embd=2048, n_layer=36, n_head=16, n_head_kv=2, n_ff=11008,
-                           n_ctx_train=128000, rope_freq_base=1000000.0, rms_eps=1e-6,
-                           rope_sections=(16, 24, 24, 0), qkv_bias=True)
+QWEN25_VL_3B = T._TextSpec(
+    arch="qwen2vl",
+    n_embd=2048,
+    n_layer=36,
+    n_head=16,
+    n_head_kv=2,
+    n_ff=11008,
+    n_ctx_train=128000,
+    rope_freq_base=1000000.0,
+    rms_eps=1e-6,
+    rope_sections=(16, 24, 24, 0),
+    qkv_bias=True,
+)
 SPEC_NAME = "Qwen2.5-VL-3B language model (36 layers, 16/2 heads, head dim 128, FFN 11008), random Q4_K"
 
 _QK_K, _Q4_K_BYTES = 256, 144
@@ -43,8 +54,9 @@ def build_speed_model(path: str | Path, seed: int = 0, n_layer: int | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     w = T._Weights(seed, np.float32)
     rng = np.random.default_rng(seed + 1)
-    writer = T.text_model_writer(gguf, path, "vp-gguf speed model", f"{SPEC_NAME}; seed {seed}",
-                                 int(gguf.LlamaFileType.MOSTLY_Q4_K_M), t, vocab)
+    writer = T.text_model_writer(
+        gguf, path, "vp-gguf speed model", f"{SPEC_NAME}; seed {seed}", int(gguf.LlamaFileType.MOSTLY_Q4_K_M), t, vocab
+    )
     MT, Q4_K = gguf.MODEL_TENSOR, gguf.GGMLQuantizationType.Q4_K
     hd = t.n_embd // t.n_head
     n_q, n_kv = hd * t.n_head, hd * t.n_head_kv

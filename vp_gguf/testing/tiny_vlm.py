@@ -133,13 +133,14 @@ _GEMMA3_CHAT_TEMPLATE = (
 # the GGUF writer, and the vocab files of the pinned tree
 # --------------------------------------------------------------------------
 
+
 def gguf_module():
     """The ``gguf`` package from the index, pinned (pyproject) to the pinned tree's gguf-py version.
 
     Writing GGUF files needs no source checkout: the demo's projector is written
     by an installed vp-gguf. Only the tiny test models read vocab files from the tree.
     """
-    import gguf  # noqa: PLC0415
+    import gguf
 
     return gguf
 
@@ -165,23 +166,36 @@ def find_llama_cpp_root() -> Path:
         return root
     raise FileNotFoundError(
         f"the tiny test models need the vocab files of the pinned llama.cpp tree: run "
-        f"`python3 scripts/fetch_llama_cpp.py` in a vp-gguf checkout, or set {ENV_LLAMA_CPP_DIR}")
+        f"`python3 scripts/fetch_llama_cpp.py` in a vp-gguf checkout, or set {ENV_LLAMA_CPP_DIR}"
+    )
 
 
 # --------------------------------------------------------------------------
 # reading tokenizer metadata
 # --------------------------------------------------------------------------
 
+
 @dataclass
 class _KV:
-    vtype: int                  # GGUFValueType
-    value: Any                  # str / number / list[str] / np.ndarray
+    vtype: int  # GGUFValueType
+    value: Any  # str / number / list[str] / np.ndarray
     sub_type: int | None = None  # element type for arrays
 
 
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_NUMPY_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
-                10: "<u8", 11: "<i8", 12: "<f8"}
+_NUMPY_TYPES = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 
 
 @functools.lru_cache(maxsize=8)
@@ -198,7 +212,7 @@ def _read_gguf_kv(path: str, magic: int) -> dict[str, _KV]:
     def read_str(o: int) -> tuple[str, int]:
         (n,) = struct.unpack_from("<Q", buf, o)
         o += 8
-        return buf[o:o + n].decode("utf-8"), o + n
+        return buf[o : o + n].decode("utf-8"), o + n
 
     out: dict[str, _KV] = {}
     for _ in range(n_kv):
@@ -236,7 +250,7 @@ def _read_gguf_kv(path: str, magic: int) -> dict[str, _KV]:
 
 @dataclass
 class _Vocab:
-    source: str                      # vocab GGUF file name
+    source: str  # vocab GGUF file name
     kv: dict[str, _KV] = field(default_factory=dict)
 
     @property
@@ -253,9 +267,17 @@ class _Vocab:
 def _load_vocab(gguf, root: Path, name: str) -> _Vocab:
     path = root / "models" / name
     kv = _read_gguf_kv(str(path), gguf.GGUF_MAGIC)
-    tok_kv = {k: _KV(v.vtype, list(v.value) if isinstance(v.value, list) else
-                     (v.value.copy() if isinstance(v.value, np.ndarray) else v.value), v.sub_type)
-              for k, v in kv.items() if k.startswith("tokenizer.")}
+    tok_kv = {
+        k: _KV(
+            v.vtype,
+            list(v.value)
+            if isinstance(v.value, list)
+            else (v.value.copy() if isinstance(v.value, np.ndarray) else v.value),
+            v.sub_type,
+        )
+        for k, v in kv.items()
+        if k.startswith("tokenizer.")
+    }
     return _Vocab(source=name, kv=tok_kv)
 
 
@@ -274,8 +296,7 @@ def _append_tokens(gguf, vocab: _Vocab, texts: tuple[str, ...], token_type: int)
 
 def _vocab_llava(gguf, root: Path) -> _Vocab:
     vocab = _load_vocab(gguf, root, "ggml-vocab-llama-spm.gguf")
-    vocab.kv.setdefault(gguf.Keys.Tokenizer.CHAT_TEMPLATE,
-                        _KV(gguf.GGUFValueType.STRING, _LLAVA_CHAT_TEMPLATE))
+    vocab.kv.setdefault(gguf.Keys.Tokenizer.CHAT_TEMPLATE, _KV(gguf.GGUFValueType.STRING, _LLAVA_CHAT_TEMPLATE))
     return vocab
 
 
@@ -319,7 +340,9 @@ def _vocab_qwen2vl(gguf, root: Path, full_vocab: bool) -> _Vocab:
     old_ids = {t: i for i, t in enumerate(tokens[_QWEN2_FIRST_SPECIAL_ID:], _QWEN2_FIRST_SPECIAL_ID)}
 
     new_tokens = kept + list(QWEN2VL_SPECIAL_TOKENS)
-    new_types = np.concatenate([types[:n_keep], np.full(len(QWEN2VL_SPECIAL_TOKENS), int(T.CONTROL), dtype=types.dtype)])
+    new_types = np.concatenate(
+        [types[:n_keep], np.full(len(QWEN2VL_SPECIAL_TOKENS), int(T.CONTROL), dtype=types.dtype)]
+    )
     vocab.kv[K.LIST].value = new_tokens
     vocab.kv[K.TOKEN_TYPE].value = new_types
     vocab.kv[K.MERGES].value = merges
@@ -328,16 +351,17 @@ def _vocab_qwen2vl(gguf, root: Path, full_vocab: bool) -> _Vocab:
     for key in (K.BOS_ID, K.EOS_ID, K.PAD_ID, K.UNK_ID, K.EOT_ID, K.EOM_ID, K.SEP_ID, K.MASK_ID):
         if key in vocab.kv:
             old = int(vocab.kv[key].value)
-            text = next((t for t, i in old_ids.items() if i == old), None)
-            if text is None or text not in new_index:
+            found = next((t for t, i in old_ids.items() if i == old), None)
+            if found is None or found not in new_index:
                 raise ValueError(f"cannot remap {key}={old} into the cut-down Qwen2 vocab")
-            vocab.kv[key].value = new_index[text]
+            vocab.kv[key].value = new_index[found]
     return vocab
 
 
 # --------------------------------------------------------------------------
 # family specifications
 # --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _TextSpec:
@@ -350,9 +374,9 @@ class _TextSpec:
     n_ctx_train: int
     rope_freq_base: float
     rms_eps: float
-    head_dim: int | None = None          # explicit key/value length (gemma3)
+    head_dim: int | None = None  # explicit key/value length (gemma3)
     rope_sections: tuple[int, ...] | None = None  # qwen2vl M-RoPE
-    sliding_window: int | None = None    # gemma3
+    sliding_window: int | None = None  # gemma3
     rope_freq_base_swa: float | None = None
     qkv_bias: bool = False
 
@@ -371,32 +395,107 @@ class VisionSpec:
     std: tuple[float, float, float]
     use_gelu: bool = False
     tokens_per_image: int | None = None  # gemma3
-    spatial_merge: int | None = None     # qwen2vl
+    spatial_merge: int | None = None  # qwen2vl
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens per image of a gemma3 projector."""
+        assert self.tokens_per_image is not None, "only a gemma3 spec has a fixed token count"
+        return self.tokens_per_image
+
+    @property
+    def merge(self) -> int:
+        """Spatial merge of a qwen2vl projector."""
+        assert self.spatial_merge is not None, "only a qwen2vl spec merges patches"
+        return self.spatial_merge
 
 
 _SPECS: dict[str, tuple[_TextSpec, VisionSpec]] = {
     # 32000-token vocab: n_embd 48 keeps token_embd (F16, tied) at ~3 MB
     "llava": (
         # head_dim 32: a multiple of Q8_0's block, so quantized KV caches can be tested
-        _TextSpec(arch="llama", n_embd=48, n_layer=4, n_head=4, n_head_kv=2, n_ff=128,
-                  n_ctx_train=2048, rope_freq_base=10000.0, rms_eps=1e-5, head_dim=32),
-        VisionSpec(projector="mlp", image_size=48, patch_size=8, n_embd=64, n_layer=2, n_head=4,
-                    n_ff=128, eps=1e-5, mean=_CLIP_MEAN, std=_CLIP_STD),
+        _TextSpec(
+            arch="llama",
+            n_embd=48,
+            n_layer=4,
+            n_head=4,
+            n_head_kv=2,
+            n_ff=128,
+            n_ctx_train=2048,
+            rope_freq_base=10000.0,
+            rms_eps=1e-5,
+            head_dim=32,
+        ),
+        VisionSpec(
+            projector="mlp",
+            image_size=48,
+            patch_size=8,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_ff=128,
+            eps=1e-5,
+            mean=_CLIP_MEAN,
+            std=_CLIP_STD,
+        ),
     ),
     "qwen2vl": (
-        _TextSpec(arch="qwen2vl", n_embd=64, n_layer=4, n_head=2, n_head_kv=1, n_ff=128,
-                  n_ctx_train=4096, rope_freq_base=1000000.0, rms_eps=1e-6,
-                  rope_sections=(4, 6, 6, 0), qkv_bias=True),  # its loader takes head_dim = n_embd/n_head
-        VisionSpec(projector="qwen2vl_merger", image_size=64, patch_size=8, n_embd=64, n_layer=2, n_head=4,
-                    n_ff=128, eps=1e-6, mean=_CLIP_MEAN, std=_CLIP_STD, spatial_merge=2),
+        _TextSpec(
+            arch="qwen2vl",
+            n_embd=64,
+            n_layer=4,
+            n_head=2,
+            n_head_kv=1,
+            n_ff=128,
+            n_ctx_train=4096,
+            rope_freq_base=1000000.0,
+            rms_eps=1e-6,
+            rope_sections=(4, 6, 6, 0),
+            qkv_bias=True,
+        ),  # its loader takes head_dim = n_embd/n_head
+        VisionSpec(
+            projector="qwen2vl_merger",
+            image_size=64,
+            patch_size=8,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_ff=128,
+            eps=1e-6,
+            mean=_CLIP_MEAN,
+            std=_CLIP_STD,
+            spatial_merge=2,
+        ),
     ),
     "gemma3": (
-        _TextSpec(arch="gemma3", n_embd=48, n_layer=12, n_head=4, n_head_kv=2, n_ff=128,
-                  n_ctx_train=2048, rope_freq_base=1000000.0, rms_eps=1e-6, head_dim=32,
-                  sliding_window=16, rope_freq_base_swa=10000.0),
-        VisionSpec(projector="gemma3", image_size=64, patch_size=4, n_embd=64, n_layer=2, n_head=4,
-                    n_ff=128, eps=1e-6, mean=_SIGLIP_MEAN, std=_SIGLIP_STD, use_gelu=True,
-                    tokens_per_image=16),
+        _TextSpec(
+            arch="gemma3",
+            n_embd=48,
+            n_layer=12,
+            n_head=4,
+            n_head_kv=2,
+            n_ff=128,
+            n_ctx_train=2048,
+            rope_freq_base=1000000.0,
+            rms_eps=1e-6,
+            head_dim=32,
+            sliding_window=16,
+            rope_freq_base_swa=10000.0,
+        ),
+        VisionSpec(
+            projector="gemma3",
+            image_size=64,
+            patch_size=4,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_ff=128,
+            eps=1e-6,
+            mean=_SIGLIP_MEAN,
+            std=_SIGLIP_STD,
+            use_gelu=True,
+            tokens_per_image=16,
+        ),
     ),
 }
 
@@ -407,7 +506,7 @@ _INIT_STD = {
     "tok_embd": 0.02,
     "attn_qk": 0.3,
     "attn_vo": 0.15,
-    "qk_norm_gain": 3.0,   # gemma3: Q/K are RMS-normed per head, so this sets attention sharpness
+    "qk_norm_gain": 3.0,  # gemma3: Q/K are RMS-normed per head, so this sets attention sharpness
     "ffn": 0.1,
     "v_patch": 0.1,
     "v_pos": 0.1,
@@ -417,8 +516,9 @@ _INIT_STD = {
 }
 
 
-def tokens_per_image(family: str, width: int | None = None, height: int | None = None,
-                     max_tokens: int | None = None) -> int:
+def tokens_per_image(
+    family: str, width: int | None = None, height: int | None = None, max_tokens: int | None = None
+) -> int:
     """Number of embeddings one image becomes in llama.cpp (marker tokens excluded).
 
     llava and gemma3 resize every image to a fixed square, so the size does not
@@ -432,14 +532,14 @@ def tokens_per_image(family: str, width: int | None = None, height: int | None =
     if family == "llava":
         return (v.image_size // v.patch_size) ** 2
     if family == "gemma3":
-        return int(v.tokens_per_image)
+        return v.image_tokens
     if width is None or height is None:
         width = height = v.image_size
-    unit = v.patch_size * int(v.spatial_merge)
+    unit = v.patch_size * v.merge
     min_px = 8 * unit * unit
     max_px = (max_tokens or 4096) * unit * unit
-    w_bar = max(unit, int(round(width / unit)) * unit)
-    h_bar = max(unit, int(round(height / unit)) * unit)
+    w_bar = max(unit, round(width / unit) * unit)
+    h_bar = max(unit, round(height / unit) * unit)
     if w_bar * h_bar > max_px:
         beta = ((width * height) / max_px) ** 0.5
         w_bar = max(unit, int(width / beta // unit) * unit)
@@ -454,6 +554,7 @@ def tokens_per_image(family: str, width: int | None = None, height: int | None =
 # --------------------------------------------------------------------------
 # weight helpers
 # --------------------------------------------------------------------------
+
 
 class _Weights:
     """Seeded weight factory; ggml shapes are numpy shapes reversed."""
@@ -484,6 +585,7 @@ def _tname(gguf, tensor, bid: int | None = None, suffix: str | None = "weight") 
 # text model
 # --------------------------------------------------------------------------
 
+
 def text_model_writer(gguf, path: Path, name: str, description: str, file_type: int, t: _TextSpec, vocab: _Vocab):
     """A GGUFWriter with the text model's hyperparameters and tokenizer written (tensors to add)."""
     head_dim = t.head_dim or t.n_embd // t.n_head
@@ -513,9 +615,12 @@ def text_model_writer(gguf, path: Path, name: str, description: str, file_type: 
         writer.add_rope_freq_base_swa(t.rope_freq_base_swa)
 
     for key, kv in vocab.kv.items():
-        writer.add_key_value(key, kv.value.tolist() if isinstance(kv.value, np.ndarray) else kv.value,
-                             gguf.GGUFValueType(kv.vtype),
-                             None if kv.sub_type is None else gguf.GGUFValueType(kv.sub_type))
+        writer.add_key_value(
+            key,
+            kv.value.tolist() if isinstance(kv.value, np.ndarray) else kv.value,
+            gguf.GGUFValueType(kv.vtype),
+            None if kv.sub_type is None else gguf.GGUFValueType(kv.sub_type),
+        )
     return writer
 
 
@@ -527,9 +632,15 @@ def _write_text_model(gguf, path: Path, family: str, t: _TextSpec, vocab: _Vocab
     head_dim = t.head_dim or t.n_embd // t.n_head
     n_q = head_dim * t.n_head
     n_kv = head_dim * t.n_head_kv
-    writer = text_model_writer(gguf, path, f"vp-gguf tiny {family}",
-                               f"random-weight test model ({family}), seed {seed}; vocab from {vocab.source}",
-                               int(gguf.LlamaFileType.MOSTLY_F16), t, vocab)
+    writer = text_model_writer(
+        gguf,
+        path,
+        f"vp-gguf tiny {family}",
+        f"random-weight test model ({family}), seed {seed}; vocab from {vocab.source}",
+        int(gguf.LlamaFileType.MOSTLY_F16),
+        t,
+        vocab,
+    )
 
     # small token embeddings: the residual stream at the last position is then
     # dominated by attention/FFN outputs, so the (tied) logits depend on context
@@ -565,6 +676,7 @@ def _write_text_model(gguf, path: Path, family: str, t: _TextSpec, vocab: _Vocab
 # mmproj
 # --------------------------------------------------------------------------
 
+
 def start_mmproj(gguf, path: Path, name: str, description: str, v: VisionSpec, n_embd_text: int):
     """A GGUFWriter for an F32 clip mmproj with the vision hyper-parameters of `v` written."""
     writer = gguf.GGUFWriter(str(path), "clip")
@@ -599,18 +711,24 @@ def _write_mmproj(gguf, path: Path, family: str, v: VisionSpec, n_embd_text: int
     # equals n_embd, so n_ff must differ from n_embd
     assert v.n_ff != v.n_embd
     if v.projector == "qwen2vl_merger":
-        assert v.image_size % (v.patch_size * v.spatial_merge) == 0
+        assert v.image_size % (v.patch_size * v.merge) == 0
         assert (d // v.n_head) % 4 == 0, "qwen2vl vision M-RoPE needs head_dim % 4 == 0"
     if v.projector == "gemma3":
-        per_side = int(round(v.tokens_per_image ** 0.5))
+        per_side = round(v.image_tokens**0.5)
         assert per_side * per_side == v.tokens_per_image and n_side % per_side == 0
 
-    writer = start_mmproj(gguf, path, f"vp-gguf tiny {family} mmproj",
-                          f"random-weight test projector ({family}), seed {seed}", v, n_embd_text)
+    writer = start_mmproj(
+        gguf,
+        path,
+        f"vp-gguf tiny {family} mmproj",
+        f"random-weight test projector ({family}), seed {seed}",
+        v,
+        n_embd_text,
+    )
     if v.use_gelu:
         writer.add_vision_use_gelu(True)
     if v.projector == "gemma3":
-        scale = n_side // int(round(v.tokens_per_image ** 0.5))
+        scale = n_side // round(v.image_tokens**0.5)
         if scale != 4:  # 4 is clip.cpp's default, written only when different (like the converter)
             writer.add_vision_projector_scale_factor(scale)
     if v.projector == "qwen2vl_merger" and v.spatial_merge != 2:
@@ -658,7 +776,7 @@ def _write_mmproj(gguf, path: Path, family: str, v: VisionSpec, n_embd_text: int
         writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2), w.normal((n_embd_text, hidden), S["mm"]))
         writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2, "bias"), w.bias(n_embd_text))
     elif v.projector == "qwen2vl_merger":
-        merged = d * v.spatial_merge * v.spatial_merge
+        merged = d * v.merge * v.merge
         writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0), w.normal((merged, merged), S["mm"]))
         writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0, "bias"), w.bias(merged))
         writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2), w.normal((n_embd_text, merged), S["mm"]))
@@ -683,6 +801,7 @@ def _finish(writer) -> None:
 # --------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------
+
 
 def build_tiny_vlm(
     family: str,
@@ -741,10 +860,12 @@ def write_test_png(path: str | Path, width: int = 64, height: int = 64, seed: in
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    png = (b"\x89PNG\r\n\x1a\n"
-           + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9))
-           + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(png)
@@ -752,8 +873,10 @@ def write_test_png(path: str | Path, width: int = 64, height: int = 64, seed: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vp_gguf.testing.tiny_vlm",
-                                 description="Write tiny random-weight VLM GGUF pairs (model + mmproj).")
+    ap = argparse.ArgumentParser(
+        prog="python -m vp_gguf.testing.tiny_vlm",
+        description="Write tiny random-weight VLM GGUF pairs (model + mmproj).",
+    )
     ap.add_argument("--family", choices=FAMILIES + ("all",), default="all")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0)
@@ -763,8 +886,9 @@ def main(argv: list[str] | None = None) -> int:
 
     families = FAMILIES if args.family == "all" else (args.family,)
     for fam in families:
-        model, mmproj = build_tiny_vlm(fam, args.out, args.seed, llama_cpp_root=args.llama_cpp_dir,
-                                       full_vocab=args.full_vocab)
+        model, mmproj = build_tiny_vlm(
+            fam, args.out, args.seed, llama_cpp_root=args.llama_cpp_dir, full_vocab=args.full_vocab
+        )
         print(f"{fam}: {model} ({model.stat().st_size} bytes) {mmproj} ({mmproj.stat().st_size} bytes)")
     return 0
 
