@@ -170,15 +170,8 @@ def _prefill_seq(m, prompt, img, seq):
         m._free_prepared(prep)
 
 
-_GEMMA3_TWO_SEQ = pytest.mark.xfail(
-    reason="on an AVX2-only CPU (CI's AMD EPYC) the gemma3 tiny model's second sequence keeps "
-           "[3, 11, 12, 13] at step 1 of a 2-row batch against [3, 9, 11, 13] alone (any thread "
-           "count): not yet explained; see the closing note of issue 12", strict=False)
-
-
 @pytest.mark.parametrize("unified", [True, False])
-@pytest.mark.parametrize("family", [pytest.param(f, marks=_GEMMA3_TWO_SEQ) if f == "gemma3" else f
-                                    for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_two_sequences_in_one_batch(tiny_paths, load_model, images, family, unified):
     model, mmproj = tiny_paths(family)
     single = load_model(family, flash_attn="off")
@@ -198,6 +191,7 @@ def test_two_sequences_in_one_batch(tiny_paths, load_model, images, family, unif
         assert V.llama_vp_enable(m._ctx, ctypes.byref(params)) == 0
         n_vocab = L.llama_vocab_n_tokens(m._vocab)
         batch = L.llama_batch_init(2, 0, 1)
+        ties = {0: 0, 1: 0}
         try:
             for step in range(5):
                 for s in (0, 1):
@@ -212,13 +206,21 @@ def test_two_sequences_in_one_batch(tiny_paths, load_model, images, family, unif
                     lg = np.ctypeslib.as_array(L.llama_get_logits_ith(m._ctx, s), shape=(n_vocab,))
                     # a 2-row batch takes other matmul kernels than 1 row (and in a unified
                     # cache seq 1 sits in other cells): same math, other summation order
-                    ref = alone[s][1][step + 1]
-                    assert np.allclose(lg, ref, rtol=1e-2, atol=1e-2), (s, step, float(np.abs(lg - ref).max()))
-                    assert lg.argmax() == ref.argmax()
-                    assert V.get_kept(m._ctx, s) == alone[s][2].steps[step].kept
+                    ref, want = alone[s][1][step + 1], alone[s][2].steps[step]
                     st = V.llama_vp_stats()
                     assert V.llama_vp_get_stats(m._ctx, s, ctypes.byref(st)) == 0
-                    assert st.n_visual == alone[s][2].steps[step].n_visual
+                    assert st.n_visual == want.n_visual and st.n_kept == want.n_kept
+                    assert lg.argmax() == ref.argmax()
+                    kept = V.get_kept(m._ctx, s)
+                    if kept == want.kept:
+                        assert np.allclose(lg, ref, rtol=1e-2, atol=1e-2), (s, step, float(np.abs(lg - ref).max()))
+                    else:
+                        # A tie: the cells past the ones holding the attention have ~0 score, so the
+                        # other summation order may pick others (gemma3 on an AVX2-only CPU: [3, 11,
+                        # 12, 13] for [3, 9, 11, 13]). The same mass must be kept, and only once.
+                        ties[s] += 1
+                        assert abs(st.mass_kept - want.mass_kept) < 1e-3, (s, step, kept, want.kept)
+            assert max(ties.values()) <= 1, ties
         finally:
             L.llama_batch_free(batch)
             V.llama_vp_disable(m._ctx)
