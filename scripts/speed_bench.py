@@ -6,7 +6,7 @@
 
 Per model and number of visual tokens N_v: a sequence of N_v visual cells followed by
 256 text cells is put in the KV cache (a synthetic state with random F16 K/V, see
-vp_gguf/testing/kv_state.py: a real 32K prefill would take an hour here), then
+tests/support/kv_state.py: a real 32K prefill would take an hour here), then
 --steps tokens are decoded one by one in each mode, modes interleaved, --reps times:
 
   dense     VisionPulse off
@@ -35,13 +35,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the synthetic model and KV states: dev helpers, not shipped
 
 from vp_gguf import VisionPulse  # noqa: E402
 from vp_gguf import _vp_ctypes as V  # noqa: E402
 from vp_gguf.visionpulse import ATTN_NAMES  # noqa: E402
 from vp_gguf._libs import llama_cpp as L  # noqa: E402
 from vp_gguf._progress import progress  # noqa: E402
-from vp_gguf.testing import kv_state  # noqa: E402
+from support import kv_state  # noqa: E402
 
 MODES = {
     "dense": None,
@@ -57,7 +58,7 @@ MODES = {
 
 def model_path(name: str, cache: Path) -> tuple[Path, str]:
     if name == "synthetic":
-        from vp_gguf.testing.speed_model import SPEC_NAME, build_speed_model
+        from support.speed_model import SPEC_NAME, build_speed_model
         p = cache / "qwen25vl3b-lm-random-q4k.gguf"
         if not p.exists():
             print(f"writing the synthetic model to {p} (once) ...", file=sys.stderr)
@@ -304,7 +305,7 @@ def markdown(results: dict, meta: dict) -> str:
           "median (min) per token. Speedup = dense time / mode time, of the medians and (in brackets) of "
           "the best runs, which noise on a shared machine disturbs less; gap closed = share of the "
           "dense-minus-floor time that the mode removes. The KV cache is a synthetic state "
-          "(random F16 K/V, `vp_gguf/testing/kv_state.py`); the weights' work is real.", ""]
+          "(random F16 K/V, `tests/support/kv_state.py`); the weights' work is real.", ""]
     for name, r in results.items():
         md += [f"## {r['model']}", "",
                f"{r['n_layer']} layers, anchor layer {r['anchor_layer']}, flash attention {r['flash_attn']}.", "",

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import vp_gguf  # noqa: E402
 from vp_gguf import _build_info, _libdir  # noqa: E402
-from vp_gguf.testing import tiny_vlm  # noqa: E402
+from support import tiny_vlm  # noqa: E402
 
 
 def pytest_sessionstart(session):

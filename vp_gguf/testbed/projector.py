@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..gguf_file import GGUFInfo, read_gguf_info
-from ..testing.tiny_vlm import VisionSpec, _finish, _tname, gguf_module, start_mmproj
+from ..gguf_write import VisionSpec, finish, gguf_module, start_mmproj, tensor_name
 from .glyphs import BLANK, CHARS, PATCH, tile
 
 _SQRT_SCALED_ARCHS = {"gemma", "gemma2", "gemma3"}  # scale token inputs by sqrt(n_embd)
@@ -137,25 +137,25 @@ def build_glyph_mmproj(
         n_embd,
     )
     z = lambda *shape: np.zeros(shape, dtype=np.float32)
-    w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH), conv.reshape(d, 3, patch, patch))
+    w.add_tensor(tensor_name(gguf, MT.V_ENC_EMBD_PATCH), conv.reshape(d, 3, patch, patch))
     # no class token: with one, libmtmd's LLaVA graph drops the first patch and keeps the class row
-    w.add_tensor(_tname(gguf, MT.V_ENC_EMBD_POS), z(n_patches, d))
+    w.add_tensor(tensor_name(gguf, MT.V_ENC_EMBD_POS), z(n_patches, d))
     # block 0 is loaded but never run (LLaVA stops at the second-to-last layer)
     for tensor in (MT.V_ENC_INPUT_NORM, MT.V_ENC_POST_ATTN_NORM):
-        w.add_tensor(_tname(gguf, tensor, 0), z(d))
-        w.add_tensor(_tname(gguf, tensor, 0, "bias"), z(d))
+        w.add_tensor(tensor_name(gguf, tensor, 0), z(d))
+        w.add_tensor(tensor_name(gguf, tensor, 0, "bias"), z(d))
     for tensor in (MT.V_ENC_ATTN_Q, MT.V_ENC_ATTN_K, MT.V_ENC_ATTN_V, MT.V_ENC_ATTN_O):
-        w.add_tensor(_tname(gguf, tensor, 0), z(d, d))
-        w.add_tensor(_tname(gguf, tensor, 0, "bias"), z(d))
-    w.add_tensor(_tname(gguf, MT.V_ENC_FFN_UP, 0), z(n_ff, d))
-    w.add_tensor(_tname(gguf, MT.V_ENC_FFN_UP, 0, "bias"), z(n_ff))
-    w.add_tensor(_tname(gguf, MT.V_ENC_FFN_DOWN, 0), z(d, n_ff))
-    w.add_tensor(_tname(gguf, MT.V_ENC_FFN_DOWN, 0, "bias"), z(d))
-    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 0), (np.eye(d, dtype=np.float32) * np.float32(-(HI - LO))))
-    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 0, "bias"), bias0.astype(np.float32))
-    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 2), (emb.T / np.float32(HI)).astype(np.float32))
-    w.add_tensor(_tname(gguf, MT.V_MMPROJ, 2, "bias"), z(n_embd))
-    _finish(w)
+        w.add_tensor(tensor_name(gguf, tensor, 0), z(d, d))
+        w.add_tensor(tensor_name(gguf, tensor, 0, "bias"), z(d))
+    w.add_tensor(tensor_name(gguf, MT.V_ENC_FFN_UP, 0), z(n_ff, d))
+    w.add_tensor(tensor_name(gguf, MT.V_ENC_FFN_UP, 0, "bias"), z(n_ff))
+    w.add_tensor(tensor_name(gguf, MT.V_ENC_FFN_DOWN, 0), z(d, n_ff))
+    w.add_tensor(tensor_name(gguf, MT.V_ENC_FFN_DOWN, 0, "bias"), z(d))
+    w.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 0), (np.eye(d, dtype=np.float32) * np.float32(-(HI - LO))))
+    w.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 0, "bias"), bias0.astype(np.float32))
+    w.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 2), (emb.T / np.float32(HI)).astype(np.float32))
+    w.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 2, "bias"), z(n_embd))
+    finish(w)
     tmp.replace(out_path)
     return out_path
 

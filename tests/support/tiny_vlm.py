@@ -67,12 +67,13 @@ import functools
 import os
 import struct
 import sys
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vp_gguf.gguf_write import VisionSpec, finish, gguf_module, start_mmproj, tensor_name
 
 FAMILIES = ("llava", "qwen2vl", "gemma3")
 
@@ -132,17 +133,6 @@ _GEMMA3_CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------
 # the GGUF writer, and the vocab files of the pinned tree
 # --------------------------------------------------------------------------
-
-
-def gguf_module():
-    """The ``gguf`` package from the index, pinned (pyproject) to the pinned tree's gguf-py version.
-
-    Writing GGUF files needs no source checkout: the demo's projector is written
-    by an installed vp-gguf. Only the tiny test models read vocab files from the tree.
-    """
-    import gguf
-
-    return gguf
 
 
 def _is_llama_cpp_root(path: Path) -> bool:
@@ -381,35 +371,6 @@ class _TextSpec:
     qkv_bias: bool = False
 
 
-@dataclass(frozen=True)
-class VisionSpec:
-    projector: str
-    image_size: int
-    patch_size: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_ff: int
-    eps: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    use_gelu: bool = False
-    tokens_per_image: int | None = None  # gemma3
-    spatial_merge: int | None = None  # qwen2vl
-
-    @property
-    def image_tokens(self) -> int:
-        """Tokens per image of a gemma3 projector."""
-        assert self.tokens_per_image is not None, "only a gemma3 spec has a fixed token count"
-        return self.tokens_per_image
-
-    @property
-    def merge(self) -> int:
-        """Spatial merge of a qwen2vl projector."""
-        assert self.spatial_merge is not None, "only a qwen2vl spec merges patches"
-        return self.spatial_merge
-
-
 _SPECS: dict[str, tuple[_TextSpec, VisionSpec]] = {
     # 32000-token vocab: n_embd 48 keeps token_embd (F16, tied) at ~3 MB
     "llava": (
@@ -574,13 +535,6 @@ class _Weights:
         return (self.rng.standard_normal(n, dtype=np.float32) * np.float32(std)).astype(np.float32)
 
 
-def _tname(gguf, tensor, bid: int | None = None, suffix: str | None = "weight") -> str:
-    name = gguf.TENSOR_NAMES[tensor]
-    if bid is not None:
-        name = name.format(bid=bid)
-    return f"{name}.{suffix}" if suffix else name
-
-
 # --------------------------------------------------------------------------
 # text model
 # --------------------------------------------------------------------------
@@ -644,59 +598,37 @@ def _write_text_model(gguf, path: Path, family: str, t: _TextSpec, vocab: _Vocab
 
     # small token embeddings: the residual stream at the last position is then
     # dominated by attention/FFN outputs, so the (tied) logits depend on context
-    writer.add_tensor(_tname(gguf, MT.TOKEN_EMBD), w.normal((n_vocab, t.n_embd), S["tok_embd"]))
-    writer.add_tensor(_tname(gguf, MT.OUTPUT_NORM), w.norm(t.n_embd))
+    writer.add_tensor(tensor_name(gguf, MT.TOKEN_EMBD), w.normal((n_vocab, t.n_embd), S["tok_embd"]))
+    writer.add_tensor(tensor_name(gguf, MT.OUTPUT_NORM), w.norm(t.n_embd))
     for i in range(t.n_layer):
-        writer.add_tensor(_tname(gguf, MT.ATTN_NORM, i), w.norm(t.n_embd))
+        writer.add_tensor(tensor_name(gguf, MT.ATTN_NORM, i), w.norm(t.n_embd))
         # weak Q/K (nearly uniform attention over text and image positions), strong V/O
-        writer.add_tensor(_tname(gguf, MT.ATTN_Q, i), w.normal((n_q, t.n_embd), S["attn_qk"]))
-        writer.add_tensor(_tname(gguf, MT.ATTN_K, i), w.normal((n_kv, t.n_embd), S["attn_qk"]))
-        writer.add_tensor(_tname(gguf, MT.ATTN_V, i), w.normal((n_kv, t.n_embd), S["attn_vo"]))
+        writer.add_tensor(tensor_name(gguf, MT.ATTN_Q, i), w.normal((n_q, t.n_embd), S["attn_qk"]))
+        writer.add_tensor(tensor_name(gguf, MT.ATTN_K, i), w.normal((n_kv, t.n_embd), S["attn_qk"]))
+        writer.add_tensor(tensor_name(gguf, MT.ATTN_V, i), w.normal((n_kv, t.n_embd), S["attn_vo"]))
         if t.qkv_bias:
-            writer.add_tensor(_tname(gguf, MT.ATTN_Q, i, "bias"), w.bias(n_q))
-            writer.add_tensor(_tname(gguf, MT.ATTN_K, i, "bias"), w.bias(n_kv))
-            writer.add_tensor(_tname(gguf, MT.ATTN_V, i, "bias"), w.bias(n_kv))
-        writer.add_tensor(_tname(gguf, MT.ATTN_OUT, i), w.normal((t.n_embd, n_q), S["attn_vo"]))
+            writer.add_tensor(tensor_name(gguf, MT.ATTN_Q, i, "bias"), w.bias(n_q))
+            writer.add_tensor(tensor_name(gguf, MT.ATTN_K, i, "bias"), w.bias(n_kv))
+            writer.add_tensor(tensor_name(gguf, MT.ATTN_V, i, "bias"), w.bias(n_kv))
+        writer.add_tensor(tensor_name(gguf, MT.ATTN_OUT, i), w.normal((t.n_embd, n_q), S["attn_vo"]))
         if t.arch == "gemma3":
-            writer.add_tensor(_tname(gguf, MT.ATTN_Q_NORM, i), w.norm(head_dim) * np.float32(S["qk_norm_gain"]))
-            writer.add_tensor(_tname(gguf, MT.ATTN_K_NORM, i), w.norm(head_dim) * np.float32(S["qk_norm_gain"]))
-            writer.add_tensor(_tname(gguf, MT.ATTN_POST_NORM, i), w.norm(t.n_embd))
-            writer.add_tensor(_tname(gguf, MT.FFN_PRE_NORM, i), w.norm(t.n_embd))
-            writer.add_tensor(_tname(gguf, MT.FFN_POST_NORM, i), w.norm(t.n_embd))
+            writer.add_tensor(tensor_name(gguf, MT.ATTN_Q_NORM, i), w.norm(head_dim) * np.float32(S["qk_norm_gain"]))
+            writer.add_tensor(tensor_name(gguf, MT.ATTN_K_NORM, i), w.norm(head_dim) * np.float32(S["qk_norm_gain"]))
+            writer.add_tensor(tensor_name(gguf, MT.ATTN_POST_NORM, i), w.norm(t.n_embd))
+            writer.add_tensor(tensor_name(gguf, MT.FFN_PRE_NORM, i), w.norm(t.n_embd))
+            writer.add_tensor(tensor_name(gguf, MT.FFN_POST_NORM, i), w.norm(t.n_embd))
         else:
-            writer.add_tensor(_tname(gguf, MT.FFN_NORM, i), w.norm(t.n_embd))
-        writer.add_tensor(_tname(gguf, MT.FFN_GATE, i), w.normal((t.n_ff, t.n_embd), S["ffn"]))
-        writer.add_tensor(_tname(gguf, MT.FFN_UP, i), w.normal((t.n_ff, t.n_embd), S["ffn"]))
-        writer.add_tensor(_tname(gguf, MT.FFN_DOWN, i), w.normal((t.n_embd, t.n_ff), S["ffn"]))
+            writer.add_tensor(tensor_name(gguf, MT.FFN_NORM, i), w.norm(t.n_embd))
+        writer.add_tensor(tensor_name(gguf, MT.FFN_GATE, i), w.normal((t.n_ff, t.n_embd), S["ffn"]))
+        writer.add_tensor(tensor_name(gguf, MT.FFN_UP, i), w.normal((t.n_ff, t.n_embd), S["ffn"]))
+        writer.add_tensor(tensor_name(gguf, MT.FFN_DOWN, i), w.normal((t.n_embd, t.n_ff), S["ffn"]))
 
-    _finish(writer)
+    finish(writer)
 
 
 # --------------------------------------------------------------------------
 # mmproj
 # --------------------------------------------------------------------------
-
-
-def start_mmproj(gguf, path: Path, name: str, description: str, v: VisionSpec, n_embd_text: int):
-    """A GGUFWriter for an F32 clip mmproj with the vision hyper-parameters of `v` written."""
-    writer = gguf.GGUFWriter(str(path), "clip")
-    writer.add_type(gguf.GGUFType.MMPROJ)
-    writer.add_name(name)
-    writer.add_description(description)
-    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    writer.add_clip_has_vision_encoder(True)
-    writer.add_clip_projector_type(v.projector)
-    writer.add_vision_projection_dim(n_embd_text)
-    writer.add_vision_image_size(v.image_size)
-    writer.add_vision_patch_size(v.patch_size)
-    writer.add_vision_embedding_length(v.n_embd)
-    writer.add_vision_feed_forward_length(v.n_ff)
-    writer.add_vision_block_count(v.n_layer)
-    writer.add_vision_head_count(v.n_head)
-    writer.add_vision_attention_layernorm_eps(v.eps)
-    writer.add_vision_image_mean(list(v.mean))
-    writer.add_vision_image_std(list(v.std))
-    return writer
 
 
 def _write_mmproj(gguf, path: Path, family: str, v: VisionSpec, n_embd_text: int, seed: int) -> None:
@@ -736,66 +668,59 @@ def _write_mmproj(gguf, path: Path, family: str, v: VisionSpec, n_embd_text: int
 
     # patch embedding conv: ggml [kw, kh, 3, d] -> numpy (d, 3, kh, kw)
     conv_shape = (d, 3, v.patch_size, v.patch_size)
-    writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH), w.normal(conv_shape, S["v_patch"]))
+    writer.add_tensor(tensor_name(gguf, MT.V_ENC_EMBD_PATCH), w.normal(conv_shape, S["v_patch"]))
     if v.projector == "qwen2vl_merger":
         # second temporal slice of the Conv3d kernel
-        writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH) + ".1", w.normal(conv_shape, S["v_patch"]))
+        writer.add_tensor(tensor_name(gguf, MT.V_ENC_EMBD_PATCH) + ".1", w.normal(conv_shape, S["v_patch"]))
     else:
         if v.projector == "gemma3":
-            writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_PATCH, suffix="bias"), w.bias(d))
+            writer.add_tensor(tensor_name(gguf, MT.V_ENC_EMBD_PATCH, suffix="bias"), w.bias(d))
         n_pos = n_patches + (1 if v.projector == "mlp" else 0)
         if v.projector == "mlp":
-            writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_CLS, suffix=None), w.normal((d,), S["v_pos"]))
-        writer.add_tensor(_tname(gguf, MT.V_ENC_EMBD_POS), w.normal((n_pos, d), S["v_pos"]))
+            writer.add_tensor(tensor_name(gguf, MT.V_ENC_EMBD_CLS, suffix=None), w.normal((d,), S["v_pos"]))
+        writer.add_tensor(tensor_name(gguf, MT.V_ENC_EMBD_POS), w.normal((n_pos, d), S["v_pos"]))
 
     if v.projector == "mlp":  # CLIP pre-layernorm
-        writer.add_tensor(_tname(gguf, MT.V_PRE_NORM), w.norm(d))
-        writer.add_tensor(_tname(gguf, MT.V_PRE_NORM, suffix="bias"), w.bias(d))
+        writer.add_tensor(tensor_name(gguf, MT.V_PRE_NORM), w.norm(d))
+        writer.add_tensor(tensor_name(gguf, MT.V_PRE_NORM, suffix="bias"), w.bias(d))
 
     for i in range(v.n_layer):
         for tensor in (MT.V_ENC_INPUT_NORM, MT.V_ENC_POST_ATTN_NORM):
-            writer.add_tensor(_tname(gguf, tensor, i), w.norm(d))
-            writer.add_tensor(_tname(gguf, tensor, i, "bias"), w.bias(d))
+            writer.add_tensor(tensor_name(gguf, tensor, i), w.norm(d))
+            writer.add_tensor(tensor_name(gguf, tensor, i, "bias"), w.bias(d))
         for tensor in (MT.V_ENC_ATTN_Q, MT.V_ENC_ATTN_K, MT.V_ENC_ATTN_V, MT.V_ENC_ATTN_O):
-            writer.add_tensor(_tname(gguf, tensor, i), w.normal((d, d), S["v_attn"]))
-            writer.add_tensor(_tname(gguf, tensor, i, "bias"), w.bias(d))
-        writer.add_tensor(_tname(gguf, MT.V_ENC_FFN_UP, i), w.normal((v.n_ff, d), S["v_ffn"]))
-        writer.add_tensor(_tname(gguf, MT.V_ENC_FFN_UP, i, "bias"), w.bias(v.n_ff))
-        writer.add_tensor(_tname(gguf, MT.V_ENC_FFN_DOWN, i), w.normal((d, v.n_ff), S["v_ffn"]))
-        writer.add_tensor(_tname(gguf, MT.V_ENC_FFN_DOWN, i, "bias"), w.bias(d))
+            writer.add_tensor(tensor_name(gguf, tensor, i), w.normal((d, d), S["v_attn"]))
+            writer.add_tensor(tensor_name(gguf, tensor, i, "bias"), w.bias(d))
+        writer.add_tensor(tensor_name(gguf, MT.V_ENC_FFN_UP, i), w.normal((v.n_ff, d), S["v_ffn"]))
+        writer.add_tensor(tensor_name(gguf, MT.V_ENC_FFN_UP, i, "bias"), w.bias(v.n_ff))
+        writer.add_tensor(tensor_name(gguf, MT.V_ENC_FFN_DOWN, i), w.normal((d, v.n_ff), S["v_ffn"]))
+        writer.add_tensor(tensor_name(gguf, MT.V_ENC_FFN_DOWN, i, "bias"), w.bias(d))
 
     if v.projector in ("gemma3", "qwen2vl_merger"):
         # SigLIP post_layernorm / Qwen2-VL merger ln_q
-        writer.add_tensor(_tname(gguf, MT.V_POST_NORM), w.norm(d))
-        writer.add_tensor(_tname(gguf, MT.V_POST_NORM, suffix="bias"), w.bias(d))
+        writer.add_tensor(tensor_name(gguf, MT.V_POST_NORM), w.norm(d))
+        writer.add_tensor(tensor_name(gguf, MT.V_POST_NORM, suffix="bias"), w.bias(d))
 
     if v.projector == "mlp":
         hidden = n_embd_text
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0), w.normal((hidden, d), S["mm"]))
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0, "bias"), w.bias(hidden))
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2), w.normal((n_embd_text, hidden), S["mm"]))
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2, "bias"), w.bias(n_embd_text))
+        writer.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 0), w.normal((hidden, d), S["mm"]))
+        writer.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 0, "bias"), w.bias(hidden))
+        writer.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 2), w.normal((n_embd_text, hidden), S["mm"]))
+        writer.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 2, "bias"), w.bias(n_embd_text))
     elif v.projector == "qwen2vl_merger":
         merged = d * v.merge * v.merge
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0), w.normal((merged, merged), S["mm"]))
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 0, "bias"), w.bias(merged))
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2), w.normal((n_embd_text, merged), S["mm"]))
-        writer.add_tensor(_tname(gguf, MT.V_MMPROJ, 2, "bias"), w.bias(n_embd_text))
+        writer.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 0), w.normal((merged, merged), S["mm"]))
+        writer.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 0, "bias"), w.bias(merged))
+        writer.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 2), w.normal((n_embd_text, merged), S["mm"]))
+        writer.add_tensor(tensor_name(gguf, MT.V_MMPROJ, 2, "bias"), w.bias(n_embd_text))
     elif v.projector == "gemma3":
         # used as transpose(W): ggml [n_embd_text, d] -> numpy (d, n_embd_text)
-        writer.add_tensor(_tname(gguf, MT.V_MM_INP_PROJ), w.normal((d, n_embd_text), S["mm"]))
-        writer.add_tensor(_tname(gguf, MT.V_MM_SOFT_EMB_NORM), w.norm(d))
+        writer.add_tensor(tensor_name(gguf, MT.V_MM_INP_PROJ), w.normal((d, n_embd_text), S["mm"]))
+        writer.add_tensor(tensor_name(gguf, MT.V_MM_SOFT_EMB_NORM), w.norm(d))
     else:  # pragma: no cover
         raise AssertionError(v.projector)
 
-    _finish(writer)
-
-
-def _finish(writer) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
 
 
 # --------------------------------------------------------------------------
@@ -844,37 +769,9 @@ def build_tiny_vlm(
     return model_path, mmproj_path
 
 
-def write_test_png(path: str | Path, width: int = 64, height: int = 64, seed: int = 0) -> Path:
-    """Write a small, seeded RGB PNG (smooth gradients plus noise) without Pillow."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    phase = rng.uniform(0, 2 * np.pi, size=3)
-    freq = rng.uniform(0.05, 0.3, size=(3, 2))
-    img = np.empty((height, width, 3), dtype=np.float32)
-    for c in range(3):
-        img[..., c] = 127.5 + 100.0 * np.sin(freq[c, 0] * xx + freq[c, 1] * yy + phase[c])
-    img += rng.normal(0.0, 12.0, size=img.shape)
-    pixels = np.clip(img, 0, 255).astype(np.uint8)
-    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(height))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(raw, 9))
-        + chunk(b"IEND", b"")
-    )
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(png)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m vp_gguf.testing.tiny_vlm",
+        prog="python tests/support/tiny_vlm.py",
         description="Write tiny random-weight VLM GGUF pairs (model + mmproj).",
     )
     ap.add_argument("--family", choices=FAMILIES + ("all",), default="all")
