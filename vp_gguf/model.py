@@ -345,13 +345,16 @@ class VisionModel:
         tokens: Sequence[int],
         visionpulse: VisionPulse | str | int | None = None,
         after_prefill=None,
+        before_step=None,
     ):
         """Logits at every step when ``tokens`` are fed as the answer (no sampling).
 
         Returns ``(logits, report)``: logits is a float32 array [len(tokens), n_vocab] whose
         row i predicts tokens[i] (row 0 comes from the dense prefill); report holds the
         per-step VisionPulse selection (or None). ``after_prefill(model, image_spans)``, if
-        given, runs between the prompt and the first forced token (tests use it to edit the cache)."""
+        given, runs between the prompt and the first forced token (tests use it to edit the cache);
+        ``before_step(model, i)`` runs before decode step i (i = 1 for the first decoded token;
+        the replay oracle forces each step's set there)."""
         import numpy as np
 
         vp = VisionPulse.parse(visionpulse)
@@ -377,6 +380,8 @@ class VisionModel:
                 if i == len(tokens) - 1:
                     break
                 tok_arr[0] = tok
+                if before_step is not None:
+                    before_step(self, i + 1)
                 self._check_decode(L.llama_decode(self._ctx, L.llama_batch_get_one(tok_arr, 1)), "a forced token")
                 n_past += 1
                 if report is not None:

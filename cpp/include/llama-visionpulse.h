@@ -95,7 +95,7 @@ LLAMA_API int32_t llama_vp_get_stats(const struct llama_context * ctx, llama_seq
 // Visual ordinals kept at the last step (ascending); returns their count (may exceed cap).
 LLAMA_API int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, int32_t * ordinals,
                                     int32_t cap);
-// Reset the per-seq step counters, stats and STATIC selections (e.g. before a new prompt).
+// Reset the per-seq step counters, stats, STATIC rankings and FORCED sets (before a new prompt).
 LLAMA_API void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq); // seq < 0: all
 
 #ifdef __cplusplus

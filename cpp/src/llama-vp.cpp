@@ -1133,9 +1133,10 @@ void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq) {
         st.stats     = {};
         st.has_stats = false;
         st.kept.clear();
-        if (vp->params.mode == LLAMA_VP_MODE_STATIC) { // a new prompt is ranked anew
-            st.forced.clear();
-            st.has_forced = false;
-        }
+        // A new prompt: nothing ranked, nothing forced. Not only in STATIC mode: the mode at reset
+        // time is the previous generation's, and a set FORCED left behind was read by a following
+        // STATIC generation as its own ranking (the replay oracle found it).
+        st.forced.clear();
+        st.has_forced = false;
     }
 }
