@@ -106,3 +106,13 @@ def test_prompt_processing_is_never_pruned_nor_a_step(tiny_paths, images, family
     # the first token is sampled from the dense prompt's logits: exactly those of a run without VisionPulse
     assert np.array_equal(pruned[0], dense[0])
     assert not np.array_equal(pruned[-1], dense[-1])  # while the later steps are pruned
+
+
+def test_forced_mode_applies_its_set(tiny_paths, images):
+    llm = _llm(tiny_paths, "llava")
+    vp_gguf.enable_visionpulse(llm, VisionPulse(mode="forced", forced=[1, 5, 7]), per_step=True)
+    url = images["a"].resolve().as_uri()
+    for _ in range(2):  # and again on the next request (each request resets the selection state)
+        out = llm.create_chat_completion(messages=_messages(url), max_tokens=4, temperature=0.0)
+        steps = out["usage"]["visionpulse"]["steps"]
+        assert steps and all(st["kept"] == [1, 5, 7] for st in steps)

@@ -48,6 +48,10 @@ class VisionPulseSession:
     def _switch_on(self) -> None:
         if V.llama_vp_enable(self._ctx, ctypes.byref(self._params)) != 0:
             raise ValueError(f"VisionPulse: {V.last_error()}")
+        if self.vp.mode == "forced":  # the set is per request: a reset before each one clears it
+            forced = list(self.vp.forced or ())
+            arr = (ctypes.c_int32 * max(1, len(forced)))(*forced)
+            V.llama_vp_set_forced(self._ctx, 0, arr, len(forced))
 
     def disable(self) -> None:
         V.llama_vp_disable(self._ctx)
