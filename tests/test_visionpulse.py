@@ -361,3 +361,13 @@ def test_kept_tokens_map_to_image_patches(load_model, images, family, grid):
     assert seen  # kept tokens land in real patches
     with pytest.raises(IndexError):
         vp_gguf.locate(spans, sum(sp.n_tokens for sp in spans))
+
+
+def test_presets_come_from_the_c_library():
+    from vp_gguf.visionpulse import preset_settings
+    for n in (5, 10):
+        c = V.llama_vp_preset_params(n)
+        assert preset_settings(n) == pytest.approx((c.tau, c.budget_min, c.budget_max), abs=1e-7)
+    assert preset_settings(5) == (0.1, 0.01, 0.05) and preset_settings(10) == (0.4, 0.05, 0.1)  # the paper's
+    with pytest.raises(ValueError, match="use 5 or 10"):
+        preset_settings(7)

@@ -30,7 +30,15 @@ COMPARISON_MODES: dict[str, dict[str, Any] | None] = {
     "static-5%": {"mode": "static", "ratio": 0.05},
     "visionpulse-5-lagged": {"mode": "visionpulse", "preset": 5, "lagged": True},  # opt-in, beyond the paper
 }
-PRESETS = {5: (0.1, 0.01, 0.05), 10: (0.4, 0.05, 0.10)}  # tau, budget_min, budget_max
+
+
+def preset_settings(n: int | None) -> tuple[float, float, float]:
+    """(tau, budget_min, budget_max) of preset 5 or 10, as the C library defines them (the one table)."""
+    p = V.llama_vp_preset_params(-1 if n is None else int(n))
+    if p.mode < 0:
+        raise ValueError(f"unknown VisionPulse preset {n!r}: use 5 or 10")
+    # C holds floats: 0.1f reads back as 0.10000000149; six digits give the number it was written as
+    return round(p.tau, 6), round(p.budget_min, 6), round(p.budget_max, 6)
 
 
 @dataclass
@@ -71,9 +79,7 @@ class VisionPulse:
         return cls(preset=int(s), mode=mode or "visionpulse")
 
     def resolved(self) -> dict[str, Any]:
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown VisionPulse preset {self.preset!r}: use 5 or 10")
-        tau, bmin, bmax = PRESETS[self.preset]
+        tau, bmin, bmax = preset_settings(self.preset)
         d = {
             "tau": self.tau if self.tau is not None else tau,
             "budget_min": self.budget_min if self.budget_min is not None else bmin,
