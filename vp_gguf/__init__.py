@@ -24,8 +24,9 @@ from .errors import (
 if TYPE_CHECKING:
     from .fetch import FetchedModel, FetchError, fetch  # noqa: F401
     from .llama_cpp_dropin import VisionPulseSession, enable_visionpulse  # noqa: F401
-    from .model import ModelParams, SamplingParams, VisionModel  # noqa: F401
+    from .model import ModelParams, VisionModel  # noqa: F401
     from .result import GenerationResult, ImageSpan, Timings, locate  # noqa: F401
+    from .sampling import SamplingParams  # noqa: F401
     from .visionpulse import StepStats, VisionPulse, VisionPulseReport  # noqa: F401
 
 __version__ = "0.1.0"
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "VisionModel": "model",
     "ModelParams": "model",
-    "SamplingParams": "model",
+    "SamplingParams": "sampling",
     "GenerationResult": "result",
     "Timings": "result",
     "ImageSpan": "result",

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ImageError
-from .model import SamplingParams, VisionModel
+from .model import VisionModel
 from .result import GenerationResult
+from .sampling import SamplingParams
 from .visionpulse import VisionPulse
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import VPGGUFError
+from .sampling import DEFAULTS as SAMPLING
+from .sampling import SamplingParams
 
 EXAMPLE = """example:
   vp-gguf run -m model.gguf --mmproj mmproj.gguf --image photo.png -p "Describe the image." -n 64
@@ -41,10 +43,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="do not process escapes (\\n, \\t, ...) in the prompt (llama.cpp does by default)",
     )
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
-    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default 0)")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0xFFFFFFFF, help="sampling seed (default random)")
+    p.add_argument(
+        "--temp",
+        type=float,
+        default=SAMPLING.temperature,
+        help=f"temperature; 0 is greedy (default {SAMPLING.temperature:g})",
+    )
+    p.add_argument("--top-k", type=int, default=SAMPLING.top_k, help=f"(default {SAMPLING.top_k}; 0: off)")
+    p.add_argument("--top-p", type=float, default=SAMPLING.top_p, help=f"(default {SAMPLING.top_p:g}; 1: off)")
+    p.add_argument("--min-p", type=float, default=SAMPLING.min_p, help=f"(default {SAMPLING.min_p:g}; 0: off)")
+    p.add_argument("--seed", type=int, default=SAMPLING.seed, help="sampling seed (default random)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size (default 4096)")
     p.add_argument("-b", "--batch-size", type=int, default=2048, help="logical batch size (default 2048)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -427,7 +435,7 @@ class UsageError(Exception):
 
 def _open(a: argparse.Namespace):
     """(model, sampling, VisionPulse) from the shared flags."""
-    from .model import ModelParams, SamplingParams, VisionModel
+    from .model import ModelParams, VisionModel
 
     try:
         vp = visionpulse_from_args(a)
@@ -450,7 +458,7 @@ def _open(a: argparse.Namespace):
         flash_attn=a.flash_attn,
         verbose=a.verbose,
     )
-    sampling = SamplingParams(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    sampling = SamplingParams(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, seed=a.seed)
     return VisionModel(a.model, a.mmproj, params), sampling, vp
 
 

@@ -29,6 +29,7 @@ from .errors import ContextOverflowError, DecodeError, ImageError, ModelFileErro
 from .gguf_file import read_gguf_info
 from .images import ImageInput, load_bitmap
 from .result import GenerationResult, ImageSpan, Timings
+from .sampling import SamplingParams
 from .visionpulse import VisionPulse, VisionPulseReport
 
 DEFAULT_MARKER = "<__media__>"
@@ -74,25 +75,6 @@ class ModelParams:
             raise ValueError("n_seq_max must be >= 1")
         if self.flash_attn not in _FLASH_ATTN:
             raise ValueError(f"flash_attn must be one of {sorted(_FLASH_ATTN)}, got {self.flash_attn!r}")
-
-
-@dataclass
-class SamplingParams:
-    """Token sampling. temperature <= 0 is greedy (argmax)."""
-
-    temperature: float = 0.0
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    seed: int = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
-
-    def check(self) -> None:
-        if self.temperature != self.temperature:  # NaN
-            raise ValueError("temperature is NaN")
-        if not 0.0 <= self.top_p <= 1.0 or not 0.0 <= self.min_p <= 1.0:
-            raise ValueError("top_p and min_p must be in [0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0 (0 disables it)")
 
 
 @dataclass

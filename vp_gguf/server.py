@@ -22,7 +22,9 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from .errors import VPGGUFError
-from .model import SamplingParams, VisionModel
+from .model import VisionModel
+from .sampling import DEFAULTS as SAMPLING
+from .sampling import SamplingParams
 from .visionpulse import VisionPulse
 
 MAX_IMAGE_BYTES = 20 << 20
@@ -166,10 +168,11 @@ def create_app(model: VisionModel, name: str, default_vp: VisionPulse | None = N
             if "max_completion_tokens" in body:
                 max_tokens = _num(body, "max_completion_tokens", int, max_tokens, 1, model.n_ctx)
             sampling = SamplingParams(
-                temperature=_num(body, "temperature", float, 0.0, 0, 5),
-                top_p=_num(body, "top_p", float, 0.95, 0, 1),
-                top_k=_num(body, "top_k", int, 40, 0, 10**6),
-                seed=_num(body, "seed", int, 0xFFFFFFFF, 0, 2**32 - 1),
+                temperature=_num(body, "temperature", float, SAMPLING.temperature, 0, 5),
+                top_p=_num(body, "top_p", float, SAMPLING.top_p, 0, 1),
+                top_k=_num(body, "top_k", int, SAMPLING.top_k, 0, 10**6),
+                min_p=_num(body, "min_p", float, SAMPLING.min_p, 0, 1),
+                seed=_num(body, "seed", int, SAMPLING.seed, 0, 2**32 - 1),
             )
             vp = _vp_from_body(body.get("visionpulse"), default_vp)
             stream = body.get("stream", False)
