@@ -172,7 +172,7 @@ class NodeTimer:
 
     def __init__(self) -> None:
         import ctypes as C
-        from vp_gguf._capture import _ggml
+        from support.capture import _ggml
         _ggml.ggml_op_desc.argtypes = [C.c_void_p]
         _ggml.ggml_op_desc.restype = C.c_char_p
         self.rows: list[tuple[int, bool, float]] = []  # (layer, is_attention, seconds)

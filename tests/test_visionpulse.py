@@ -22,6 +22,7 @@ from vp_gguf._libs import llama_cpp as L
 from vp_gguf._libs import mtmd_cpp as M
 
 from conftest import FAMILIES
+from support.capture import tensor_capture
 
 P = "Describe the picture."
 N = 10
@@ -119,13 +120,13 @@ def test_selection_matches_numpy_reference(tiny_paths, load_model, images, famil
     anchor = load_model(family).generate(P, [images["a"]], max_tokens=2,
                                          visionpulse=VisionPulse(**WIDE)).visionpulse.anchor_layer
     name = f"kq_soft_max-{anchor}"
-    with vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, flash_attn="off",
-                             capture=(name,)) as m:
+    cb, captured = tensor_capture([name])
+    with vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, flash_attn="off", cb_eval=cb) as m:
         toks = dense_tokens(m, [images["a"]], 12)
-        m.captured.clear()
+        captured.clear()
         spec = VisionPulse(**WIDE)
         _, rep = m.teacher_forced(P, [images["a"]], toks, spec)
-        probs = m.captured[name][-len(rep.steps):]
+        probs = captured[name][-len(rep.steps):]
         span = m._image_spans[0]
     vis = np.arange(span.pos, span.pos + span.n_tokens)  # one sequence, cells in insertion order
     ks = set()

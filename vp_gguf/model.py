@@ -60,7 +60,9 @@ class ModelParams:
     kv_unified: bool = True  # one KV stream for all sequences (False: one per sequence)
     type_k: str = "f16"  # KV cache types: "f16" or "q8_0" (quantized V needs flash attention)
     type_v: str = "f16"
-    capture: tuple[str, ...] = ()  # debugging: names of graph tensors to copy out at every step
+    # llama.cpp's cb_eval: a ggml_backend_sched_eval_callback called for graph nodes (tests read tensors
+    # with it: tests/support/capture.py; profilers time nodes); the model keeps it alive
+    cb_eval: Any = None
 
     def check(self) -> None:
         if self.n_ctx < 16:
@@ -170,12 +172,9 @@ class VisionModel:
         cp.n_seq_max = p.n_seq_max
         cp.kv_unified = p.kv_unified
         cp.type_k, cp.type_v = _KV_TYPES[p.type_k], _KV_TYPES[p.type_v]
-        self.captured: dict[str, list] = {}
-        if p.capture:
-            from ._capture import make_eval_callback
-
-            self._cb_eval = make_eval_callback(set(p.capture), self.captured)
-            cp.cb_eval = self._cb_eval
+        self._cb_eval = p.cb_eval
+        if p.cb_eval is not None:
+            cp.cb_eval = p.cb_eval
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
             raise ModelFileError(

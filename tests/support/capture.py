@@ -1,4 +1,7 @@
-"""Debugging aid: copy named graph tensors out at every step (llama.cpp's cb_eval).
+"""Copy named graph tensors out at every step, through llama.cpp's cb_eval (a test helper, not shipped).
+
+    cb, captured = tensor_capture(["kq_soft_max-5"])
+    VisionModel(model, mmproj, cb_eval=cb)    # captured["kq_soft_max-5"]: one array per evaluation
 
 Used by the oracle tests to read the anchor layer's attention probabilities
 (``kq_soft_max-<layer>``, non-flash-attention path) exactly as the graph computed them.
@@ -10,7 +13,7 @@ import ctypes
 
 import numpy as np
 
-from ._libs import llama_cpp as L
+from vp_gguf._libs import llama_cpp as L
 
 _ggml = ctypes.CDLL(L._lib._name.replace("libllama", "libggml-base"))
 _ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
@@ -24,7 +27,9 @@ _GGML_TYPE_F32 = 0
 _NE_OFFSET = 16  # struct ggml_tensor { enum ggml_type type; buffer*; int64_t ne[4]; ... }
 
 
-def make_eval_callback(names: set[str], sink: dict[str, list]):
+def tensor_capture(wanted):
+    """(callback, captured): the callback copies the F32 tensors named in ``wanted`` into ``captured``."""
+    names, sink = set(wanted), {}
     @L.ggml_backend_sched_eval_callback
     def cb(t, ask, user_data):
         name = (_ggml.ggml_get_name(t) or b"").decode()
@@ -39,4 +44,4 @@ def make_eval_callback(names: set[str], sink: dict[str, list]):
                 sink.setdefault(name, []).append(arr)
         return True
 
-    return cb
+    return cb, sink
