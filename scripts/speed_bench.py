@@ -41,7 +41,7 @@ from vp_gguf import VisionPulse  # noqa: E402
 from vp_gguf import _vp_ctypes as V  # noqa: E402
 from vp_gguf.visionpulse import ATTN_NAMES  # noqa: E402
 from vp_gguf._libs import llama_cpp as L  # noqa: E402
-from vp_gguf._progress import progress  # noqa: E402
+from vp_gguf.runs import progress  # noqa: E402
 from support import kv_state  # noqa: E402
 
 MODES = {

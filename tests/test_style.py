@@ -33,3 +33,22 @@ def test_clean(name):
 
 def test_every_cpp_file_is_checked():
     assert any(p.endswith("llama-vp.cpp") for p in CPP) and any(p.endswith("llama-visionpulse.h") for p in CPP)
+
+
+def test_the_testbed_imports_nothing_private():
+    """The demo runs the testbed from an installed package: it leans only on public modules and names."""
+    import ast
+
+    bad = []
+    for f in sorted((ROOT / "vp_gguf" / "testbed").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                parts = (node.module or "").split(".")
+                names = [a.name for a in node.names]
+                if any(p.startswith("_") for p in parts) or any(n.startswith("_") for n in names):
+                    bad.append(f"{f.name}: from {'.' * node.level}{node.module} import {', '.join(names)}")
+    assert not bad, bad
+
+
+def test_no_test_helpers_ship():
+    assert not (ROOT / "vp_gguf" / "testing").exists() and not (ROOT / "vp_gguf" / "_capture.py").exists()

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._progress import jsonl
-from ._progress import progress as progress_bar
 from .errors import VPGGUFError
+from .runs import jsonl
+from .runs import progress as progress_bar
 from .visionpulse import COMPARISON_MODES, VisionPulse
 
 MODES = COMPARISON_MODES

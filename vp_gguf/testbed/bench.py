@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import VisionModel, VisionPulse
-from .._progress import progress
+from ..runs import progress
 from ..visionpulse import COMPARISON_MODES
 from . import assets
 from .tasks import Item, score

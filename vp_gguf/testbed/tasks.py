@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL.Image import Image
 
-from .._progress import jsonl
+from ..runs import jsonl
 from .glyphs import GlyphGrid
 
 MARKER = "<__media__>"

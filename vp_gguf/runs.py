@@ -1,4 +1,4 @@
-"""Small shared helpers for long runs: a one-line progress bar, JSONL reading."""
+"""Helpers for long runs (benchmarks, eval, the testbed): a one-line progress bar, JSONL reading."""
 
 from __future__ import annotations
 
