@@ -372,3 +372,21 @@ def test_presets_come_from_the_c_library():
     assert preset_settings(5) == (0.1, 0.01, 0.05) and preset_settings(10) == (0.4, 0.05, 0.1)  # the paper's
     with pytest.raises(ValueError, match="use 5 or 10"):
         preset_settings(7)
+
+
+def test_recording_a_step_is_two_calls_into_c(load_model, images, monkeypatch):
+    """Stats and kept cells per step; the attention path and the probe are read once per run."""
+    m = load_model("llava")
+    calls: dict[str, int] = {}
+    for name in ("llama_vp_get_stats", "llama_vp_get_kept", "llama_vp_last_attn", "llama_vp_last_probe"):
+        fn = getattr(V, name)
+
+        def counted(*a, _fn=fn, _name=name):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*a)
+        monkeypatch.setattr(V, name, counted)
+    res = m.generate(P, images=[images["a"]], max_tokens=6, visionpulse=VisionPulse(mode="fixed", ratio=0.25))
+    n = len(res.visionpulse.steps)
+    assert n >= 4 and all(len(s.kept) == s.n_kept > 0 for s in res.visionpulse.steps)
+    assert calls["llama_vp_get_kept"] == n and calls["llama_vp_last_attn"] == calls["llama_vp_last_probe"] == 1
+    assert res.visionpulse.attn in ("mask", "gather") and res.visionpulse.probe in ("own", "anchor")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # visionpulse loads libllama; a result can be read without it
+    from .visionpulse import VisionPulseReport
 
 
 @dataclass
@@ -75,7 +78,7 @@ class GenerationResult:
     n_generated: int
     stop_reason: str  # "eos" | "length" | "context"
     timings: Timings
-    visionpulse: Any = None  # VisionPulseReport when a selection mode was on
+    visionpulse: VisionPulseReport | None = None  # when a selection mode was on
     images: list[ImageSpan] = field(default_factory=list)
 
     def to_dict(self, per_step: bool = True) -> dict[str, Any]:

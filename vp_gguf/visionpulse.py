@@ -157,8 +157,13 @@ class VisionPulseReport:
         st = V.llama_vp_stats()
         if V.llama_vp_get_stats(ctx, 0, ctypes.byref(st)) == 0 and st.step > self._last_step:
             self._last_step = int(st.step)
-            self.attn = ATTN_NAMES.get(V.llama_vp_last_attn(ctx), self.attn)
-            self.probe = {0: "own", 1: "anchor"}.get(V.llama_vp_last_probe(ctx), self.probe)
+            if not self.steps:  # the path and the probe are fixed for a run: read them once
+                self.attn = ATTN_NAMES.get(V.llama_vp_last_attn(ctx), self.attn)
+                self.probe = {0: "own", 1: "anchor"}.get(V.llama_vp_last_probe(ctx), self.probe)
+            kept: list[int] = []
+            if with_kept and st.n_kept > 0:  # one call: the stats said how many
+                buf = (ctypes.c_int32 * st.n_kept)()
+                kept = list(buf[: min(V.llama_vp_get_kept(ctx, 0, buf, st.n_kept), st.n_kept)])
             self.steps.append(
                 StepStats(
                     step=int(st.step),
@@ -167,7 +172,7 @@ class VisionPulseReport:
                     n_kept=st.n_kept,
                     mass=float(st.mass),
                     mass_kept=float(st.mass_kept),
-                    kept=V.get_kept(ctx, 0) if with_kept else [],
+                    kept=kept,
                 )
             )
 
