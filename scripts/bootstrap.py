@@ -7,8 +7,9 @@ Runs with whatever `python3` is (even an old one, to say so): each missing
 piece stops it with one line saying what is missing and how to get it. Then it
 creates the virtual environment (never touching the system's Python), fetches
 and hash-checks the pinned llama.cpp (the first step that needs the network,
-so an offline machine fails here, in seconds) and installs the build
-requirements named in pyproject.toml. It never runs a system package manager.
+so an offline machine fails here, in seconds; it also says so if git is missing)
+and installs the build requirements named in pyproject.toml. It never runs a
+system package manager.
 """
 import os
 import re
@@ -54,9 +55,6 @@ def check_tools():
     if not (cc and cxx):
         fail("no C/C++ compiler found", "install one (Debian/Ubuntu: apt install build-essential; "
              "Fedora: dnf install gcc-c++; macOS: xcode-select --install)")
-    if not shutil.which("git"):
-        fail("git is needed to apply the patch queue to llama.cpp",
-             "install it (apt install git, dnf install git, macOS: xcode-select --install)")
     if not shutil.which("ccache"):
         print("vp-gguf: ccache not found: the first build takes a few minutes and every clean rebuild as long "
               "(apt install ccache, brew install ccache)")

@@ -236,13 +236,14 @@ def apply_patches() -> None:
 
 
 def ensure(force: bool = False) -> Path:
-    for tool in ("git",):
-        if shutil.which(tool) is None:
-            raise FetchError(f"{tool} is needed to apply vp-gguf's patches to llama.cpp; install it "
-                             "(apt install git, brew install git, or xcode-select --install)")
+    if shutil.which("git") is None:
+        raise FetchError("git is needed to apply vp-gguf's patches to llama.cpp; install it "
+                         "(apt install git, brew install git, or xcode-select --install)")
     lock = load_lock()
+    sdist: Path | None = None  # found (and hash-checked) once, when something is extracted
     if force or not python_layer_ok(lock):
-        extract_python_layer(lock, download_sdist(lock))
+        sdist = download_sdist(lock)
+        extract_python_layer(lock, sdist)
     stamp = TREE / ".git" / STAMP_NAME
     want = wanted_stamp(lock)
     if not force and stamp.exists() and stamp.read_text().strip() == want:
@@ -251,7 +252,7 @@ def ensure(force: bool = False) -> Path:
         ["git", "rev-parse", "-q", "--verify", PRISTINE_TAG], cwd=TREE,
         capture_output=True).returncode == 0
     if force or not has_pristine:
-        extract(lock, download_sdist(lock))
+        extract(lock, sdist or download_sdist(lock))
     apply_patches()
     stamp.write_text(want + "\n")
     print(f"vp-gguf: llama.cpp {lock['llama_cpp_commit']} ready in {TREE.relative_to(ROOT)} "

@@ -7,9 +7,12 @@ developer's paths fails here.
 """
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -97,7 +100,6 @@ def test_source_hash_follows_the_cpp_sources(tmp_path):
         dst = tmp_path / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
-            import shutil
             shutil.copytree(src, dst)
         else:
             dst.write_bytes(src.read_bytes())
@@ -179,7 +181,6 @@ def _tar(tmp_path: Path, members: dict[str, str | tuple[str, str]]) -> Path:
             else:
                 data = content.encode()
                 info.size = len(data)
-                import io
                 tar.addfile(info, io.BytesIO(data))
     return src
 
@@ -225,7 +226,6 @@ def test_bootstrap_reads_pyproject():
 
 def _copy_of_the_tree(dst: Path) -> Path:
     """The working tree as git would hand it over (tracked and new files), plus the fetched sdist."""
-    import shutil
     names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.splitlines()
     for name in names:
@@ -272,5 +272,4 @@ def test_pip_install_in_a_fresh_venv_gives_a_working_cli(tmp_path, tiny_paths, i
                         "--image", str(images["a"]), "-p", "Describe.", "-n", "4", "--visionpulse", "5", "--json"],
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    import json
     assert json.loads(r.stdout)["n_generated"] == 4

@@ -9,8 +9,6 @@ it should stay dense, gives other logits than the replay.
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 
@@ -30,9 +28,7 @@ MODES = {
 
 def _force_steps(steps):
     def before_step(model, i):
-        kept = steps[i - 1].kept
-        arr = (ctypes.c_int32 * max(1, len(kept)))(*kept)
-        assert V.llama_vp_set_forced(model._ctx, 0, arr, len(kept)) == 0
+        V.set_forced(model._ctx, 0, steps[i - 1].kept)
     return before_step
 
 

@@ -61,13 +61,11 @@ def check(lib_dir: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description="write the build info of vp-gguf's libraries")
     ap.add_argument("--write", required=True, type=Path)
-    ap.add_argument("--native", default="0", help="1 when built with -march=native")
     a = ap.parse_args()
     root = Path(__file__).resolve().parents[1]
     lock = json.loads((root / "third_party" / "llama.cpp.lock.json").read_text())
     info = {
         "source_hash": source_hash(root),
-        "native": a.native == "1",
         "llama_cpp_python": lock["version"],
         "llama_cpp_commit": lock["llama_cpp_commit"],
     }

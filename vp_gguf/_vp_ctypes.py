@@ -6,7 +6,8 @@ libllama that llama_cpp already loaded (one copy per process).
 
 from __future__ import annotations
 
-from ctypes import POINTER, Structure, c_bool, c_char_p, c_float, c_int32, c_int64, c_uint32, c_void_p
+from collections.abc import Sequence
+from ctypes import POINTER, Structure, byref, c_bool, c_char_p, c_float, c_int32, c_int64, c_uint32, c_void_p
 
 from ._libs import llama_cpp as L
 
@@ -82,6 +83,19 @@ def get_kept(ctx, seq: int) -> list[int]:
     buf = (c_int32 * max(n, 1))()
     n = llama_vp_get_kept(ctx, seq, buf, len(buf))
     return list(buf[:n])
+
+
+def set_forced(ctx, seq: int, ordinals: Sequence[int]) -> None:
+    """FORCED mode's kept ordinals for seq."""
+    arr = (c_int32 * max(1, len(ordinals)))(*ordinals)
+    if llama_vp_set_forced(ctx, seq, arr, len(ordinals)) != 0:
+        raise ValueError(f"VisionPulse: {last_error()}")
+
+
+def step_no(ctx, seq: int) -> int:
+    """The number of seq's last selection step (0 before the first)."""
+    st = llama_vp_stats()
+    return int(st.step) if llama_vp_get_stats(ctx, seq, byref(st)) == 0 else 0
 
 
 def last_error() -> str:

@@ -21,7 +21,6 @@ cells and are untouched.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,22 +35,13 @@ class VisionPulseSession:
         self.llm, self.vp, self.per_step = llm, vp, per_step
         self.last_report: VisionPulseReport | None = None
         self._orig = llm.create_chat_completion
-        self._params = vp.to_c()
-        self._switch_on()  # refuses bad settings (e.g. an anchor out of range) now
+        vp.enable(self._ctx)  # refuses bad settings (e.g. an anchor out of range) now
         llm.create_chat_completion = self.create_chat_completion
         llm.visionpulse = self
 
     @property
     def _ctx(self):
         return self.llm._ctx.ctx
-
-    def _switch_on(self) -> None:
-        if V.llama_vp_enable(self._ctx, ctypes.byref(self._params)) != 0:
-            raise ValueError(f"VisionPulse: {V.last_error()}")
-        if self.vp.mode == "forced":  # the set is per request: a reset before each one clears it
-            forced = list(self.vp.forced or ())
-            arr = (ctypes.c_int32 * max(1, len(forced)))(*forced)
-            V.llama_vp_set_forced(self._ctx, 0, arr, len(forced))
 
     def disable(self) -> None:
         V.llama_vp_disable(self._ctx)
@@ -63,9 +53,8 @@ class VisionPulseSession:
 
     def _begin(self) -> VisionPulseReport:
         V.llama_vp_reset(self._ctx, -1)
-        return VisionPulseReport(
-            mode=self.vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx), settings=self.vp.resolved(), steps=[]
-        )
+        # the anchor is known once VisionPulse is on again (_start_generation)
+        return VisionPulseReport(mode=self.vp.mode, anchor_layer=-1, settings=self.vp.resolved(), steps=[])
 
     def _usage(self, report: VisionPulseReport) -> dict[str, Any] | None:
         report.record(self._ctx, self.per_step)  # the last step decoded after the last sampling
@@ -74,10 +63,10 @@ class VisionPulseSession:
 
     def _start_generation(self, report: VisionPulseReport) -> None:
         """The prompt is processed: from the next decode on, each one is a step."""
-        if self.vp.mode != "static":
-            self._switch_on()
-        st = V.llama_vp_stats()  # whatever ran before (static's rank-only last prompt token) is no step
-        report._last_step = int(st.step) if V.llama_vp_get_stats(self._ctx, 0, ctypes.byref(st)) == 0 else 0
+        if self.vp.mode != "static":  # (the reset before each request cleared a forced set: enable sets it again)
+            self.vp.enable(self._ctx)
+        report.anchor_layer = V.llama_vp_anchor_layer(self._ctx)
+        report._last_step = V.step_no(self._ctx, 0)  # what ran before (static's rank-only prompt token) is no step
 
     def create_chat_completion(self, *args: Any, **kwargs: Any):
         import llama_cpp

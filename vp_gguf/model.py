@@ -543,13 +543,7 @@ class VisionModel:
         return n_past
 
     def _enable_vp(self, vp: VisionPulse) -> None:
-        params = vp.to_c()
-        if V.llama_vp_enable(self._ctx, ctypes.byref(params)) != 0:
-            raise ValueError(f"VisionPulse: {V.last_error()}")
-        if vp.mode == "forced":
-            forced = list(vp.forced or ())
-            arr = (ctypes.c_int32 * max(1, len(forced)))(*forced)
-            V.llama_vp_set_forced(self._ctx, 0, arr, len(forced))
+        vp.enable(self._ctx)
 
     def _start_vp(self, vp: VisionPulse | None) -> VisionPulseReport | None:
         """Switch the selection on for generation (after the dense prefill)."""
@@ -560,12 +554,8 @@ class VisionModel:
         report = VisionPulseReport(
             mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx), settings=vp.resolved(), steps=[]
         )
-        report._last_step = self._vp_step_no()
+        report._last_step = V.step_no(self._ctx, 0)
         return report
-
-    def _vp_step_no(self) -> int:
-        st = V.llama_vp_stats()
-        return int(st.step) if V.llama_vp_get_stats(self._ctx, 0, ctypes.byref(st)) == 0 else 0
 
     def _run(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -107,6 +108,14 @@ class VisionPulse:
         if self.mode == "forced" and self.forced is None:
             raise ValueError("VisionPulse mode 'forced' needs the kept ordinals (forced=[...])")
 
+    def enable(self, ctx) -> None:
+        """Switch these settings on for a llama_context (C validates them), with FORCED's set."""
+        params = self.to_c()
+        if V.llama_vp_enable(ctx, ctypes.byref(params)) != 0:
+            raise ValueError(f"VisionPulse: {V.last_error()}")
+        if self.mode == "forced":
+            V.set_forced(ctx, 0, list(self.forced or ()))
+
     def to_c(self) -> V.llama_vp_params:
         self.check()
         r = self.resolved()
@@ -152,8 +161,6 @@ class VisionPulseReport:
 
     def record(self, ctx, with_kept: bool = True) -> None:
         """Append the C side's last step for sequence 0, if it is new since the last record."""
-        import ctypes
-
         st = V.llama_vp_stats()
         if V.llama_vp_get_stats(ctx, 0, ctypes.byref(st)) == 0 and st.step > self._last_step:
             self._last_step = int(st.step)
