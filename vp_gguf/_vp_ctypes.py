@@ -7,12 +7,13 @@ libllama that llama_cpp already loaded (one copy per process).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from ctypes import POINTER, Structure, byref, c_bool, c_char_p, c_float, c_int32, c_int64, c_uint32, c_void_p
+from ctypes import POINTER, Structure, byref, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_uint32, c_void_p
 
 from ._libs import llama_cpp as L
 
 _lib = L._lib
 
+LLAMA_VP_MODE_NONE = -1
 LLAMA_VP_MODE_DENSE = 0
 LLAMA_VP_MODE_DYNAMIC = 1
 LLAMA_VP_MODE_FIXED = 2
@@ -27,16 +28,17 @@ LLAMA_VP_ATTN_GATHER = 2
 
 class llama_vp_params(Structure):
     _fields_ = [
-        ("mode", c_int32),
+        ("mode", c_int),  # enum llama_vp_mode
+        ("attn", c_int),  # enum llama_vp_attn
         ("anchor_layer", c_int32),
+        ("first_pruned_layer", c_int32),
         ("tau", c_float),
         ("budget_min", c_float),
         ("budget_max", c_float),
         ("ratio", c_float),
         ("seed", c_uint32),
+        ("prune_anchor", c_bool),
         ("auto_mark", c_bool),
-        ("first_pruned_layer", c_int32),
-        ("attn", c_int32),
         ("lagged", c_bool),
         ("prune_swa", c_bool),
     ]

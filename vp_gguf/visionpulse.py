@@ -58,7 +58,8 @@ class VisionPulse:
     budget_max: float | None = None
     ratio: float | None = None
     anchor_layer: int | None = None  # None: the full-attention layer nearest 47% of depth
-    first_pruned_layer: int | None = None  # None: the layer after the anchor ("forced" may go lower)
+    first_pruned_layer: int | None = None  # None: from prune_anchor ("forced" may go below the anchor)
+    prune_anchor: bool | None = None  # the anchor attends to its own selection too (None: the library's default)
     seed: int = 0
     forced: Sequence[int] | None = None  # mode "forced": kept visual ordinals
     attn: str = "auto"  # how later layers skip dropped tokens: auto | mask | gather (same result)
@@ -119,12 +120,13 @@ class VisionPulse:
     def to_c(self) -> V.llama_vp_params:
         self.check()
         r = self.resolved()
-        p = V.llama_vp_params()
+        p = V.llama_vp_default_params()  # the library's defaults for what these settings leave open
         p.mode = MODES[self.mode]
         p.anchor_layer = -1 if self.anchor_layer is None else int(self.anchor_layer)
         p.tau, p.budget_min, p.budget_max, p.ratio = r["tau"], r["budget_min"], r["budget_max"], r["ratio"]
         p.seed = self.seed & 0xFFFFFFFF
-        p.auto_mark = True
+        if self.prune_anchor is not None:
+            p.prune_anchor = bool(self.prune_anchor)
         p.first_pruned_layer = -1 if self.first_pruned_layer is None else int(self.first_pruned_layer)
         p.attn = ATTN[self.attn]
         p.lagged = bool(self.lagged)

@@ -17,12 +17,13 @@ extern "C" {
 #endif
 
 enum llama_vp_mode {
-    LLAMA_VP_MODE_DENSE   = 0, // nothing masked; the probe still runs and reports stats
-    LLAMA_VP_MODE_DYNAMIC = 1, // VisionPulse: K = floor(clamp(mass, budget_min, budget_max) * N_v)
-    LLAMA_VP_MODE_FIXED   = 2, // K = floor(ratio * N_v) at every step, top-K by score
-    LLAMA_VP_MODE_RANDOM  = 3, // K as DYNAMIC, but a uniformly random visual subset (control)
-    LLAMA_VP_MODE_STATIC  = 4, // FastV-style: ranked once at the last prompt token, top ratio kept for good
-    LLAMA_VP_MODE_FORCED  = 5, // the set given with llama_vp_set_forced (tests, tools)
+    LLAMA_VP_MODE_NONE    = -1, // llama_vp_preset_params: no such preset
+    LLAMA_VP_MODE_DENSE   = 0,  // nothing masked; the probe still runs and reports stats
+    LLAMA_VP_MODE_DYNAMIC = 1,  // VisionPulse: K = floor(clamp(mass, budget_min, budget_max) * N_v)
+    LLAMA_VP_MODE_FIXED   = 2,  // K = floor(ratio * N_v) at every step, top-K by score
+    LLAMA_VP_MODE_RANDOM  = 3,  // K as DYNAMIC, but a uniformly random visual subset (control)
+    LLAMA_VP_MODE_STATIC  = 4,  // FastV-style: ranked once at the last prompt token, top ratio kept for good
+    LLAMA_VP_MODE_FORCED  = 5,  // the set given with llama_vp_set_forced (tests, tools)
 };
 
 // How the layers after the anchor skip the dropped cells.
@@ -35,26 +36,28 @@ enum llama_vp_attn {
 };
 
 struct llama_vp_params {
-    int32_t  mode;               // enum llama_vp_mode
-    int32_t  anchor_layer;       // < 0: the full-attention layer nearest 47% of depth
-    float    tau;                // temperature of the mass softmax (> 0)
-    float    budget_min;         // DYNAMIC/RANDOM: lower clamp of the kept fraction, in (0, 1]
-    float    budget_max;         // DYNAMIC/RANDOM: upper clamp of the kept fraction, in (0, 1]
-    float    ratio;              // FIXED/STATIC: kept fraction, in (0, 1]
-    uint32_t seed;               // RANDOM: seed of the per-step choice
-    bool     auto_mark;          // treat cells written from embeddings as visual (default true)
-    int32_t  first_pruned_layer; // < 0: anchor + 1. FORCED may prune from any layer (even 0);
-                                 // the other modes select at the anchor, so only after it
-    int32_t  attn;               // enum llama_vp_attn
-    bool     lagged;             // beyond the paper (opt-in): full-attention layers before the anchor use
-                                 // the previous step's kept set (DYNAMIC/FIXED/RANDOM); the anchor stays dense
-    bool     prune_swa;          // also prune sliding-window layers (default false: their cost is bounded by
-                                 // the window, so there is nothing to save, and they carry the local context)
+    enum llama_vp_mode mode;
+    enum llama_vp_attn attn;
+    int32_t            anchor_layer;       // < 0: the full-attention layer nearest 47% of depth
+    int32_t            first_pruned_layer; // < 0: from prune_anchor. FORCED may prune from any layer (even 0);
+                                           // the other modes select at the anchor, so only from it on
+    float              tau;                // temperature of the mass softmax (> 0)
+    float              budget_min;         // DYNAMIC/RANDOM: lower clamp of the kept fraction, in (0, 1]
+    float              budget_max;         // DYNAMIC/RANDOM: upper clamp of the kept fraction, in (0, 1]
+    float              ratio;              // FIXED/STATIC: kept fraction, in (0, 1]
+    uint32_t           seed;               // RANDOM: seed of the per-step choice
+    bool               prune_anchor;       // the anchor layer attends to its own selection (the reference's
+                                           // eager path) instead of all cells (its Triton path)
+    bool               auto_mark;          // treat cells written from embeddings as visual (default true)
+    bool               lagged;             // beyond the paper (opt-in): full-attention layers before the anchor use
+                                           // the previous step's kept set (DYNAMIC/FIXED/RANDOM)
+    bool               prune_swa;          // also prune sliding-window layers (default false: their cost is bounded by
+                                           // the window, so there is nothing to save, and they carry the local context)
 };
 
 // Preset "5": tau 0.1, budget [0.01, 0.05]. Preset "10": tau 0.4, budget [0.05, 0.10].
 LLAMA_API struct llama_vp_params llama_vp_default_params(void);
-LLAMA_API struct llama_vp_params llama_vp_preset_params(int32_t preset); // 5 or 10; else mode -1
+LLAMA_API struct llama_vp_params llama_vp_preset_params(int32_t preset); // 5 or 10; else mode LLAMA_VP_MODE_NONE
 
 // Returns 0, or a negative code with a message in llama_vp_last_error():
 //  -1 invalid parameter, -2 unsupported model (no usable full-attention layer, ALiBi, ...)

@@ -1,4 +1,11 @@
-// VisionPulse internals shared by our sources and the hooks in the patched tree.
+// VisionPulse internals: the context's state, and the hooks called from the patched tree.
+//
+// Our sources, by concern (each step's flow reads top to bottom in this order):
+//   llama-vp-plan.cpp      which cells are visual; the host-side plan of a step and its inputs
+//   llama-vp-anchor.cpp    the anchor layer's probe and selection, built into the step's graph
+//   llama-vp-apply.cpp     the hooks in build_attn: the selection applied by the layers (mask, gather)
+//   llama-vp-readback.cpp  after the step: stats and kept sets read back
+//   llama-vp-api.cpp       the C API (cpp/include/llama-visionpulse.h): presets, validation, marks
 #pragma once
 
 #include "llama-visionpulse.h"
@@ -6,6 +13,7 @@
 #include <cstdint>
 #include <map>
 #include <random>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -13,11 +21,12 @@ struct ggml_tensor;
 struct llm_graph_context;
 struct llm_graph_result;
 class llama_kv_cache_context;
+class llama_kv_cells;
 class llm_graph_input_vp;
 
 struct llama_vp_seq {
     std::vector<std::pair<llama_pos, llama_pos>> marks;  // explicit visual ranges [p0, p1)
-    std::vector<int32_t>                         forced; // FORCED: kept visual ordinals (sorted)
+    std::vector<int32_t>                         forced; // FORCED (and STATIC once ranked): kept ordinals, sorted
     bool                                         has_forced = false;
     llama_vp_stats                               stats      = {};
     bool                                         has_stats  = false;
@@ -35,6 +44,10 @@ struct llama_vp_context {
     int32_t                              last_attn  = -1; // path of the last step with a selection
     int32_t                              last_probe = -1; // 1: its scores were the anchor layer's own, 0: probed
 };
+
+// The visual cells of seq among the first n_kv cells, in ordinal order (llama-vp-plan.cpp).
+std::vector<int32_t> llama_vp_visual_cells(const llama_vp_context & vp, const llama_kv_cells & cells, uint32_t n_kv,
+                                           llama_seq_id seq);
 
 // Hooks called from the patched upstream files.
 

@@ -1,0 +1,240 @@
+// The C API of cpp/include/llama-visionpulse.h: presets, settings validated once, marks, sets and stats.
+
+#include "llama-vp.h"
+
+#include "llama-context.h"
+#include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+static thread_local std::string g_vp_error;
+
+static int32_t vp_fail(int32_t code, const std::string & msg) {
+    g_vp_error = msg;
+    return code;
+}
+
+void llama_vp_free(llama_vp_context * vp) {
+    delete vp;
+}
+
+static llama_vp_context * vp_of(const llama_context * ctx) {
+    return ctx ? ctx->get_cparams().vp : nullptr;
+}
+
+struct llama_vp_params llama_vp_default_params(void) {
+    return llama_vp_preset_params(5);
+}
+
+struct llama_vp_params llama_vp_preset_params(int32_t preset) {
+    llama_vp_params p    = {};
+    p.mode               = LLAMA_VP_MODE_DYNAMIC;
+    p.anchor_layer       = -1;
+    p.tau                = 0.1f;
+    p.budget_min         = 0.01f;
+    p.budget_max         = 0.05f;
+    p.ratio              = 0.05f;
+    p.seed               = 0;
+    p.prune_anchor       = false;
+    p.auto_mark          = true;
+    p.first_pruned_layer = -1;
+    p.attn               = LLAMA_VP_ATTN_AUTO;
+    p.lagged             = false;
+    p.prune_swa          = false;
+    if (preset == 10) {
+        p.tau        = 0.4f;
+        p.budget_min = 0.05f;
+        p.budget_max = 0.10f;
+        p.ratio      = 0.10f;
+    } else if (preset != 5) {
+        p.mode = LLAMA_VP_MODE_NONE;
+    }
+    return p;
+}
+
+int32_t llama_vp_last_probe(const struct llama_context * ctx) {
+    const llama_vp_context * vp = vp_of(ctx);
+    return vp ? vp->last_probe : -1;
+}
+
+int32_t llama_vp_last_attn(const struct llama_context * ctx) {
+    const llama_vp_context * vp = vp_of(ctx);
+    return vp ? vp->last_attn : -1;
+}
+
+const char * llama_vp_last_error(void) {
+    return g_vp_error.c_str();
+}
+
+static bool vp_frac_ok(float x) {
+    return std::isfinite(x) && x > 0.0f && x <= 1.0f;
+}
+
+int32_t llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params * params) {
+    if (!ctx || !params) return vp_fail(-1, "null context or parameters");
+    const llama_vp_params & p = *params;
+    if (p.mode < LLAMA_VP_MODE_DENSE || p.mode > LLAMA_VP_MODE_FORCED) {
+        return vp_fail(-1, "unknown mode " + std::to_string(p.mode));
+    }
+    if (!std::isfinite(p.tau) || p.tau <= 0.0f) return vp_fail(-1, "tau must be a finite number > 0");
+    if (!vp_frac_ok(p.budget_min) || !vp_frac_ok(p.budget_max))
+        return vp_fail(-1, "budget_min and budget_max must be in (0, 1]");
+    if (p.budget_min > p.budget_max) return vp_fail(-1, "budget_min must not exceed budget_max");
+    if (!vp_frac_ok(p.ratio)) return vp_fail(-1, "ratio must be in (0, 1]");
+    if (p.attn < LLAMA_VP_ATTN_AUTO || p.attn > LLAMA_VP_ATTN_GATHER) {
+        return vp_fail(-1, "unknown attention path " + std::to_string(p.attn) + " (0 auto, 1 mask, 2 gather)");
+    }
+
+    const auto &  hp      = ctx->get_model().hparams;
+    const int32_t n_layer = (int32_t) hp.n_layer();
+    if (hp.f_max_alibi_bias != 0.0f) return vp_fail(-2, "models with ALiBi are not supported");
+    int32_t anchor = p.anchor_layer;
+    if (anchor < 0) {
+        // the full-attention layer nearest 47% of depth (17 of 36 in the reference)
+        const double target = 0.47 * n_layer;
+        double       best   = 1e9;
+        for (int32_t il = 0; il < n_layer; ++il) {
+            if (hp.is_swa(il)) continue;
+            if (std::fabs(il - target) < best) {
+                best   = std::fabs(il - target);
+                anchor = il;
+            }
+        }
+        if (anchor < 0) return vp_fail(-2, "the model has no full-attention layer to anchor on");
+    } else if (anchor >= n_layer) {
+        return vp_fail(-1,
+                       "anchor_layer " + std::to_string(anchor) + " out of range [0, " + std::to_string(n_layer) + ")");
+    } else if (hp.is_swa(anchor)) {
+        return vp_fail(-1, "anchor_layer " + std::to_string(anchor) +
+                               " is a sliding-window layer; pick a full-attention layer");
+    }
+    const int32_t first = p.first_pruned_layer >= 0 ? p.first_pruned_layer : p.prune_anchor ? anchor : anchor + 1;
+    if (first > n_layer) {
+        return vp_fail(-1, "first_pruned_layer out of range");
+    }
+    if (first < anchor && p.mode != LLAMA_VP_MODE_FORCED) {
+        return vp_fail(-1, "only FORCED mode can prune below the anchor layer (the selection is made there)");
+    }
+    llama_vp_context * vp = vp_of(ctx);
+    if (!vp) vp = new llama_vp_context();
+    vp->params       = p;
+    vp->anchor       = anchor;
+    vp->first_pruned = first;
+    vp->enabled      = true;
+    vp->rng.seed(p.seed);
+    ctx->set_vp(vp);
+    return 0;
+}
+
+void llama_vp_disable(struct llama_context * ctx) {
+    llama_vp_context * vp = vp_of(ctx);
+    if (vp && vp->enabled) {
+        vp->enabled = false;
+        ctx->set_vp(vp);
+    }
+}
+
+bool llama_vp_enabled(const struct llama_context * ctx) {
+    const llama_vp_context * vp = vp_of(ctx);
+    return vp && vp->enabled;
+}
+
+int32_t llama_vp_anchor_layer(const struct llama_context * ctx) {
+    const llama_vp_context * vp = vp_of(ctx);
+    return vp && vp->enabled ? vp->anchor : -1;
+}
+
+static llama_vp_context * vp_state(struct llama_context * ctx) {
+    llama_vp_context * vp = vp_of(ctx);
+    if (!vp) {
+        vp         = new llama_vp_context();
+        vp->params = llama_vp_default_params();
+        ctx->set_vp(vp);
+    }
+    return vp;
+}
+
+int32_t llama_vp_mark_visual(struct llama_context * ctx, llama_seq_id seq, llama_pos p0, llama_pos p1) {
+    if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
+    if (p1 <= p0 || p0 < 0) return vp_fail(-1, "empty or negative position range");
+    llama_vp_context * vp = vp_state(ctx);
+    vp->seqs[seq].marks.emplace_back(p0, p1);
+    ctx->set_vp(vp); // graphs built before the marks are not reused
+    return 0;
+}
+
+int32_t llama_vp_clear_marks(struct llama_context * ctx, llama_seq_id seq) {
+    if (!ctx) return vp_fail(-1, "null context");
+    llama_vp_context * vp = vp_of(ctx);
+    if (!vp) return 0;
+    for (auto & [s, st] : vp->seqs) {
+        if (seq < 0 || s == seq) st.marks.clear();
+    }
+    ctx->set_vp(vp);
+    return 0;
+}
+
+int32_t llama_vp_n_visual(struct llama_context * ctx, llama_seq_id seq) {
+    if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
+    llama_vp_context *     vp  = vp_state(ctx);
+    auto *                 mem = ctx->get_memory();
+    const llama_kv_cache * kv  = dynamic_cast<const llama_kv_cache *>(mem);
+    if (!kv) {
+        if (auto * iswa = dynamic_cast<const llama_kv_cache_iswa *>(mem)) kv = iswa->get_base();
+    }
+    if (!kv) return vp_fail(-2, "the context's memory is not a KV cache");
+    const auto & cells = kv->get_cells(seq);
+    return (int32_t) llama_vp_visual_cells(*vp, cells, cells.size(), seq).size();
+}
+
+int32_t llama_vp_set_forced(struct llama_context * ctx, llama_seq_id seq, const int32_t * ordinals, int32_t n) {
+    if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
+    if (n < 0 || (n > 0 && !ordinals)) return vp_fail(-1, "invalid ordinals");
+    auto & st = vp_state(ctx)->seqs[seq];
+    st.forced.assign(ordinals, ordinals + n);
+    std::sort(st.forced.begin(), st.forced.end());
+    st.forced.erase(std::unique(st.forced.begin(), st.forced.end()), st.forced.end());
+    st.has_forced = true;
+    ctx->set_vp(vp_of(ctx));
+    return 0;
+}
+
+int32_t llama_vp_get_stats(const struct llama_context * ctx, llama_seq_id seq, struct llama_vp_stats * out) {
+    const llama_vp_context * vp = vp_of(ctx);
+    if (!vp || !out) return -1;
+    auto it = vp->seqs.find(seq);
+    if (it == vp->seqs.end() || !it->second.has_stats) return -1;
+    *out = it->second.stats;
+    return 0;
+}
+
+int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, int32_t * ordinals, int32_t cap) {
+    const llama_vp_context * vp = vp_of(ctx);
+    if (!vp) return 0;
+    auto it = vp->seqs.find(seq);
+    if (it == vp->seqs.end()) return 0;
+    const auto & kept = it->second.kept;
+    for (int32_t i = 0; i < cap && i < (int32_t) kept.size(); ++i)
+        ordinals[i] = kept[i];
+    return (int32_t) kept.size();
+}
+
+void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq) {
+    llama_vp_context * vp = vp_of(ctx);
+    if (!vp) return;
+    for (auto & [s, st] : vp->seqs) {
+        if (seq >= 0 && s != seq) continue;
+        st.stats     = {};
+        st.has_stats = false;
+        st.kept.clear();
+        // A new prompt: nothing ranked, nothing forced. Not only in STATIC mode: the mode at reset
+        // time is the previous generation's, and a set FORCED left behind was read by a following
+        // STATIC generation as its own ranking (the replay oracle found it).
+        st.forced.clear();
+        st.has_forced = false;
+    }
+}

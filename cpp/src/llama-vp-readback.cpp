@@ -1,0 +1,78 @@
+// After a decode step's graph was computed: its stats and kept sets, read back per sequence.
+
+#include "llama-vp-step.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <unordered_map>
+
+template <typename T> static std::vector<T> vp_get(ggml_tensor * t) {
+    std::vector<T> v(t ? ggml_nelements(t) : 0);
+    if (t) ggml_backend_tensor_get(t, v.data(), 0, ggml_nbytes(t));
+    return v;
+}
+
+// The kept ordinals of row r of a selection computed at the anchor (its top k_max cells and their flags).
+static std::vector<int32_t> vp_kept_computed(const vp_step_plan & plan, int64_t r, const std::vector<int32_t> & idx,
+                                             const std::vector<float> & keep) {
+    const auto &                         vis = plan.rows[r].vis;
+    std::unordered_map<int32_t, int32_t> ord;
+    for (int32_t o = 0; o < (int32_t) vis.size(); ++o) {
+        ord[vis[o]] = o;
+    }
+    std::vector<int32_t> kept;
+    for (int64_t j = 0; j < plan.k_max; ++j) {
+        if (keep[r * plan.k_max + j] > 0.5f) {
+            auto it = ord.find(idx[r * plan.k_max + j]);
+            if (it != ord.end()) kept.push_back(it->second);
+        }
+    }
+    std::sort(kept.begin(), kept.end());
+    kept.erase(std::unique(kept.begin(), kept.end()), kept.end());
+    return kept;
+}
+
+void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res) {
+    if (!vp || !res) return;
+    llm_graph_input_vp * inp = nullptr;
+    for (auto & in : res->inputs) {
+        if ((inp = dynamic_cast<llm_graph_input_vp *>(in.get()))) break;
+    }
+    if (!inp || !inp->selected) return;
+    const vp_step_plan & plan = inp->plan;
+    const auto           mass = vp_get<float>(inp->out.mass);
+    const auto           keep = vp_get<float>(inp->out.keep);
+    const auto           num  = vp_get<float>(inp->out.cov_num);
+    const auto           den  = vp_get<float>(inp->out.cov_den);
+    const auto           idx  = vp_get<int32_t>(inp->out.idx);
+
+    for (int64_t r = 0; r < (int64_t) plan.rows.size(); ++r) {
+        const auto &         rw = plan.rows[r];
+        auto &               st = vp->seqs[rw.seq];
+        const int32_t        nv = (int32_t) rw.vis.size();
+        std::vector<int32_t> kept;
+        if (plan.known) {
+            kept = plan.forced.kept[r];
+        } else if (plan.mode == LLAMA_VP_MODE_DENSE || nv == 0) {
+            for (int32_t o = 0; o < nv; ++o) {
+                kept.push_back(o);
+            }
+        } else {
+            kept = vp_kept_computed(plan, r, idx, keep);
+        }
+        st.stats.step += 1;
+        st.stats.n_kv      = (int32_t) plan.n_kv;
+        st.stats.n_visual  = nv;
+        st.stats.n_kept    = (int32_t) kept.size();
+        st.stats.mass      = mass.empty() ? 0.0f : mass[r];
+        st.stats.mass_kept = (num.empty() || den.empty() || den[r] <= 0.0f) ? 1.0f : num[r] / den[r];
+        if (plan.rank_only) {
+            st.forced     = kept;
+            st.has_forced = true;
+        }
+        st.kept      = std::move(kept);
+        st.has_stats = true;
+    }
+}

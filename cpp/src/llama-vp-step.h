@@ -1,0 +1,133 @@
+// One decode step of VisionPulse: its host-side plan and the graph objects built from it.
+//
+// A step's selection reaches the layers in one of two ways, and everything after that is the same:
+//   computed at the anchor (DYNAMIC, FIXED, RANDOM, STATIC's ranking step): built in the graph;
+//   known on the host before the step (FORCED, STATIC once ranked): fed as inputs.
+// Lagged mode adds a second known selection, the previous step's, for the full-attention layers
+// below the anchor. A selection as the layers use it is a vp_layer_set.
+#pragma once
+
+#include "llama-vp.h"
+
+#include "llama-graph.h"
+
+#include <map>
+#include <memory>
+#include <vector>
+
+struct ggml_context;
+
+// Masked-out value: finite so that (1 - keep) * BIG stays a number; -1e30 is -inf in F16
+// and exp(-1e30 - max) is exactly 0 in F32.
+static constexpr float VP_BIG = 1e30f;
+
+// A selection known on the host: per row, which visual ordinals are kept.
+struct vp_host_set {
+    std::vector<std::vector<int32_t>> kept;      // per row, kept ordinals (ascending)
+    std::vector<float>                keep_full; // [1, n_kv + 1, n_rows, n_stream]: 1 = visual and kept
+    std::vector<int32_t>              idx;       // [n_sel, n_stream]: the cells to gather (one row per stream)
+    int64_t                           n_sel = 0;
+};
+
+// The host-side plan of a step: its shapes and data. Two plans with equal shapes share a graph.
+struct vp_step_plan {
+    struct row {
+        llama_seq_id         seq = -1;
+        std::vector<int32_t> vis;     // visual cells of the base cache, ordinal order
+        std::vector<int32_t> vis_swa; // visual cells of the SWA cache that map to base cells
+        std::vector<int32_t> swa_to_base;
+    };
+
+    llama_vp_mode    mode      = LLAMA_VP_MODE_DENSE; // effective: STATIC becomes FIXED (ranking) or FORCED
+    bool             rank_only = false;               // STATIC's ranking step: remember the set, mask nothing
+    int64_t          n_kv = 0, n_kv_swa = 0, n_rows = 0, n_stream = 1, n_head = 0;
+    int64_t          k_max = 0; // static bound of K (the argsort keeps this many)
+    int64_t          n_sel = 0; // cells gathered per stream by the layers after the anchor
+    std::vector<row> rows;
+    bool             known = false; // the selection is known on the host (FORCED): `forced` holds it
+    vp_host_set      forced;
+    bool             lag = false; // lagged: the previous step's set, for the layers below the anchor
+    vp_host_set      lagged;
+
+    bool same_shape(const vp_step_plan & o) const;
+};
+
+// A selection as the layers that use it see it; built once per graph, shared by those layers.
+struct vp_layer_set {
+    ggml_tensor * keep_full = nullptr; // F32 [1, n_kv + 1, R, S]: 1 = visual and kept (slot n_kv: none)
+    ggml_tensor * keep      = nullptr; // F32 [n_kv, R, 1, S]: the same per cell
+    ggml_tensor * idx       = nullptr; // I32 [n_sel, S]: cells to gather, or null (MASK only)
+    int64_t       n_sel     = 0;       // a bound on the cells a row attends to
+    ggml_tensor * mask_f32  = nullptr; // the full-attention layers' mask with the dropped cells at -BIG
+    ggml_tensor * mask      = nullptr; // the same in the mask's type
+    ggml_tensor * mask_gath = nullptr; // the gathered cells' mask
+    ggml_tensor * mask_swa  = nullptr; // the sliding-window layers' mask
+    bool          ready() const { return keep != nullptr; }
+};
+
+// The step's graph input: host data in `plan`, input tensors filled from it by set_input.
+class llm_graph_input_vp : public llm_graph_input_i {
+public:
+    llama_vp_context * vp = nullptr;
+    vp_step_plan       plan;
+    int32_t            path = -1; // resolved llama_vp_attn of this step (MASK or GATHER)
+
+    // inputs (null when no op of the graph uses them)
+    struct {
+        ggml_tensor *                    vis = nullptr, *vis_neg = nullptr; // F32 [n_kv, R, 1, S]: 1 / 0 visual
+        ggml_tensor *                    nv = nullptr, *k = nullptr;        // F32 [1, R, 1, S]: N_v, FIXED's K
+        ggml_tensor *                    rand        = nullptr;             // F32 [n_kv, R, 1, S]: RANDOM's ranking
+        ggml_tensor *                    rank        = nullptr;             // F32 [k_max]: 0 .. k_max-1
+        ggml_tensor *                    negcell     = nullptr;             // F32 [n_kv]: -cell
+        ggml_tensor *                    swa_map     = nullptr; // I32 [n_kv_swa, R, S]: base cell, n_kv if none
+        ggml_tensor *                    vis_swa     = nullptr; // F32 [n_kv_swa, R, 1, S]
+        ggml_tensor *                    forced_keep = nullptr, *forced_idx = nullptr;
+        ggml_tensor *                    lagged_keep = nullptr, *lagged_idx = nullptr;
+        std::map<int64_t, ggml_tensor *> iota; // I32 [n, S]: 0..n-1, by n
+    } in;
+
+    // outputs read back after the step
+    struct {
+        ggml_tensor *mass = nullptr, *idx = nullptr, *keep = nullptr, *cov_num = nullptr, *cov_den = nullptr;
+    } out;
+
+    vp_layer_set  sel;                   // the step's selection (layers >= first_pruned)
+    vp_layer_set  lag;                   // lagged: the previous step's (full-attention layers below the anchor)
+    ggml_tensor * kq_mask_f32 = nullptr; // the layers' own mask in F32 (cast once)
+    bool          selected    = false;   // the anchor's probe and selection are built
+
+    // without flash attention (llama_vp_attn_scores sees the layer's kq):
+    struct {
+        // the anchor waits for its own layer's scores instead of probing,
+        ggml_tensor *q = nullptr, *k = nullptr, *mask = nullptr;
+        float        scale = 0.0f;
+        // and a GATHER layer's scores of its gathered K rows go back to their cells
+        int                                    scatter_il  = -1;
+        ggml_tensor *                          scatter_idx = nullptr;
+        std::map<ggml_tensor *, ggml_tensor *> scatter_buf; // by index list (lagged and step sets differ)
+    } scores;
+
+    void set_input(const llama_ubatch * ubatch) override;
+    bool can_reuse(const llm_graph_params & params) override;
+};
+
+// llama-vp-plan.cpp: the plan of a step, or null when the step has no selection to make
+std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, const llama_ubatch & ub, int64_t n_head,
+                                                 const llama_kv_cache_context * base,
+                                                 const llama_kv_cache_context * swa);
+ggml_tensor * vp_input(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
+                       const char * name);
+ggml_tensor * vp_vis(ggml_context * ctx, llm_graph_input_vp & inp); // the visual-cell flags, made once
+ggml_tensor * vp_mask_f32(ggml_context * ctx, llm_graph_input_vp & inp, ggml_tensor * kq_mask);
+ggml_tensor * vp_as_mask_type(ggml_context * ctx, ggml_tensor * m, const ggml_tensor * like);
+// keep_full [1, n_kv + 1, R, S] -> the cells' flags [n_kv, R, 1, S]
+ggml_tensor * vp_keep_cells(ggml_context * ctx, const vp_step_plan & plan, ggml_tensor * keep_full);
+// the full-attention layers' mask of a selection (from its keep flags), built once
+ggml_tensor * vp_set_mask(ggml_context * ctx, llm_graph_input_vp & inp, vp_layer_set & set, ggml_tensor * kq_mask);
+// a selection known on the host (lagged: the previous step's, else FORCED's) as graph inputs, built once
+vp_layer_set & vp_host_layer_set(ggml_context * ctx, llm_graph_input_vp & inp, bool lagged);
+
+// llama-vp-anchor.cpp: the probe and the selection at the anchor layer.
+// kq_own: the anchor layer's own pre-softmax scores [n_kv, R, H, S] (soft-capped), or null to probe.
+void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp & inp, ggml_tensor * q, ggml_tensor * k,
+                     ggml_tensor * kq_mask, float kq_scale, ggml_tensor * kq_own);
