@@ -103,7 +103,7 @@ def test_sliding_window_layers(load_model, images, prune_swa):
     a, _ = m.teacher_forced(P, [images["a"]], r.tokens, spec)
 
     def drop_others(model, spans):
-        mem = L.llama_get_memory(model._ctx)
+        mem = L.llama_get_memory(model.context)
         for o in range(spans[0].n_tokens):
             if o not in keep:
                 assert L.llama_memory_seq_rm(mem, 0, spans[0].pos + o, spans[0].pos + o + 1)

@@ -1,8 +1,9 @@
 """The replay oracle: every pruned step is exactly the step that forces its reported kept set.
 
-For each selection mode, attention path and flash-attention setting, the logits of each decode
-step must equal, bit for bit, those of a replay in which that step's reported kept set is forced
-(mode "forced", pruning from the same first layer). This pins *where* the selection is applied,
+For each selection mode (lagged included), attention path, flash-attention setting and anchor
+behaviour, the logits of each decode step must equal, bit for bit, those of a replay in which that
+step's reported kept set is forced (mode "forced", pruning from the same first layer, stated as a
+number; lagged: the previous step's forced set below the anchor). This pins *where* the selection is applied,
 not only what it is: a later layer using a previous step's set, or the anchor layer pruned when
 it should stay dense, gives other logits than the replay.
 """
@@ -17,36 +18,40 @@ from vp_gguf import _vp_ctypes as V
 
 from test_visionpulse import FAMILIES, P, dense_tokens
 
-# the modes whose kept set is one set per step (lagged prunes the early layers with another one)
+# each selection mode with settings that prune on the tiny models; "lagged" also prunes the
+# full-attention layers below the anchor with the previous step's set
 MODES = {
     "visionpulse": dict(mode="visionpulse", tau=1.0, budget_min=0.2, budget_max=0.5),
     "fixed": dict(mode="fixed", ratio=0.25),
     "random": dict(mode="random", ratio=0.25, seed=3),
     "static": dict(mode="static", ratio=0.25),
+    "lagged": dict(mode="fixed", ratio=0.25, lagged=True),
 }
 
 
 def _force_steps(steps):
     def before_step(model, i):
-        V.set_forced(model._ctx, 0, steps[i - 1].kept)
+        V.set_forced(model.context, 0, steps[i - 1].kept)
     return before_step
 
 
+@pytest.mark.parametrize("prune_anchor", [False, True], ids=["anchor-dense", "anchor-pruned"])
 @pytest.mark.parametrize("attn", ["mask", "gather"])
 @pytest.mark.parametrize("fa", ["on", "off"])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_step_equals_the_replay_of_its_kept_set(load_model, images, family, mode, fa, attn):
+def test_each_step_equals_the_replay_of_its_kept_set(load_model, images, family, mode, fa, attn, prune_anchor):
     m = load_model(family, flash_attn=fa)
     toks = dense_tokens(m, [images["a"]])
-    spec = VisionPulse(attn=attn, **MODES[mode])
+    spec = VisionPulse(attn=attn, prune_anchor=prune_anchor, **MODES[mode])
     got, rep = m.teacher_forced(P, [images["a"]], toks, spec)
     assert rep is not None and len(rep.steps) == len(toks) - 1
     n_vis = rep.steps[0].n_visual
     assert any(0 < len(s.kept) < n_vis for s in rep.steps), "nothing was pruned: the oracle would prove nothing"
-    # the method's layers, said explicitly: a changed default must not move the replay along with the run
+    # the pruned layers said explicitly: a changed default must not move the replay along with the run
     replay_spec = VisionPulse(mode="forced", forced=rep.steps[0].kept, attn=attn, anchor_layer=rep.anchor_layer,
-                              first_pruned_layer=rep.anchor_layer + 1)
+                              first_pruned_layer=rep.anchor_layer + (0 if prune_anchor else 1),
+                              lagged=spec.lagged)
     if mode == "static":
         # static decodes the last prompt token alone (its query ranks the image); a replay must lay
         # the prompt out the same way, or that token's K/V come from other kernels. Its ranking is

@@ -79,7 +79,7 @@ def test_forced_selection_equals_removing_the_other_cells(load_model, images, fa
     assert all(s.kept == keep for s in rep.steps)
 
     def drop_others(model, spans):
-        mem = L.llama_get_memory(model._ctx)
+        mem = L.llama_get_memory(model.context)
         for o in range(spans[0].n_tokens):
             if o not in keep:
                 assert L.llama_memory_seq_rm(mem, 0, spans[0].pos + o, spans[0].pos + o + 1)
@@ -161,10 +161,10 @@ def _prefill_seq(m, prompt, img, seq):
     prep = m._prepare(prompt, [img], False)
     try:
         n_past = L.llama_pos(0)
-        rc = M.mtmd_helper_eval_chunks(m._mctx, m._ctx, prep.chunks, 0, seq, m.n_batch, True,
+        rc = M.mtmd_helper_eval_chunks(m.mtmd_context, m.context, prep.chunks, 0, seq, m.n_batch, True,
                                        ctypes.byref(n_past))
         assert rc == 0
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(m._ctx, -1),
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(m.context, -1),
                                        shape=(L.llama_vocab_n_tokens(m._vocab),)).copy()
         return n_past.value, logits
     finally:
@@ -189,7 +189,7 @@ def test_two_sequences_in_one_batch(tiny_paths, load_model, images, family, unif
             pos[s], first = _prefill_seq(m, P, images[img], s)
             assert np.allclose(first, alone[s][1][0], rtol=1e-2, atol=1e-2)
         params = spec.to_c()
-        assert V.llama_vp_enable(m._ctx, ctypes.byref(params)) == 0
+        assert V.llama_vp_enable(m.context, ctypes.byref(params)) == 0
         n_vocab = L.llama_vocab_n_tokens(m._vocab)
         batch = L.llama_batch_init(2, 0, 1)
         ties = {0: 0, 1: 0}
@@ -202,17 +202,17 @@ def test_two_sequences_in_one_batch(tiny_paths, load_model, images, family, unif
                     batch.seq_id[s][0] = s
                     batch.logits[s] = 1
                 batch.n_tokens = 2
-                assert L.llama_decode(m._ctx, batch) == 0
+                assert L.llama_decode(m.context, batch) == 0
                 for s in (0, 1):
-                    lg = np.ctypeslib.as_array(L.llama_get_logits_ith(m._ctx, s), shape=(n_vocab,))
+                    lg = np.ctypeslib.as_array(L.llama_get_logits_ith(m.context, s), shape=(n_vocab,))
                     # a 2-row batch takes other matmul kernels than 1 row (and in a unified
                     # cache seq 1 sits in other cells): same math, other summation order
                     ref, want = alone[s][1][step + 1], alone[s][2].steps[step]
                     st = V.llama_vp_stats()
-                    assert V.llama_vp_get_stats(m._ctx, s, ctypes.byref(st)) == 0
+                    assert V.llama_vp_get_stats(m.context, s, ctypes.byref(st)) == 0
                     assert st.n_visual == want.n_visual and st.n_kept == want.n_kept
                     assert lg.argmax() == ref.argmax()
-                    kept = V.get_kept(m._ctx, s)
+                    kept = V.get_kept(m.context, s)
                     if kept == want.kept:
                         assert np.allclose(lg, ref, rtol=1e-2, atol=1e-2), (s, step, float(np.abs(lg - ref).max()))
                     else:
@@ -224,7 +224,7 @@ def test_two_sequences_in_one_batch(tiny_paths, load_model, images, family, unif
             assert max(ties.values()) <= 1, ties
         finally:
             L.llama_batch_free(batch)
-            V.llama_vp_disable(m._ctx)
+            V.llama_vp_disable(m.context)
 
 
 def test_marks_follow_the_cache(tiny_paths, images):
@@ -233,20 +233,20 @@ def test_marks_follow_the_cache(tiny_paths, images):
     model, mmproj = tiny_paths("llava")
     with vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, n_seq_max=2) as m:
         n_past, _ = _prefill_seq(m, P, images["a"], 0)
-        nv = V.llama_vp_n_visual(m._ctx, 0)
-        assert nv == 36 and V.llama_vp_n_visual(m._ctx, 1) == 0
-        mem = L.llama_get_memory(m._ctx)
+        nv = V.llama_vp_n_visual(m.context, 0)
+        assert nv == 36 and V.llama_vp_n_visual(m.context, 1) == 0
+        mem = L.llama_get_memory(m.context)
         L.llama_memory_seq_cp(mem, 0, 1, -1, -1)
-        assert V.llama_vp_n_visual(m._ctx, 1) == nv
+        assert V.llama_vp_n_visual(m.context, 1) == nv
         L.llama_memory_seq_rm(mem, 1, 1, 11)  # the first 10 image tokens (BOS is at 0)
-        assert V.llama_vp_n_visual(m._ctx, 1) == nv - 10
-        assert V.llama_vp_n_visual(m._ctx, 0) == nv
-        assert V.llama_vp_mark_visual(m._ctx, 0, 1, 5) == 0
-        assert V.llama_vp_n_visual(m._ctx, 0) == 4
-        V.llama_vp_clear_marks(m._ctx, -1)
-        assert V.llama_vp_n_visual(m._ctx, 0) == nv
+        assert V.llama_vp_n_visual(m.context, 1) == nv - 10
+        assert V.llama_vp_n_visual(m.context, 0) == nv
+        assert V.llama_vp_mark_visual(m.context, 0, 1, 5) == 0
+        assert V.llama_vp_n_visual(m.context, 0) == 4
+        V.llama_vp_clear_marks(m.context, -1)
+        assert V.llama_vp_n_visual(m.context, 0) == nv
         L.llama_memory_clear(mem, True)
-        assert V.llama_vp_n_visual(m._ctx, 0) == 0
+        assert V.llama_vp_n_visual(m.context, 0) == 0
 
 
 # -- (e) ------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def test_state_reload_needs_remarking(load_model, images):
     span = m._image_spans[0]
 
     def reload_state(model, spans):
-        ctx = model._ctx
+        ctx = model.context
         n = L.llama_state_seq_get_size(ctx, 0)
         buf = (ctypes.c_uint8 * n)()
         assert L.llama_state_seq_get_data(ctx, buf, n, 0) == n
@@ -338,7 +338,7 @@ def test_state_reload_needs_remarking(load_model, images):
         _, rep = m.teacher_forced(P, [images["a"]], toks, VisionPulse(mode="fixed", ratio=0.25),
                                   after_prefill=reload_state)
     finally:
-        V.llama_vp_clear_marks(m._ctx, -1)
+        V.llama_vp_clear_marks(m.context, -1)
     assert [s.kept for s in rep.steps] == [s.kept for s in ref.steps]
     assert span.n_tokens == rep.steps[0].n_visual
 

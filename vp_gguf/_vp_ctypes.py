@@ -65,6 +65,7 @@ _ctx = c_void_p
 llama_vp_default_params = _bind("llama_vp_default_params", [], llama_vp_params)
 llama_vp_preset_params = _bind("llama_vp_preset_params", [c_int32], llama_vp_params)
 llama_vp_enable = _bind("llama_vp_enable", [_ctx, POINTER(llama_vp_params)], c_int32)
+llama_vp_check_params = _bind("llama_vp_check_params", [POINTER(llama_vp_params)], c_int32)
 llama_vp_disable = _bind("llama_vp_disable", [_ctx], None)
 llama_vp_enabled = _bind("llama_vp_enabled", [_ctx], c_bool)
 llama_vp_anchor_layer = _bind("llama_vp_anchor_layer", [_ctx], c_int32)
@@ -78,6 +79,7 @@ llama_vp_set_forced = _bind("llama_vp_set_forced", [_ctx, c_int32, POINTER(c_int
 llama_vp_get_stats = _bind("llama_vp_get_stats", [_ctx, c_int32, POINTER(llama_vp_stats)], c_int32)
 llama_vp_get_kept = _bind("llama_vp_get_kept", [_ctx, c_int32, POINTER(c_int32), c_int32], c_int32)
 llama_vp_reset = _bind("llama_vp_reset", [_ctx, c_int32], None)
+llama_vp_begin_generation = _bind("llama_vp_begin_generation", [_ctx, c_int32], None)
 
 
 def get_kept(ctx, seq: int) -> list[int]:

@@ -30,7 +30,7 @@ from .gguf_file import read_gguf_info
 from .images import ImageInput, load_bitmap
 from .result import GenerationResult, ImageSpan, Timings
 from .sampling import SamplingParams
-from .visionpulse import VisionPulse, VisionPulseReport
+from .visionpulse import VisionPulse, VisionPulseControl, VisionPulseReport
 
 DEFAULT_MARKER = "<__media__>"
 _FLASH_ATTN = {
@@ -203,6 +203,7 @@ class VisionModel:
             raise ModelFileError(f"{self.mmproj_path} does not support image input")
         self.uses_mrope = bool(M.mtmd_decode_use_mrope(self._mctx))
         self.marker: str = (M.mtmd_default_marker() or DEFAULT_MARKER.encode()).decode()
+        self._vp = VisionPulseControl(self._ctx)
 
     def close(self) -> None:
         """Free the native model, context and projector (also done on garbage collection)."""
@@ -226,6 +227,16 @@ class VisionModel:
         # at interpreter exit the ctypes layer may already be gone: nothing left to free then
         with contextlib.suppress(Exception):
             self.close()
+
+    @property
+    def context(self):
+        """The llama_context (a llama-cpp-python ctypes pointer): for llama.cpp calls of one's own."""
+        return self._ctx
+
+    @property
+    def mtmd_context(self):
+        """The libmtmd context of the projector."""
+        return self._mctx
 
     # -- tokens --------------------------------------------------------------------------
     @property
@@ -307,9 +318,7 @@ class VisionModel:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         sampling = sampling or SamplingParams()
         sampling.check()
-        vp = VisionPulse.parse(visionpulse)
-        if vp is not None:
-            vp.check()
+        vp = VisionPulse.parse(visionpulse)  # checked by C when applied, before any work
         if self._ctx is None:
             raise RuntimeError("this VisionModel was closed")
         if not self._lock.acquire(blocking=False):
@@ -338,22 +347,19 @@ class VisionModel:
         the replay oracle forces each step's set there)."""
         import numpy as np
 
-        vp = VisionPulse.parse(visionpulse)
-        if vp is not None:
-            vp.check()
+        vp = VisionPulse.parse(visionpulse)  # checked by C when applied, before any work
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this VisionModel is already generating (one generation at a time)")
         n_vocab = L.llama_vocab_n_tokens(self._vocab)
         out = np.zeros((len(tokens), n_vocab), dtype=np.float32)
         prep = None
         try:
-            V.llama_vp_disable(self._ctx)
-            V.llama_vp_reset(self._ctx, -1)
+            self._vp.apply(vp)
             prep = self._prepare(prompt, list(images), False)
-            n_past = self._eval_prompt(prep, Timings(), vp)
+            n_past = self._eval_prompt(prep, Timings())
             if after_prefill is not None:
                 after_prefill(self, list(self._image_spans))
-            report = self._start_vp(vp)
+            report = self._start_vp()
             tok_arr = (L.llama_token * 1)()
             for i, tok in enumerate(tokens):
                 ptr = L.llama_get_logits_ith(self._ctx, -1)
@@ -369,7 +375,6 @@ class VisionModel:
                     report.record(self._ctx)
             return out, report
         finally:
-            V.llama_vp_disable(self._ctx)
             if prep is not None:
                 self._free_prepared(prep)
             self._lock.release()
@@ -477,12 +482,14 @@ class VisionModel:
         finally:
             L.llama_batch_free(batch)
 
-    def _eval_prompt(self, prep: _Prepared, t: Timings, vp: VisionPulse | None) -> int:
-        """Encode images and prefill every chunk (dense); returns the next position.
+    def _eval_prompt(self, prep: _Prepared, t: Timings) -> int:
+        """Encode images and prefill every chunk (dense, no VisionPulse step); returns the next position.
 
-        With VisionPulse "static", the last prompt token is decoded on its own with the
-        selection on, so that its query ranks the visual tokens once (FastV-style)."""
+        With VisionPulse "static", the last prompt token is decoded on its own as the first
+        step, so that its query ranks the visual tokens once (FastV-style)."""
         L.llama_memory_clear(L.llama_get_memory(self._ctx), True)
+        self._vp.new_prompt()
+        vp = self._vp.settings
         self._image_spans: list[ImageSpan] = []
         n_past = 0
         n = M.mtmd_input_chunks_size(prep.chunks)
@@ -497,7 +504,7 @@ class VisionModel:
                     toks = [ptr[j] for j in range(n_tok.value)]
                     if len(toks) > 1:
                         self._decode_tokens(toks[:-1], n_past, "the prompt text")
-                    self._enable_vp(vp)
+                    self._vp.begin_generation()
                     self._decode_tokens(toks[-1:], n_past + len(toks) - 1, "the last prompt token")
                     new_n_past.value = n_past + len(toks)
                 else:
@@ -542,20 +549,12 @@ class VisionModel:
             n_past = new_n_past.value
         return n_past
 
-    def _enable_vp(self, vp: VisionPulse) -> None:
-        vp.enable(self._ctx)
-
-    def _start_vp(self, vp: VisionPulse | None) -> VisionPulseReport | None:
-        """Switch the selection on for generation (after the dense prefill)."""
-        if vp is None:
-            return None
-        if vp.mode != "static":  # static: on since the last prompt token ranked the image
-            self._enable_vp(vp)
-        report = VisionPulseReport(
-            mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx), settings=vp.resolved(), steps=[]
-        )
-        report._last_step = V.step_no(self._ctx, 0)
-        return report
+    def _start_vp(self) -> VisionPulseReport | None:
+        """The prompt is in: from the next decode on, each one is a VisionPulse step."""
+        vp = self._vp.settings
+        if vp is not None and vp.mode != "static":  # static began at its last prompt token
+            self._vp.begin_generation()
+        return self._vp.report()
 
     def _run(
         self,
@@ -568,12 +567,7 @@ class VisionModel:
     ) -> Iterator[str]:
         self.last_result = None
         _log.clear()
-        V.llama_vp_disable(self._ctx)  # prefill is always dense
-        V.llama_vp_reset(self._ctx, -1)
-        if vp is not None:  # refuse bad settings (e.g. an anchor out of range) before any work
-            self._enable_vp(vp)
-            V.llama_vp_disable(self._ctx)
-            V.llama_vp_reset(self._ctx, -1)
+        self._vp.apply(vp)  # refuses bad settings (e.g. an anchor out of range) before any work
         prep = self._prepare(prompt, images, chat_template)
         t = Timings()
         t._n_prefill = prep.n_tokens
@@ -584,8 +578,8 @@ class VisionModel:
         stop = "length"
         tok_arr = (L.llama_token * 1)()
         try:
-            n_past = self._eval_prompt(prep, t, vp)
-            report = self._start_vp(vp)
+            n_past = self._eval_prompt(prep, t)
+            report = self._start_vp()
             t_dec = None
             while len(tokens) < max_tokens:
                 tok = L.llama_sampler_sample(sampler, self._ctx, -1)
@@ -629,6 +623,5 @@ class VisionModel:
                 images=list(self._image_spans),
             )
         finally:
-            V.llama_vp_disable(self._ctx)
             L.llama_sampler_free(sampler)
             self._free_prepared(prep)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -91,34 +90,25 @@ class VisionPulse:
         return d
 
     def check(self) -> None:
+        """Refuse impossible settings (ValueError) before a model is at hand; the rules are the C library's."""
+        params = self.to_c()
+        if V.llama_vp_check_params(ctypes.byref(params)) != 0:
+            raise ValueError(f"VisionPulse: {V.last_error()}")
+
+    def enable(self, ctx) -> None:
+        """Switch these settings on for a llama_context; C validates them (ValueError with its message)."""
+        params = self.to_c()
+        if V.llama_vp_enable(ctx, ctypes.byref(params)) != 0:
+            raise ValueError(f"VisionPulse: {V.last_error()}")
+
+    def to_c(self) -> V.llama_vp_params:
+        """The C struct; names that C has no number for (mode, attn, forced's set) are checked here."""
         if self.mode not in MODES:
             raise ValueError(f"unknown VisionPulse mode {self.mode!r}: one of {', '.join(MODES)}")
-        r = self.resolved()
-        for k, v in r.items():
-            if not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
-                raise ValueError(f"VisionPulse {k} must be a finite number, got {v!r}")
-        if r["tau"] <= 0:
-            raise ValueError(f"VisionPulse tau must be > 0, got {r['tau']}")
-        for k in ("budget_min", "budget_max", "ratio"):
-            if not 0 < r[k] <= 1:
-                raise ValueError(f"VisionPulse {k} must be in (0, 1], got {r[k]}")
-        if r["budget_min"] > r["budget_max"]:
-            raise ValueError(f"VisionPulse budget_min ({r['budget_min']}) exceeds budget_max ({r['budget_max']})")
         if self.attn not in ATTN:
             raise ValueError(f"unknown VisionPulse attention path {self.attn!r}: one of {', '.join(ATTN)}")
         if self.mode == "forced" and self.forced is None:
             raise ValueError("VisionPulse mode 'forced' needs the kept ordinals (forced=[...])")
-
-    def enable(self, ctx) -> None:
-        """Switch these settings on for a llama_context (C validates them), with FORCED's set."""
-        params = self.to_c()
-        if V.llama_vp_enable(ctx, ctypes.byref(params)) != 0:
-            raise ValueError(f"VisionPulse: {V.last_error()}")
-        if self.mode == "forced":
-            V.set_forced(ctx, 0, list(self.forced or ()))
-
-    def to_c(self) -> V.llama_vp_params:
-        self.check()
         r = self.resolved()
         p = V.llama_vp_default_params()  # the library's defaults for what these settings leave open
         p.mode = MODES[self.mode]
@@ -132,6 +122,46 @@ class VisionPulse:
         p.lagged = bool(self.lagged)
         p.prune_swa = bool(self.prune_swa)
         return p
+
+
+class VisionPulseControl:
+    """One llama_context's VisionPulse, sequence 0: settings applied (and validated by C) only when they
+    change, so that steps keep reusing their graphs; and each prompt's phases: ``new_prompt`` before it
+    (prompt processing, a one-token tail included, is never pruned nor a step), ``begin_generation``
+    after it (for "static", before the last prompt token, whose query ranks the image once)."""
+
+    def __init__(self, ctx) -> None:
+        self._ctx = ctx
+        self.settings: VisionPulse | None = None  # what the context runs now
+
+    def apply(self, vp: VisionPulse | None) -> None:
+        if vp == self.settings:
+            return
+        if vp is None:
+            V.llama_vp_disable(self._ctx)
+        else:
+            vp.enable(self._ctx)
+        self.settings = replace(vp) if vp is not None else None  # a copy: the caller may change theirs
+
+    def new_prompt(self) -> None:
+        V.llama_vp_reset(self._ctx, 0)
+        vp = self.settings
+        if vp is not None and vp.mode == "forced":  # the reset cleared it
+            V.set_forced(self._ctx, 0, list(vp.forced or ()))
+
+    def begin_generation(self) -> None:
+        V.llama_vp_begin_generation(self._ctx, 0)
+
+    def report(self) -> VisionPulseReport | None:
+        """An empty report of the generation that begins; steps before it (static's ranking) are none of it."""
+        vp = self.settings
+        if vp is None:
+            return None
+        rep = VisionPulseReport(
+            mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx), settings=vp.resolved(), steps=[]
+        )
+        rep._last_step = V.step_no(self._ctx, 0)
+        return rep
 
 
 @dataclass

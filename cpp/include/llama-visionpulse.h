@@ -50,7 +50,7 @@ struct llama_vp_params {
                                            // eager path) instead of all cells (its Triton path)
     bool               auto_mark;          // treat cells written from embeddings as visual (default true)
     bool               lagged;             // beyond the paper (opt-in): full-attention layers before the anchor use
-                                           // the previous step's kept set (DYNAMIC/FIXED/RANDOM)
+                                           // the previous step's kept set (DYNAMIC/FIXED/RANDOM/FORCED)
     bool               prune_swa;          // also prune sliding-window layers (default false: their cost is bounded by
                                            // the window, so there is nothing to save, and they carry the local context)
 };
@@ -61,6 +61,8 @@ LLAMA_API struct llama_vp_params llama_vp_preset_params(int32_t preset); // 5 or
 
 // Returns 0, or a negative code with a message in llama_vp_last_error():
 //  -1 invalid parameter, -2 unsupported model (no usable full-attention layer, ALiBi, ...)
+// llama_vp_check_params: what can be checked without a model (llama_vp_enable checks it too).
+LLAMA_API int32_t      llama_vp_check_params(const struct llama_vp_params * params);
 LLAMA_API int32_t      llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params * params);
 LLAMA_API void         llama_vp_disable(struct llama_context * ctx);
 LLAMA_API bool         llama_vp_enabled(const struct llama_context * ctx);
@@ -98,8 +100,13 @@ LLAMA_API int32_t llama_vp_get_stats(const struct llama_context * ctx, llama_seq
 // Visual ordinals kept at the last step (ascending); returns their count (may exceed cap).
 LLAMA_API int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, int32_t * ordinals,
                                     int32_t cap);
-// Reset the per-seq step counters, stats, STATIC rankings and FORCED sets (before a new prompt).
-LLAMA_API void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq); // seq < 0: all
+// Before a new prompt: reset the per-seq step counters, stats, STATIC rankings and FORCED sets, and
+// mark the seq's decodes as prompt processing (never pruned nor counted as steps, a one-token prompt
+// tail included) until llama_vp_begin_generation. seq < 0: every seq seen so far.
+LLAMA_API void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq);
+// The prompt is in: the seq's next decode steps select (for STATIC, call it before the last prompt
+// token, whose query ranks the visual cells once). A seq never reset selects at every decode step.
+LLAMA_API void llama_vp_begin_generation(struct llama_context * ctx, llama_seq_id seq); // seq < 0: all
 
 #ifdef __cplusplus
 }

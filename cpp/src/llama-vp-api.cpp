@@ -74,20 +74,31 @@ static bool vp_frac_ok(float x) {
     return std::isfinite(x) && x > 0.0f && x <= 1.0f;
 }
 
-int32_t llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params * params) {
-    if (!ctx || !params) return vp_fail(-1, "null context or parameters");
+int32_t llama_vp_check_params(const struct llama_vp_params * params) {
+    if (!params) return vp_fail(-1, "null parameters");
     const llama_vp_params & p = *params;
     if (p.mode < LLAMA_VP_MODE_DENSE || p.mode > LLAMA_VP_MODE_FORCED) {
         return vp_fail(-1, "unknown mode " + std::to_string(p.mode));
     }
     if (!std::isfinite(p.tau) || p.tau <= 0.0f) return vp_fail(-1, "tau must be a finite number > 0");
     if (!vp_frac_ok(p.budget_min) || !vp_frac_ok(p.budget_max))
-        return vp_fail(-1, "budget_min and budget_max must be in (0, 1]");
-    if (p.budget_min > p.budget_max) return vp_fail(-1, "budget_min must not exceed budget_max");
-    if (!vp_frac_ok(p.ratio)) return vp_fail(-1, "ratio must be in (0, 1]");
+        return vp_fail(-1, "budget_min and budget_max must be finite and in (0, 1]");
+    if (p.budget_min > p.budget_max) return vp_fail(-1, "budget_min exceeds budget_max");
+    if (!vp_frac_ok(p.ratio)) return vp_fail(-1, "ratio must be finite and in (0, 1]");
     if (p.attn < LLAMA_VP_ATTN_AUTO || p.attn > LLAMA_VP_ATTN_GATHER) {
         return vp_fail(-1, "unknown attention path " + std::to_string(p.attn) + " (0 auto, 1 mask, 2 gather)");
     }
+    if (p.first_pruned_layer >= 0 && p.anchor_layer >= 0 && p.first_pruned_layer < p.anchor_layer &&
+        p.mode != LLAMA_VP_MODE_FORCED) {
+        return vp_fail(-1, "only FORCED mode can prune below the anchor layer (the selection is made there)");
+    }
+    return 0;
+}
+
+int32_t llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params * params) {
+    if (!ctx) return vp_fail(-1, "null context");
+    if (llama_vp_check_params(params) != 0) return -1;
+    const llama_vp_params & p = *params;
 
     const auto &  hp      = ctx->get_model().hparams;
     const int32_t n_layer = (int32_t) hp.n_layer();
@@ -163,7 +174,6 @@ int32_t llama_vp_mark_visual(struct llama_context * ctx, llama_seq_id seq, llama
     if (p1 <= p0 || p0 < 0) return vp_fail(-1, "empty or negative position range");
     llama_vp_context * vp = vp_state(ctx);
     vp->seqs[seq].marks.emplace_back(p0, p1);
-    ctx->set_vp(vp); // graphs built before the marks are not reused
     return 0;
 }
 
@@ -174,7 +184,6 @@ int32_t llama_vp_clear_marks(struct llama_context * ctx, llama_seq_id seq) {
     for (auto & [s, st] : vp->seqs) {
         if (seq < 0 || s == seq) st.marks.clear();
     }
-    ctx->set_vp(vp);
     return 0;
 }
 
@@ -199,7 +208,6 @@ int32_t llama_vp_set_forced(struct llama_context * ctx, llama_seq_id seq, const 
     std::sort(st.forced.begin(), st.forced.end());
     st.forced.erase(std::unique(st.forced.begin(), st.forced.end()), st.forced.end());
     st.has_forced = true;
-    ctx->set_vp(vp_of(ctx));
     return 0;
 }
 
@@ -224,8 +232,11 @@ int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, in
 }
 
 void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq) {
-    llama_vp_context * vp = vp_of(ctx);
+    if (!ctx) return;
+    if (seq >= LLAMA_MAX_SEQ) return;
+    llama_vp_context * vp = seq >= 0 ? vp_state(ctx) : vp_of(ctx);
     if (!vp) return;
+    if (seq >= 0) vp->seqs[seq]; // a seq reset before its first decode starts in the prompt phase too
     for (auto & [s, st] : vp->seqs) {
         if (seq >= 0 && s != seq) continue;
         st.stats     = {};
@@ -236,5 +247,14 @@ void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq) {
         // STATIC generation as its own ranking (the replay oracle found it).
         st.forced.clear();
         st.has_forced = false;
+        st.prompt     = true;
+    }
+}
+
+void llama_vp_begin_generation(struct llama_context * ctx, llama_seq_id seq) {
+    llama_vp_context * vp = vp_of(ctx);
+    if (!vp) return;
+    for (auto & [s, st] : vp->seqs) {
+        if (seq < 0 || s == seq) st.prompt = false;
     }
 }

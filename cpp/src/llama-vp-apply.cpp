@@ -154,7 +154,7 @@ ggml_tensor * llama_vp_build_attn(const llm_graph_context & g, const llama_kv_ca
         if (inp) g.res->add_input(std::move(inp));
     }
     llm_graph_input_vp * inp = g.vp_graph;
-    if (!inp) {
+    if (!inp || !inp->plan.active) {
         return kq_mask;
     }
     ggml_context * ctx = g.ctx0;

@@ -181,11 +181,10 @@ static void vp_plan_known(vp_step_plan & plan, const llama_vp_context & vp) {
     plan.forced = vp_host_set_of(plan, std::move(kept));
 }
 
-// Lagged: every row needs a previous step over the same visual cells.
+// Lagged: every row needs a previous step over the same visual cells. FORCED lags too (its
+// previous set), so that a replay of a lagged run forces both of a step's sets.
 static void vp_plan_lagged(vp_step_plan & plan, const llama_vp_context & vp) {
-    const bool selects =
-        plan.mode == LLAMA_VP_MODE_DYNAMIC || plan.mode == LLAMA_VP_MODE_FIXED || plan.mode == LLAMA_VP_MODE_RANDOM;
-    if (!vp.params.lagged || !selects || plan.rank_only) {
+    if (!vp.params.lagged || vp.params.mode == LLAMA_VP_MODE_DENSE || vp.params.mode == LLAMA_VP_MODE_STATIC) {
         return;
     }
     std::vector<std::vector<int32_t>> kept;
@@ -204,14 +203,20 @@ std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, 
                                                  const llama_kv_cache_context * base,
                                                  const llama_kv_cache_context * swa) {
     llama_vp_context * vp = cparams.vp;
-    if (!vp || !vp->enabled || !ub.token || ub.n_tokens == 0 || !cparams.causal_attn || !base ||
-        !vp_is_decode_step(ub)) {
+    if (!vp || !vp->enabled) {
         return nullptr;
     }
+    // Every graph built while VisionPulse is on carries this input, an inactive one when the
+    // ubatch selects nothing: so a graph of one phase (a one-token prompt tail) is never reused
+    // for a step of another (the first generated token), with no version bump between them.
+    auto inp         = std::make_unique<llm_graph_input_vp>();
+    inp->vp          = vp;
+    inp->plan.n_head = n_head;
+    if (!ub.token || ub.n_tokens == 0 || !cparams.causal_attn || !base || !vp_is_decode_step(ub)) {
+        return inp;
+    }
     const llama_kv_cache * kv   = base->get_kv();
-    auto                   inp  = std::make_unique<llm_graph_input_vp>();
     vp_step_plan &         plan = inp->plan;
-    inp->vp                     = vp;
     plan.mode                   = vp->params.mode;
     plan.n_kv                   = base->get_n_kv();
     plan.n_stream               = cparams.kv_unified ? 1 : ub.n_seqs_unq;
@@ -222,12 +227,19 @@ std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, 
     for (uint32_t i = 0; i < ub.n_tokens; ++i) {
         auto & rw = plan.rows[i];
         rw.seq    = ub.seq_id[i][0];
-        rw.vis    = llama_vp_visual_cells(*vp, kv->get_cells(rw.seq), (uint32_t) plan.n_kv, rw.seq);
-        nv_max    = std::max<int64_t>(nv_max, (int64_t) rw.vis.size());
+        auto st   = vp->seqs.find(rw.seq);
+        rw.step   = st == vp->seqs.end() || !st->second.prompt;
+        if (rw.step) { // a prompt-processing row has nothing to select from
+            rw.vis = llama_vp_visual_cells(*vp, kv->get_cells(rw.seq), (uint32_t) plan.n_kv, rw.seq);
+        }
+        nv_max = std::max<int64_t>(nv_max, (int64_t) rw.vis.size());
     }
     if (nv_max == 0) {
-        return nullptr;
+        inp->plan        = vp_step_plan{};
+        inp->plan.n_head = n_head;
+        return inp;
     }
+    plan.active = true;
     vp_plan_known(plan, *vp);
     float frac = 1.0f; // the budget's upper bound, for the argsort's static size
     if (plan.mode == LLAMA_VP_MODE_DYNAMIC || plan.mode == LLAMA_VP_MODE_RANDOM) {
@@ -277,7 +289,7 @@ bool llm_graph_input_vp::can_reuse(const llm_graph_params & params) {
     const llama_kv_cache_context *base, *swa;
     vp_caches(params.mctx, base, swa);
     auto nw = vp_plan_step(params.cparams, params.ubatch, plan.n_head, base, swa);
-    if (!nw || !nw->plan.same_shape(plan)) {
+    if (!nw || nw->plan.active != plan.active || (plan.active && !nw->plan.same_shape(plan))) {
         return false;
     }
     vp   = nw->vp;

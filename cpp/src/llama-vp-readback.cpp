@@ -49,7 +49,10 @@ void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res)
     const auto           idx  = vp_get<int32_t>(inp->out.idx);
 
     for (int64_t r = 0; r < (int64_t) plan.rows.size(); ++r) {
-        const auto &         rw = plan.rows[r];
+        const auto & rw = plan.rows[r];
+        if (!rw.step) {
+            continue;
+        }
         auto &               st = vp->seqs[rw.seq];
         const int32_t        nv = (int32_t) rw.vis.size();
         std::vector<int32_t> kept;

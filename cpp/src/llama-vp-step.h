@@ -32,12 +32,14 @@ struct vp_host_set {
 // The host-side plan of a step: its shapes and data. Two plans with equal shapes share a graph.
 struct vp_step_plan {
     struct row {
-        llama_seq_id         seq = -1;
-        std::vector<int32_t> vis;     // visual cells of the base cache, ordinal order
-        std::vector<int32_t> vis_swa; // visual cells of the SWA cache that map to base cells
+        llama_seq_id         seq  = -1;
+        bool                 step = false; // a step of the seq's generation (else prompt processing, dense)
+        std::vector<int32_t> vis;          // visual cells of the base cache, ordinal order
+        std::vector<int32_t> vis_swa;      // visual cells of the SWA cache that map to base cells
         std::vector<int32_t> swa_to_base;
     };
 
+    bool             active    = false;               // a decode step with visual cells: there is a selection to make
     llama_vp_mode    mode      = LLAMA_VP_MODE_DENSE; // effective: STATIC becomes FIXED (ranking) or FORCED
     bool             rank_only = false;               // STATIC's ranking step: remember the set, mask nothing
     int64_t          n_kv = 0, n_kv_swa = 0, n_rows = 0, n_stream = 1, n_head = 0;
@@ -111,7 +113,7 @@ public:
     bool can_reuse(const llm_graph_params & params) override;
 };
 
-// llama-vp-plan.cpp: the plan of a step, or null when the step has no selection to make
+// llama-vp-plan.cpp: the plan of a step (inactive when it has no selection to make); null when VisionPulse is off
 std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, const llama_ubatch & ub, int64_t n_head,
                                                  const llama_kv_cache_context * base,
                                                  const llama_kv_cache_context * swa);

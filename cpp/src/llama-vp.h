@@ -30,7 +30,8 @@ struct llama_vp_seq {
     bool                                         has_forced = false;
     llama_vp_stats                               stats      = {};
     bool                                         has_stats  = false;
-    std::vector<int32_t>                         kept; // kept ordinals of the last step
+    std::vector<int32_t>                         kept;           // kept ordinals of the last step
+    bool                                         prompt = false; // from llama_vp_reset to llama_vp_begin_generation
 };
 
 // Per llama_context state; owned by the context (cparams.vp), freed with it.

@@ -63,6 +63,7 @@ small machine, which would blow the build-time budget.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import struct
@@ -735,13 +736,14 @@ def build_tiny_vlm(
     *,
     llama_cpp_root: str | Path | None = None,
     full_vocab: bool = False,
+    n_layer: int | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<family>-tiny.gguf`` and ``<family>-tiny-mmproj.gguf`` into ``out_dir``.
 
     Returns ``(model_path, mmproj_path)``. ``seed`` selects the random weights
     (same seed, same bytes). ``llama_cpp_root`` overrides
     :func:`find_llama_cpp_root`. ``full_vocab`` only matters for qwen2vl (see
-    the module docstring).
+    the module docstring). ``n_layer`` overrides the text model's depth (the default-anchor tests).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -756,6 +758,8 @@ def build_tiny_vlm(
     mmproj_path = out / f"{family}-tiny-mmproj.gguf"
 
     text_spec, vision_spec = _SPECS[family]
+    if n_layer is not None:
+        text_spec = dataclasses.replace(text_spec, n_layer=n_layer)
     if family == "llava":
         vocab = _vocab_llava(gguf, root)
     elif family == "qwen2vl":
