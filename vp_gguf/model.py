@@ -22,7 +22,6 @@ from typing import Any
 from typing_extensions import Self
 
 from . import _log
-from . import _vp_ctypes as V
 from ._libs import llama_cpp as L
 from ._libs import mtmd_cpp as M
 from .errors import ContextOverflowError, DecodeError, ImageError, ModelFileError, ProjectorMismatchError, PromptError
@@ -203,7 +202,7 @@ class VisionModel:
             raise ModelFileError(f"{self.mmproj_path} does not support image input")
         self.uses_mrope = bool(M.mtmd_decode_use_mrope(self._mctx))
         self.marker: str = (M.mtmd_default_marker() or DEFAULT_MARKER.encode()).decode()
-        self._vp = VisionPulseControl(self._ctx)
+        self._vp: VisionPulseControl = VisionPulseControl(self._ctx)
 
     def close(self) -> None:
         """Free the native model, context and projector (also done on garbage collection)."""
