@@ -80,6 +80,7 @@ llama_vp_get_stats = _bind("llama_vp_get_stats", [_ctx, c_int32, POINTER(llama_v
 llama_vp_get_kept = _bind("llama_vp_get_kept", [_ctx, c_int32, POINTER(c_int32), c_int32], c_int32)
 llama_vp_reset = _bind("llama_vp_reset", [_ctx, c_int32], None)
 llama_vp_begin_generation = _bind("llama_vp_begin_generation", [_ctx, c_int32], None)
+llama_vp_set_k = _bind("llama_vp_set_k", [_ctx, c_int32, c_int32], c_int32)
 
 
 def get_kept(ctx, seq: int) -> list[int]:

@@ -71,6 +71,7 @@ class VisionPulseSession:
             else:  # the first call: the logits of the (dense) prompt; from the next decode on, steps
                 self._control.begin_generation()
                 report = self._control.report()
+            self._control.before_step(len(report.steps) + 1)
             return scores
 
         kwargs["logits_processor"] = llama_cpp.LogitsProcessorList([record, *(user_lp or [])])

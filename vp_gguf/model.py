@@ -366,6 +366,7 @@ class VisionModel:
                 if i == len(tokens) - 1:
                     break
                 tok_arr[0] = tok
+                self._vp.before_step(i + 1)
                 if before_step is not None:
                     before_step(self, i + 1)
                 self._check_decode(L.llama_decode(self._ctx, L.llama_batch_get_one(tok_arr, 1)), "a forced token")
@@ -598,6 +599,7 @@ class VisionModel:
                 if t_dec is None:
                     t_dec = time.perf_counter()
                 tok_arr[0] = tok
+                self._vp.before_step(t.n_decode + 1)
                 rc = L.llama_decode(self._ctx, L.llama_batch_get_one(tok_arr, 1))
                 self._check_decode(rc, "a generated token")
                 n_past += 1

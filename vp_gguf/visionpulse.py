@@ -64,6 +64,9 @@ class VisionPulse:
     attn: str = "auto"  # how later layers skip dropped tokens: auto | mask | gather (same result)
     lagged: bool = False  # beyond the paper: layers before the anchor use the previous step's set
     prune_swa: bool = False  # also prune sliding-window layers (their cost is bounded by the window)
+    # visionpulse/fixed/random: K at generation step i is k_per_step[i-1] (the last one once the list ends)
+    # instead of the budget rule's; a control budget-matched to another run's steps
+    k_per_step: Sequence[int] | None = None
 
     @classmethod
     def parse(cls, spec: VisionPulse | str | int | None, mode: str | None = None) -> VisionPulse | None:
@@ -109,6 +112,11 @@ class VisionPulse:
             raise ValueError(f"unknown VisionPulse attention path {self.attn!r}: one of {', '.join(ATTN)}")
         if self.mode == "forced" and self.forced is None:
             raise ValueError("VisionPulse mode 'forced' needs the kept ordinals (forced=[...])")
+        if self.k_per_step is not None:
+            if self.mode not in ("visionpulse", "fixed", "random"):
+                raise ValueError("VisionPulse k_per_step needs mode visionpulse, fixed or random")
+            if not self.k_per_step or any(int(k) < 1 for k in self.k_per_step):
+                raise ValueError("VisionPulse k_per_step must be a non-empty list of counts >= 1")
         r = self.resolved()
         p = V.llama_vp_default_params()  # the library's defaults for what these settings leave open
         p.mode = MODES[self.mode]
@@ -151,6 +159,12 @@ class VisionPulseControl:
 
     def begin_generation(self) -> None:
         V.llama_vp_begin_generation(self._ctx, 0)
+
+    def before_step(self, i: int) -> None:
+        """Generation step i (1 for the first decoded token) is about to be decoded."""
+        ks = self.settings.k_per_step if self.settings is not None else None
+        if ks:
+            V.llama_vp_set_k(self._ctx, 0, int(ks[min(i, len(ks)) - 1]))
 
     def report(self) -> VisionPulseReport | None:
         """An empty report of the generation that begins; steps before it (static's ranking) are none of it."""

@@ -86,6 +86,11 @@ LLAMA_API int32_t llama_vp_n_visual(struct llama_context * ctx, llama_seq_id seq
 LLAMA_API int32_t llama_vp_set_forced(struct llama_context * ctx, llama_seq_id seq, const int32_t * ordinals,
                                       int32_t n);
 
+// DYNAMIC, FIXED, RANDOM: keep k visual cells of seq at its next steps instead of the budget
+// rule's K (k <= 0: the rule again; llama_vp_reset clears it). Applies to a ubatch only when every
+// sequence in it has one. A random selection at another run's per-step K is a budget-matched control.
+LLAMA_API int32_t llama_vp_set_k(struct llama_context * ctx, llama_seq_id seq, int32_t k);
+
 struct llama_vp_stats {
     int64_t step;      // decode steps with a selection so far for this seq
     int32_t n_kv;      // cells attended by the step (visible to the query)

@@ -48,12 +48,12 @@ static ggml_tensor * vp_probe(const llm_graph_context & g, const vp_step_plan & 
     return kq;
 }
 
-// K per row: FIXED's from its input, else the clamped visual mass times N_v.
+// K per row: FIXED's (or llama_vp_set_k's) from its input, else the clamped visual mass times N_v.
 static ggml_tensor * vp_budget(ggml_context * ctx, llm_graph_input_vp & inp, ggml_tensor * mass) {
     const auto &  p = inp.vp->params;
     const int64_t R = inp.plan.n_rows, S = inp.plan.n_stream;
     ggml_tensor * K;
-    if (inp.plan.mode == LLAMA_VP_MODE_FIXED) {
+    if (inp.plan.mode == LLAMA_VP_MODE_FIXED || inp.plan.k_given) {
         inp.in.k = vp_input(ctx, GGML_TYPE_F32, 1, R, 1, S, "vp_k");
         K        = inp.in.k;
     } else {

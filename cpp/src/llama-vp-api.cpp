@@ -248,6 +248,7 @@ void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq) {
         st.forced.clear();
         st.has_forced = false;
         st.prompt     = true;
+        st.k_given    = 0;
     }
 }
 
@@ -257,4 +258,10 @@ void llama_vp_begin_generation(struct llama_context * ctx, llama_seq_id seq) {
     for (auto & [s, st] : vp->seqs) {
         if (seq < 0 || s == seq) st.prompt = false;
     }
+}
+
+int32_t llama_vp_set_k(struct llama_context * ctx, llama_seq_id seq, int32_t k) {
+    if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
+    vp_state(ctx)->seqs[seq].k_given = std::max(0, k);
+    return 0;
 }

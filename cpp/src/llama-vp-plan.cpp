@@ -248,6 +248,18 @@ std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, 
         frac = vp->params.ratio;
     }
     plan.k_max = std::clamp<int64_t>((int64_t) std::ceil(frac * (double) nv_max), 1, nv_max);
+    if (plan.mode == LLAMA_VP_MODE_DYNAMIC || plan.mode == LLAMA_VP_MODE_FIXED || plan.mode == LLAMA_VP_MODE_RANDOM) {
+        int64_t k_given = 0;
+        plan.k_given    = true;
+        for (const auto & rw : plan.rows) {
+            auto it = vp->seqs.find(rw.seq);
+            plan.k_given &= it != vp->seqs.end() && it->second.k_given > 0;
+            if (plan.k_given) k_given = std::max<int64_t>(k_given, it->second.k_given);
+        }
+        if (plan.k_given) {
+            plan.k_max = std::clamp<int64_t>(k_given, 1, nv_max);
+        }
+    }
     if (swa && vp->params.prune_swa) { // the window's cells map to base cells only when it is pruned
         vp_plan_swa(plan, *kv, *swa);
     }
@@ -267,7 +279,7 @@ std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, 
 bool vp_step_plan::same_shape(const vp_step_plan & o) const {
     return mode == o.mode && rank_only == o.rank_only && n_kv == o.n_kv && n_kv_swa == o.n_kv_swa &&
            n_rows == o.n_rows && n_stream == o.n_stream && k_max == o.k_max && n_sel == o.n_sel && known == o.known &&
-           lag == o.lag && lagged.n_sel == o.lagged.n_sel;
+           lag == o.lag && lagged.n_sel == o.lagged.n_sel && k_given == o.k_given;
 }
 
 // The memory context's full-attention and sliding-window caches.
@@ -321,6 +333,9 @@ void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
         }
         nv[r] = (float) v.size();
         kk[r] = std::max(1.0f, std::floor(vp->params.ratio * (float) v.size()));
+        if (p.k_given) {
+            kk[r] = (float) std::min<int64_t>(vp->seqs.at(p.rows[r].seq).k_given, (int64_t) v.size());
+        }
     }
     vp_set(in.vis, vis.data());
     vp_set(in.vis_neg, vis_neg.data());

@@ -43,8 +43,9 @@ struct vp_step_plan {
     llama_vp_mode    mode      = LLAMA_VP_MODE_DENSE; // effective: STATIC becomes FIXED (ranking) or FORCED
     bool             rank_only = false;               // STATIC's ranking step: remember the set, mask nothing
     int64_t          n_kv = 0, n_kv_swa = 0, n_rows = 0, n_stream = 1, n_head = 0;
-    int64_t          k_max = 0; // static bound of K (the argsort keeps this many)
-    int64_t          n_sel = 0; // cells gathered per stream by the layers after the anchor
+    int64_t          k_max   = 0;     // static bound of K (the argsort keeps this many)
+    bool             k_given = false; // every row's K given by llama_vp_set_k (an input, as FIXED's)
+    int64_t          n_sel   = 0;     // cells gathered per stream by the layers after the anchor
     std::vector<row> rows;
     bool             known = false; // the selection is known on the host (FORCED): `forced` holds it
     vp_host_set      forced;

@@ -30,8 +30,9 @@ struct llama_vp_seq {
     bool                                         has_forced = false;
     llama_vp_stats                               stats      = {};
     bool                                         has_stats  = false;
-    std::vector<int32_t>                         kept;           // kept ordinals of the last step
-    bool                                         prompt = false; // from llama_vp_reset to llama_vp_begin_generation
+    std::vector<int32_t>                         kept;            // kept ordinals of the last step
+    bool                                         prompt  = false; // from llama_vp_reset to llama_vp_begin_generation
+    int32_t                                      k_given = 0;     // llama_vp_set_k: K of the next steps (0: the rule's)
 };
 
 // Per llama_context state; owned by the context (cparams.vp), freed with it.
