@@ -61,7 +61,7 @@ def main() -> int:
     suite_dir = out / "suite"
     items = make_suite(a.suite, suite_dir, a.seed)
     items = read_items(suite_dir / "items.jsonl")
-    modes = a.modes.split(",")
+    modes = B.ordered(a.modes.split(","))
     if "dense" not in modes:
         modes.insert(0, "dense")
     anchors = [None if x == "default" else int(x) for x in a.anchors.split(",")]
@@ -100,7 +100,8 @@ def main() -> int:
             "elapsed_s": round(elapsed, 1)}
     (out / "results.json").write_text(json.dumps({"meta": meta, "tables": tables, "items": results},
                                                separators=(",", ":")))  # compact: it holds every step's kept set
-    cmd = "python3 scripts/testbed_bench.py" + ("" if a.suite == "default" else f" --suite {a.suite}")
+    args = [x if not Path(x).is_absolute() else str(Path(x).resolve().relative_to(ROOT)) for x in sys.argv[1:]]
+    cmd = " ".join(["python3 scripts/testbed_bench.py", *args])  # as run, paths relative to the checkout
     md = ["# Glyph testbed: does per-step selection keep the answer?", "",
           f"Written by `{cmd}` ({elapsed / 60:.1f} min on {platform.machine()}, CPU). Model: Gemma 3 270M "
           f"Q4_K_M (`{B.assets.PACKAGE}`) reading glyph images through a closed-form projector "

@@ -63,3 +63,19 @@ def test_eval_reads_the_testbed_suite(tmp_path):
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["dense"]["items"] == 2 and s["dense"]["accuracy"] == 1.0
     assert s["visionpulse-5"]["accuracy"] >= 0.5 and s["visionpulse-5"]["retention_mean"] <= 0.05
+
+
+def test_controls_are_budget_matched(load_model, images, tmp_path):
+    """random-5-matched replays visionpulse-5's K on the same item; random-5-mean keeps its mean ratio."""
+    from vp_gguf.evaluate import run_eval
+
+    m = load_model("llava")
+    items = [EvalItem("q", [images["a"]], "Describe.", "x", max_tokens=8)]
+    with pytest.raises(ValueError, match="control of 'visionpulse-5'"):
+        run_eval(m, items, ["random-5-matched"], tmp_path / "bad", progress=False)
+    rows = {r["mode"]: r for r in run_eval(m, items, ["visionpulse-5", "random-5-matched", "random-5-mean"],
+                                           tmp_path / "out", progress=False)}
+    vp5 = rows["visionpulse-5"]["n_kept"]
+    assert vp5 and rows["random-5-matched"]["n_kept"][:len(vp5)] == vp5
+    mean_k = set(rows["random-5-mean"]["n_kept"])
+    assert len(mean_k) == 1  # one fixed ratio of one image: the same K at every step

@@ -27,7 +27,7 @@ from typing import Any
 from .errors import VPGGUFError
 from .runs import jsonl
 from .runs import progress as progress_bar
-from .visionpulse import COMPARISON_MODES, VisionPulse
+from .visionpulse import COMPARISON_MODES, comparison_spec, matched_mode
 
 MODES = COMPARISON_MODES
 DEFAULT_MODES = ("dense", "visionpulse-5", "visionpulse-10", "static-5%", "random-5")
@@ -120,6 +120,9 @@ def run_eval(
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}: one of {', '.join(MODES)}")
+        base = matched_mode(m)
+        if base is not None and (base not in modes or list(modes).index(base) > list(modes).index(m)):
+            raise ValueError(f"mode {m!r} is a control of {base!r}: list {base!r} before it")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res_path = out / "results.jsonl"
@@ -135,13 +138,15 @@ def run_eval(
         for k, (it, m) in enumerate(todo):
             if progress:
                 progress_bar(k, len(todo), t0, f"{it.id} {m}")
-            spec = MODES[m]
+            base = matched_mode(m)
+            ref = next((r for r in rows if r["id"] == it.id and r["mode"] == base), None) if base else None
+            matched = None if ref is None else (ref.get("n_kept", []), ref["retention_mean"])
             try:
                 r = model.generate(
                     it.prompt,
                     images=it.images,
                     max_tokens=it.max_tokens,
-                    visionpulse=None if spec is None else VisionPulse(**spec),
+                    visionpulse=comparison_spec(m, matched=matched),
                 )
             except VPGGUFError as e:  # a bad image or a too small context: recorded, the run goes on
                 row = {
@@ -165,6 +170,7 @@ def run_eval(
                     "n_generated": r.n_generated,
                     "n_image_tokens": r.n_image_tokens,
                     "retention_mean": rep["retention_mean"] if rep else 1.0,
+                    "n_kept": [st.n_kept for st in r.visionpulse.steps] if r.visionpulse is not None else [],
                     "decode_tok_s": r.timings.decode_tok_s,
                 }
             f.write(json.dumps(row) + "\n")

@@ -19,17 +19,52 @@ MODES = {
 }
 ATTN = {"auto": V.LLAMA_VP_ATTN_AUTO, "mask": V.LLAMA_VP_ATTN_MASK, "gather": V.LLAMA_VP_ATTN_GATHER}
 ATTN_NAMES = {v: k for k, v in ATTN.items()}
-# Named settings that benchmarks and the evaluation harness compare side by side.
+# Named settings that the CLI's eval, the evaluation harness and the testbed compare side by side (one table).
+# A control names the run it is budget-matched to ("matches", run first on the same item) and how:
+# "per-step" replays that run's K at every step, "mean" keeps a fixed ratio equal to its mean retention.
 COMPARISON_MODES: dict[str, dict[str, Any] | None] = {
     "dense": None,
     "visionpulse-5": {"mode": "visionpulse", "preset": 5},
     "visionpulse-10": {"mode": "visionpulse", "preset": 10},
+    "visionpulse-5-anchor-pruned": {"mode": "visionpulse", "preset": 5, "prune_anchor": True},
     "fixed-5%": {"mode": "fixed", "ratio": 0.05},
     "fixed-1%": {"mode": "fixed", "ratio": 0.01},
     "random-5": {"mode": "random", "preset": 5, "seed": 1},
+    "random-5-matched": {"mode": "random", "seed": 1, "matches": "visionpulse-5", "budget": "per-step"},
+    "random-5-mean": {"mode": "random", "seed": 1, "matches": "visionpulse-5", "budget": "mean"},
     "static-5%": {"mode": "static", "ratio": 0.05},
     "visionpulse-5-lagged": {"mode": "visionpulse", "preset": 5, "lagged": True},  # opt-in, beyond the paper
 }
+
+
+def matched_mode(name: str) -> str | None:
+    """The mode a control is budget-matched to (it must run first on the same item), or None."""
+    s = COMPARISON_MODES[name]
+    return None if s is None else s.get("matches")
+
+
+def comparison_spec(
+    name: str, anchor: int | None = None, matched: tuple[Sequence[int], float] | None = None
+) -> VisionPulse | None:
+    """A named comparison mode's settings. A control needs ``matched``: the matched run's K per step and
+    its mean retention (K empty when it pruned nothing: the control then keeps one token, as K's floor)."""
+    if name not in COMPARISON_MODES:
+        raise ValueError(f"unknown mode {name!r}: one of {', '.join(COMPARISON_MODES)}")
+    s = dict(COMPARISON_MODES[name] or {})
+    if not s:
+        return None
+    if anchor is not None:
+        s["anchor_layer"] = anchor
+    budget, _ = s.pop("budget", None), s.pop("matches", None)
+    if budget is not None:
+        if matched is None:
+            raise ValueError(f"{name} is a control: it needs the per-step K of {matched_mode(name)}")
+        ks, retention = matched
+        if budget == "per-step":
+            s["k_per_step"] = list(ks) or [1]
+        else:  # a fixed ratio: K = floor(retention * N_v) at every step
+            s["budget_min"] = s["budget_max"] = s["ratio"] = min(1.0, max(retention, 1e-6))
+    return VisionPulse(**s)
 
 
 def preset_settings(n: int | None) -> tuple[float, float, float]:

@@ -13,19 +13,25 @@ from typing import Any
 
 import numpy as np
 
-from .. import VisionModel, VisionPulse
+from .. import VisionModel
 from ..runs import progress
-from ..visionpulse import COMPARISON_MODES
+from ..visionpulse import COMPARISON_MODES, comparison_spec, matched_mode
 from . import assets
 from .tasks import Item, score
 
-# name -> settings (anchor filled in per run)
 MODES = COMPARISON_MODES
 
 
-def mode_spec(name: str, anchor: int | None) -> VisionPulse | None:
-    s = MODES[name]
-    return None if s is None else VisionPulse(anchor_layer=anchor, **s)
+def ordered(modes: list[str]) -> list[str]:
+    """The modes with every control's matched mode before it (added when missing)."""
+    out: list[str] = []
+    for name in modes:
+        base = matched_mode(name)
+        if base is not None and base not in out:
+            out.append(base)
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -45,6 +51,7 @@ class ModeResult:
     kl: float = 0.0
     decode_tok_s: float = 0.0
     kept: list[list[int]] = field(default_factory=list)
+    n_kept: list[int] = field(default_factory=list)
 
 
 class Bench:
@@ -73,8 +80,10 @@ class Bench:
         ref_logits, _ = m.teacher_forced(item.prompt, imgs, ref_tokens)
         ref_lp = _log_softmax(ref_logits)
         out: dict[str, ModeResult] = {}
-        for name in modes:
-            spec = mode_spec(name, anchor)
+        for name in ordered(modes):
+            base = matched_mode(name)
+            matched = None if base is None else (out[base].n_kept, float(np.mean(out[base].retention or [1.0])))
+            spec = comparison_spec(name, anchor, matched)
             if spec is None:
                 r = dense
             else:
@@ -86,6 +95,7 @@ class Bench:
                 res.retention = [s.retention for s in r.visionpulse.steps]
                 res.mass = [s.mass for s in r.visionpulse.steps]
                 res.kept = [s.kept for s in r.visionpulse.steps]
+                res.n_kept = [s.n_kept for s in r.visionpulse.steps]
                 lg, _ = m.teacher_forced(item.prompt, imgs, ref_tokens, spec)
                 lp = _log_softmax(lg)
                 res.top1_agree = float((lp.argmax(1) == ref_lp.argmax(1)).mean())
@@ -151,4 +161,4 @@ def to_jsonable(r: dict[str, ModeResult]) -> dict[str, Any]:
     return {k: v.__dict__ for k, v in r.items()}
 
 
-__all__ = ["MODES", "Bench", "by_task_table", "markdown_table", "mode_spec", "progress", "summarize", "to_jsonable"]
+__all__ = ["MODES", "Bench", "by_task_table", "markdown_table", "ordered", "progress", "summarize", "to_jsonable"]
