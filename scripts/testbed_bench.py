@@ -100,7 +100,8 @@ def main() -> int:
             "elapsed_s": round(elapsed, 1)}
     (out / "results.json").write_text(json.dumps({"meta": meta, "tables": tables, "items": results},
                                                separators=(",", ":")))  # compact: it holds every step's kept set
-    args = [x if not Path(x).is_absolute() else str(Path(x).resolve().relative_to(ROOT)) for x in sys.argv[1:]]
+    args = [str(Path(x).resolve().relative_to(ROOT)) if Path(x).is_absolute() and Path(x).resolve().is_relative_to(ROOT)
+            else x for x in sys.argv[1:]]
     cmd = " ".join(["python3 scripts/testbed_bench.py", *args])  # as run, paths relative to the checkout
     md = ["# Glyph testbed: does per-step selection keep the answer?", "",
           f"Written by `{cmd}` ({elapsed / 60:.1f} min on {platform.machine()}, CPU). Model: Gemma 3 270M "

@@ -66,7 +66,6 @@ import argparse
 import dataclasses
 import functools
 import os
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +172,6 @@ class _KV:
     sub_type: int | None = None  # element type for arrays
 
 
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _NUMPY_TYPES = {
     0: "<u1",
     1: "<i1",
@@ -190,52 +188,23 @@ _NUMPY_TYPES = {
 
 
 @functools.lru_cache(maxsize=8)
-def _read_gguf_kv(path: str, magic: int) -> dict[str, _KV]:
-    """Parse the key/value section of a little-endian GGUF v2/v3 file."""
-    buf = Path(path).read_bytes()
-    got_magic, version = struct.unpack_from("<II", buf, 0)
-    if got_magic != magic or version not in (2, 3):
-        raise ValueError(f"{path}: not a little-endian GGUF v2/v3 file")
-    _n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-    off = 24
-    string_t, array_t = 8, 9
-
-    def read_str(o: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", buf, o)
-        o += 8
-        return buf[o : o + n].decode("utf-8"), o + n
-
+def _read_gguf_kv(path: str) -> dict[str, _KV]:
+    """The key/value metadata of a GGUF file with its value types, read by the gguf package."""
+    gguf = gguf_module()
     out: dict[str, _KV] = {}
-    for _ in range(n_kv):
-        key, off = read_str(off)
-        (vtype,) = struct.unpack_from("<I", buf, off)
-        off += 4
-        if vtype == string_t:
-            val, off = read_str(off)
-            out[key] = _KV(vtype, val)
-        elif vtype == array_t:
-            sub, n = struct.unpack_from("<IQ", buf, off)
-            off += 12
-            if sub == string_t:
-                items = []
-                for _ in range(n):
-                    s, off = read_str(off)
-                    items.append(s)
-                out[key] = _KV(vtype, items, sub)
-            elif sub in _NUMPY_TYPES:
-                dt = np.dtype(_NUMPY_TYPES[sub])
-                arr = np.frombuffer(buf, dtype=dt, count=n, offset=off).copy()
-                off += dt.itemsize * n
-                out[key] = _KV(vtype, arr.astype(bool) if sub == 7 else arr, sub)
-            else:
-                raise ValueError(f"{path}: unsupported nested array in {key}")
-        elif vtype in _SCALAR_FORMATS:
-            fmt = "<" + _SCALAR_FORMATS[vtype]
-            (val,) = struct.unpack_from(fmt, buf, off)
-            off += struct.calcsize(fmt)
-            out[key] = _KV(vtype, val)
+    for key, f in gguf.GGUFReader(path).fields.items():
+        if key.startswith("GGUF."):  # the reader's own view of the header
+            continue
+        vtype = int(f.types[0])
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = int(f.types[1])
+            val = f.contents()
+            if sub != gguf.GGUFValueType.STRING:
+                arr = np.asarray(val, dtype=_NUMPY_TYPES[sub])
+                val = arr.astype(bool) if sub == gguf.GGUFValueType.BOOL else arr
+            out[key] = _KV(vtype, val, sub)
         else:
-            raise ValueError(f"{path}: unknown GGUF value type {vtype} for {key}")
+            out[key] = _KV(vtype, f.contents())
     return out
 
 
@@ -257,7 +226,7 @@ class _Vocab:
 
 def _load_vocab(gguf, root: Path, name: str) -> _Vocab:
     path = root / "models" / name
-    kv = _read_gguf_kv(str(path), gguf.GGUF_MAGIC)
+    kv = _read_gguf_kv(str(path))
     tok_kv = {
         k: _KV(
             v.vtype,
