@@ -30,6 +30,7 @@ import platform
 import re
 import statistics
 import sys
+from dataclasses import replace
 import time
 from pathlib import Path
 
@@ -39,21 +40,21 @@ sys.path.insert(0, str(ROOT / "tests"))  # the synthetic model and KV states: de
 
 from vp_gguf import VisionPulse  # noqa: E402
 from vp_gguf import _vp_ctypes as V  # noqa: E402
-from vp_gguf.visionpulse import ATTN_NAMES  # noqa: E402
+from vp_gguf.visionpulse import ATTN_NAMES, comparison_spec  # noqa: E402
 from vp_gguf._libs import llama_cpp as L  # noqa: E402
 from vp_gguf.runs import progress  # noqa: E402
 from support import kv_state  # noqa: E402
 
-MODES = {
-    "dense": None,
-    "vp5": VisionPulse(),
-    "vp5-mask": VisionPulse(attn="mask"),
-    "vp5-gather": VisionPulse(attn="gather"),
-    "fixed5": VisionPulse(mode="fixed", ratio=0.05),
+# the speed bench's short names for modes of the one comparison table, and its variants of them:
+# the same selection through each attention path, the probe alone, and the text-only floor
+_TABLE = {"dense": "dense", "vp5": "visionpulse-5", "fixed5": "fixed-5%", "vp5-lag": "visionpulse-5-lagged"}
+MODES: dict[str, VisionPulse | None] = {k: comparison_spec(v) for k, v in _TABLE.items()}
+MODES.update({
+    "vp5-mask": replace(MODES["vp5"], attn="mask"),
+    "vp5-gather": replace(MODES["vp5"], attn="gather"),
     "probe": VisionPulse(mode="dense"),
-    "vp5-lag": VisionPulse(lagged=True),
     "floor": None,
-}
+})
 
 
 def model_path(name: str, cache: Path) -> tuple[Path, str]:

@@ -99,13 +99,13 @@ def test_chat_multi_turn_with_images(tiny_paths, images, tmp_path):
 
 
 def test_chat_history_renders_images_in_their_turns(load_model, images):
-    from vp_gguf.chat import Chat
+    from vp_gguf.chat import IMAGE, Chat
     m = load_model("gemma3")
     c = Chat(m, max_tokens=3)
     c.attach(images["a"])
     first = "".join(c.say("One?"))
     c.attach(images["b"])
     "".join(c.say("Two?"))
-    assert [msg["content"].count(m.marker) for msg in c.messages if msg["role"] == "user"] == [1, 1]
+    assert [msg["content"].count(IMAGE) for msg in c.messages if msg["role"] == "user"] == [1, 1]
     assert c.images == [images["a"], images["b"]] and c.last_result.n_image_tokens > 0
     assert c.messages[1]["content"] == first

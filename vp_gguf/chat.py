@@ -7,14 +7,39 @@ given, selects at every step of every reply.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import ImageError
 from .model import VisionModel
 from .result import GenerationResult
 from .sampling import SamplingParams
 from .visionpulse import VisionPulse
+
+
+class _ImagePart:
+    """A content part: the next image of the request goes here."""
+
+    def __repr__(self) -> str:
+        return "IMAGE"
+
+
+IMAGE = _ImagePart()
+
+
+def render_messages(model: VisionModel, messages: Sequence[dict[str, Any]]) -> str:
+    """Chat messages -> the prompt, in the model's chat template, ending with the assistant's turn.
+
+    A message's content is a string or a list of parts: text, or IMAGE where an image goes (the
+    model's media marker; images are given to generate() in the same order). The one renderer of
+    the server and of ``vp-gguf chat``."""
+    out = []
+    for m in messages:
+        c = m["content"]
+        text = c if isinstance(c, str) else "".join(model.marker if isinstance(p, _ImagePart) else p for p in c)
+        out.append({"role": m["role"], "content": text})
+    return model.apply_chat_template(out)
 
 
 class Chat:
@@ -32,7 +57,7 @@ class Chat:
         self.reset()
 
     def reset(self) -> None:
-        self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
         self.images: list[Path] = []  # every image of the conversation, in order
         self.pending: list[Path] = []  # attached to the next user message
 
@@ -52,9 +77,9 @@ class Chat:
 
     def say(self, text: str) -> Iterator[str]:
         """Stream the reply to ``text``; the turn joins the history once the reply is complete."""
-        user = {"role": "user", "content": self.model.marker * len(self.pending) + text}
+        user = {"role": "user", "content": [IMAGE] * len(self.pending) + [text]}
         images = self.images + self.pending
-        prompt = self.model.apply_chat_template(self.messages + [user])
+        prompt = render_messages(self.model, self.messages + [user])
         reply = []
         for piece in self.model.stream(
             prompt,

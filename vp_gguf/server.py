@@ -21,6 +21,7 @@ from dataclasses import fields
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from .chat import IMAGE, render_messages
 from .errors import VPGGUFError
 from .model import VisionModel
 from .sampling import DEFAULTS as SAMPLING
@@ -91,8 +92,9 @@ def parse_messages(model: VisionModel, messages: Any) -> tuple[str, list[bytes]]
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a string role")
         c = m.get("content")
+        content: str | list[Any]
         if isinstance(c, str):
-            text = c
+            content = c
         elif isinstance(c, list):
             parts = []
             for j, p in enumerate(c):
@@ -103,16 +105,16 @@ def parse_messages(model: VisionModel, messages: Any) -> tuple[str, list[bytes]]
                 elif p.get("type") == "image_url":
                     iu = p.get("image_url")
                     images.append(_image_bytes(iu.get("url") if isinstance(iu, dict) else iu))
-                    parts.append(model.marker)
+                    parts.append(IMAGE)
                 else:
                     raise RequestError(f"messages[{i}].content[{j}]: parts are text or image_url")
-            text = "".join(parts)
+            content = parts
         elif c is None:
-            text = ""
+            content = ""
         else:
             raise RequestError(f"messages[{i}].content must be a string or a list of parts")
-        out.append({"role": m["role"], "content": text})
-    return model.apply_chat_template(out), images
+        out.append({"role": m["role"], "content": content})
+    return render_messages(model, out), images
 
 
 def _num(body: dict, key: str, typ, default, lo=None, hi=None):
