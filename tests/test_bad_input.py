@@ -74,7 +74,7 @@ def test_mmproj_of_another_model(tiny_paths):
 
 def test_projector_mismatch_caught_by_libmtmd(tiny_paths, monkeypatch):
     """If our header pre-check misses a mismatch, libmtmd's own check still becomes a clear error."""
-    import vp_gguf.model as vm
+    import vp_gguf.loading as vm
     ma, _ = tiny_paths("llava")
     _, pb = tiny_paths("qwen2vl")
     real = vm.read_gguf_info

@@ -104,7 +104,7 @@ def test_source_hash_follows_the_cpp_sources(tmp_path):
         else:
             dst.write_bytes(src.read_bytes())
     assert _build_info.source_hash(tmp_path) == _build_info.source_hash(ROOT)
-    f = tmp_path / "cpp" / "src" / "llama-vp.cpp"
+    f = tmp_path / "cpp" / "src" / "llama-vp-plan.cpp"
     f.write_text(f.read_text() + "\n// changed\n")
     assert _build_info.source_hash(tmp_path) != _build_info.source_hash(ROOT)
 

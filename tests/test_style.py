@@ -32,7 +32,7 @@ def test_clean(name):
 
 
 def test_every_cpp_file_is_checked():
-    assert any(p.endswith("llama-vp.cpp") for p in CPP) and any(p.endswith("llama-visionpulse.h") for p in CPP)
+    assert any(p.endswith("llama-vp-plan.cpp") for p in CPP) and any(p.endswith("llama-visionpulse.h") for p in CPP)
 
 
 def test_the_testbed_imports_nothing_private():

@@ -127,7 +127,7 @@ def test_selection_matches_numpy_reference(tiny_paths, load_model, images, famil
         spec = VisionPulse(**WIDE)
         _, rep = m.teacher_forced(P, [images["a"]], toks, spec)
         probs = captured[name][-len(rep.steps):]
-        span = m._image_spans[0]
+        span = m.image_spans[0]
     vis = np.arange(span.pos, span.pos + span.n_tokens)  # one sequence, cells in insertion order
     ks = set()
     for st, pr in zip(rep.steps, probs):
@@ -150,7 +150,7 @@ def test_two_images_one_joint_selection(load_model, images, family):
     prompt = f"Left {m.marker} right {m.marker} compare."
     toks = m.generate(prompt, images=[images["a"], images["b"]], max_tokens=N).tokens
     _, rep = m.teacher_forced(prompt, [images["a"], images["b"]], toks, VisionPulse(mode="fixed", ratio=0.25))
-    spans = m._image_spans
+    spans = m.image_spans
     assert len(spans) == 2
     nv = spans[0].n_tokens + spans[1].n_tokens
     assert all(s.n_visual == nv and s.n_kept == max(1, math.floor(0.25 * nv)) for s in rep.steps)
@@ -158,17 +158,14 @@ def test_two_images_one_joint_selection(load_model, images, family):
 
 
 def _prefill_seq(m, prompt, img, seq):
-    prep = m._prepare(prompt, [img], False)
-    try:
+    with m.prepare(prompt, [img]) as prep:
         n_past = L.llama_pos(0)
         rc = M.mtmd_helper_eval_chunks(m.mtmd_context, m.context, prep.chunks, 0, seq, m.n_batch, True,
                                        ctypes.byref(n_past))
         assert rc == 0
         logits = np.ctypeslib.as_array(L.llama_get_logits_ith(m.context, -1),
-                                       shape=(L.llama_vocab_n_tokens(m._vocab),)).copy()
+                                       shape=(m.n_vocab,)).copy()
         return n_past.value, logits
-    finally:
-        m._free_prepared(prep)
 
 
 @pytest.mark.parametrize("unified", [True, False])
@@ -190,7 +187,7 @@ def test_two_sequences_in_one_batch(tiny_paths, load_model, images, family, unif
             assert np.allclose(first, alone[s][1][0], rtol=1e-2, atol=1e-2)
         params = spec.to_c()
         assert V.llama_vp_enable(m.context, ctypes.byref(params)) == 0
-        n_vocab = L.llama_vocab_n_tokens(m._vocab)
+        n_vocab = m.n_vocab
         batch = L.llama_batch_init(2, 0, 1)
         ties = {0: 0, 1: 0}
         try:
@@ -322,7 +319,7 @@ def test_state_reload_needs_remarking(load_model, images):
     m = load_model("llava", flash_attn="off")
     toks = dense_tokens(m, [images["a"]])
     _, ref = m.teacher_forced(P, [images["a"]], toks, VisionPulse(mode="fixed", ratio=0.25))
-    span = m._image_spans[0]
+    span = m.image_spans[0]
 
     def reload_state(model, spans):
         ctx = model.context

@@ -1,0 +1,190 @@
+"""Loading a vision-language model: its files checked, then the model, a context and the projector.
+
+Wrong, truncated or mismatched files are caught here, before the C loaders see them; what the
+loaders still refuse comes back as a ModelFileError with llama.cpp's own message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _log
+from ._libs import llama_cpp as L
+from ._libs import mtmd_cpp as M
+from .errors import ModelFileError, ProjectorMismatchError
+from .gguf_file import read_gguf_info
+
+DEFAULT_MARKER = "<__media__>"
+FLASH_ATTN = {
+    "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+KV_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type ids
+# projectors whose image tokens attend to each other (non-causally): an image must fit one ubatch
+NON_CAUSAL_IMAGE_PROJECTORS = {"gemma3", "gemma4v", "gemma4uv", "deepseek4v"}
+
+
+@dataclass
+class ModelParams:
+    """Load-time settings; names follow llama-cpp-python's ``Llama`` arguments."""
+
+    n_ctx: int = 4096
+    n_batch: int = 2048  # logical batch; image chunks are decoded in pieces of this size
+    n_ubatch: int = 512  # physical batch (llama.cpp's default); raised for non-causal images
+    n_threads: int | None = None  # None: all cores
+    n_gpu_layers: int = 0  # -1 offloads every layer
+    flash_attn: str = "auto"  # "on" | "off" | "auto"
+    mmproj_use_gpu: bool = True  # the projector follows n_gpu_layers != 0 unless this is False
+    warmup: bool = True  # run the projector once at load, as llama.cpp's tools do
+    verbose: bool = False  # llama.cpp's logs on stderr
+    n_seq_max: int = 1  # sequences one context can hold (for multi-sequence use)
+    kv_unified: bool = True  # one KV stream for all sequences (False: one per sequence)
+    type_k: str = "f16"  # KV cache types: "f16" or "q8_0" (quantized V needs flash attention)
+    type_v: str = "f16"
+    # llama.cpp's cb_eval: a ggml_backend_sched_eval_callback called for graph nodes (tests read tensors
+    # with it: tests/support/capture.py; profilers time nodes); the model keeps it alive
+    cb_eval: Any = None
+
+    def check(self) -> None:
+        if self.n_ctx < 16:
+            raise ValueError(f"n_ctx must be at least 16, got {self.n_ctx}")
+        if self.n_batch < 1 or self.n_ubatch < 1:
+            raise ValueError("n_batch and n_ubatch must be positive")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise ValueError(f"n_threads must be positive, got {self.n_threads}")
+        if self.type_k not in KV_TYPES or self.type_v not in KV_TYPES:
+            raise ValueError(f"type_k/type_v must be one of {sorted(KV_TYPES)}")
+        if self.n_seq_max < 1:
+            raise ValueError("n_seq_max must be >= 1")
+        if self.flash_attn not in FLASH_ATTN:
+            raise ValueError(f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {self.flash_attn!r}")
+
+
+class LoadedModel:
+    """The native handles of one model: llama_model, its vocab, a llama_context and the mtmd context."""
+
+    def __init__(self, model_path: str | os.PathLike, mmproj_path: str | os.PathLike, params: ModelParams) -> None:
+        self.model_path, self.mmproj_path, self.params = Path(model_path), Path(mmproj_path), params
+        params.check()
+        _log.install(params.verbose)
+        self._model: Any = None
+        self._ctx: Any = None
+        self._mctx: Any = None
+        self._check_files()
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_files(self) -> None:
+        """Catch wrong, truncated or mismatched files before the C loaders see them."""
+        info = read_gguf_info(self.model_path)
+        if info.architecture == "clip":
+            raise ModelFileError(
+                f"{self.model_path} is a multimodal projector (mmproj), not a "
+                "language model: pass it as mmproj_path / --mmproj"
+            )
+        proj = read_gguf_info(self.mmproj_path)
+        if proj.architecture != "clip":
+            raise ModelFileError(
+                f"{self.mmproj_path} is not a multimodal projector (mmproj) "
+                f"but a '{proj.architecture}' model; pass the mmproj GGUF that "
+                "belongs to the language model"
+            )
+        if not proj.get("clip.has_vision_encoder", True):
+            raise ModelFileError(f"{self.mmproj_path} has no vision encoder (audio-only projector)")
+        self.architecture = info.architecture
+        self.projector_type = proj.get("clip.projector_type") or proj.get("clip.vision.projector_type")
+        n_embd = info.get(f"{info.architecture}.embedding_length")
+        n_proj = proj.get("clip.vision.projection_dim")
+        if n_embd and n_proj and int(n_embd) != int(n_proj):
+            raise ProjectorMismatchError(
+                f"{self.mmproj_path.name} projects images to {n_proj}-dim embeddings but "
+                f"{self.model_path.name} has embedding size {n_embd}: this mmproj belongs to "
+                "another model; use the mmproj published with this model"
+            )
+
+    def _load(self) -> None:
+        p = self.params
+        _log.clear()
+        n_threads = p.n_threads or os.cpu_count() or 1
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = p.n_gpu_layers if p.n_gpu_layers >= 0 else 999
+        self._model = L.llama_model_load_from_file(str(self.model_path).encode(), mp)
+        if not self._model:
+            raise ModelFileError(f"llama.cpp could not load {self.model_path}: {_log.last_error() or 'unknown error'}")
+        self._vocab: Any = L.llama_model_get_vocab(self._model)
+
+        cp = L.llama_context_default_params()
+        cp.n_ctx = p.n_ctx
+        cp.n_batch = p.n_batch
+        cp.n_ubatch = p.n_ubatch
+        if self.projector_type in NON_CAUSAL_IMAGE_PROJECTORS:
+            cp.n_ubatch = p.n_batch  # an image is attended non-causally: it must fit one ubatch
+        cp.n_threads = cp.n_threads_batch = n_threads
+        cp.flash_attn_type = FLASH_ATTN[p.flash_attn]
+        cp.no_perf = True
+        cp.n_seq_max = p.n_seq_max
+        cp.kv_unified = p.kv_unified
+        cp.type_k, cp.type_v = KV_TYPES[p.type_k], KV_TYPES[p.type_v]
+        self._cb_eval = p.cb_eval
+        if p.cb_eval is not None:
+            cp.cb_eval = p.cb_eval
+        self._ctx = L.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            raise ModelFileError(
+                f"llama.cpp could not create a context for {self.model_path} "
+                f"(n_ctx={p.n_ctx}): {_log.last_error() or 'unknown error'}"
+            )
+        self.n_ctx: int = int(L.llama_n_ctx(self._ctx))
+        self.n_batch: int = int(L.llama_n_batch(self._ctx))
+        self.n_ubatch: int = int(L.llama_n_ubatch(self._ctx))
+
+        mparams = M.mtmd_context_params_default()
+        mparams.use_gpu = bool(p.mmproj_use_gpu and p.n_gpu_layers != 0)
+        mparams.n_threads = n_threads
+        mparams.print_timings = False
+        mparams.flash_attn_type = FLASH_ATTN[p.flash_attn]
+        mparams.warmup = p.warmup
+        self._mctx = M.mtmd_init_from_file(str(self.mmproj_path).encode(), self._model, mparams)
+        if not self._mctx:
+            err = _log.last_error() or "unknown error"
+            if "mismatch between text model" in err:
+                raise ProjectorMismatchError(
+                    f"{self.mmproj_path.name} does not belong to {self.model_path.name}: {err.strip()}"
+                )
+            raise ModelFileError(f"libmtmd could not load the projector {self.mmproj_path}: {err.strip()}")
+        if not M.mtmd_support_vision(self._mctx):
+            raise ModelFileError(f"{self.mmproj_path} does not support image input")
+        self.marker: str = (M.mtmd_default_marker() or DEFAULT_MARKER.encode()).decode()
+
+    def close(self) -> None:
+        """Free the native model, context and projector (also done on garbage collection)."""
+        if getattr(self, "_mctx", None):
+            M.mtmd_free(self._mctx)
+            self._mctx = None
+        if getattr(self, "_ctx", None):
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            L.llama_model_free(self._model)
+            self._model = None
+
+    @property
+    def context(self):
+        """The llama_context (a llama-cpp-python ctypes pointer): for llama.cpp calls of one's own."""
+        return self._ctx
+
+    @property
+    def mtmd_context(self):
+        """The libmtmd context of the projector."""
+        return self._mctx
+
+    @property
+    def n_vocab(self) -> int:
+        return int(L.llama_vocab_n_tokens(self._vocab))
