@@ -118,6 +118,7 @@ public:
 std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, const llama_ubatch & ub, int64_t n_head,
                                                  const llama_kv_cache_context * base,
                                                  const llama_kv_cache_context * swa);
+// llama-vp-graph.cpp: graph helpers shared by the anchor and the pruned layers
 ggml_tensor * vp_input(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3,
                        const char * name);
 ggml_tensor * vp_vis(ggml_context * ctx, llm_graph_input_vp & inp); // the visual-cell flags, made once

@@ -2,6 +2,7 @@
 //
 // Our sources, by concern (each step's flow reads top to bottom in this order):
 //   llama-vp-plan.cpp      which cells are visual; the host-side plan of a step and its inputs
+//   llama-vp-graph.cpp     graph helpers: inputs, masks, host-known selections as inputs
 //   llama-vp-anchor.cpp    the anchor layer's probe and selection, built into the step's graph
 //   llama-vp-apply.cpp     the hooks in build_attn: the selection applied by the layers (mask, gather)
 //   llama-vp-readback.cpp  after the step: stats and kept sets read back
