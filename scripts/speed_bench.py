@@ -132,6 +132,7 @@ class Runner:
         V.llama_vp_disable(self.ctx)
         V.llama_vp_clear_marks(self.ctx, -1)
         V.llama_vp_reset(self.ctx, -1)
+        V.llama_vp_begin_generation(self.ctx, -1)  # the state holds the prompt: every decode is a step
         if vp is not None and n_visual > 0:
             p = vp.to_c()
             if V.llama_vp_enable(self.ctx, ctypes.byref(p)) != 0:

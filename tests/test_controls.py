@@ -59,3 +59,17 @@ def test_consecutive_generations_reuse_the_graph_at_every_step(load_model, image
     assert calls in ([], ["llama_vp_enable"])  # switched on once at most (if another test left other settings)
     m.generate(P, [images["a"]], max_tokens=2)
     assert calls[-1] == "llama_vp_disable"
+
+
+def test_prompt_processing_is_no_step_in_c(load_model, images):
+    """llama_vp_reset starts a prompt: a one-token decode is then neither pruned nor a step, until
+    llama_vp_begin_generation."""
+    m = load_model("llava")
+    m.generate(P, [images["a"]], max_tokens=3, visionpulse=VisionPulse(mode="fixed", ratio=0.25))
+    ctx, tok = m.context, (L.llama_token * 1)(11)
+    V.llama_vp_reset(ctx, 0)
+    assert L.llama_decode(ctx, L.llama_batch_get_one(tok, 1)) == 0
+    assert V.step_no(ctx, 0) == 0 and V.get_kept(ctx, 0) == []
+    V.llama_vp_begin_generation(ctx, 0)
+    assert L.llama_decode(ctx, L.llama_batch_get_one(tok, 1)) == 0
+    assert V.step_no(ctx, 0) == 1 and 0 < len(V.get_kept(ctx, 0)) < V.llama_vp_n_visual(ctx, 0)
