@@ -85,7 +85,7 @@ def main() -> int:
             r = bench.run_item(it, modes, anchor)
             rows.append({"id": it.id, "task": it.task, "grid": it.grid, "answer": it.answer,
                          "n_visual": it.grid * it.grid * len(it.images),
-                         "modes": B.to_jsonable(r)})
+                         "modes": r})
             if strip_src is None and it.task == "copy" and anchor is not None:
                 strip_src = (it, anchor)
             k += 1

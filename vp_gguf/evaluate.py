@@ -19,7 +19,7 @@ import json
 import re
 import string
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,101 @@ def score(item: EvalItem, text: str) -> bool:
     return bool(words) and _words(text)[: len(words)] == words
 
 
+def _log_softmax(x: Any) -> Any:
+    import numpy as np
+
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def _error_row(item: EvalItem, mode: str, err: Exception) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "mode": mode,
+        "correct": False,
+        "text": "",
+        "error": str(err),
+        "n_generated": 0,
+        "n_image_tokens": 0,
+        "retention_mean": 1.0,
+        "n_kept": [],
+        "decode_tok_s": 0.0,
+    }
+
+
+def evaluate_item(
+    model: Any,
+    item: EvalItem,
+    modes: Sequence[str],
+    done: dict[str, dict[str, Any]] | None = None,
+    anchor: int | None = None,
+    steps: bool = False,
+    logits: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """One item through each mode: a row per mode as it finishes. ``done``: rows of this item already
+    run (a control reads its matched mode's K there). ``steps``: each step's retention, mass and kept
+    set in the row. ``logits``: each mode also teacher-forced on the dense answer (top-1 agreement and
+    mean KL(dense || mode) of the next-token distribution)."""
+    import numpy as np
+
+    done = dict(done or {})
+    ref_lp, dense = None, None
+    if logits:  # the dense answer, its logits the reference (and the "dense" mode's own result)
+        dense = model.generate(item.prompt, images=item.images, max_tokens=item.max_tokens)
+        ref_tokens = dense.tokens or [0]
+        ref_lp = _log_softmax(model.teacher_forced(item.prompt, item.images, ref_tokens)[0])
+    for m in modes:
+        base = matched_mode(m)
+        ref = done.get(base) if base else None
+        matched = None if ref is None else (ref.get("n_kept", []), ref["retention_mean"])
+        spec = comparison_spec(m, anchor, matched)
+        try:
+            r = (
+                dense
+                if spec is None and dense is not None
+                else model.generate(item.prompt, images=item.images, max_tokens=item.max_tokens, visionpulse=spec)
+            )
+        except VPGGUFError as e:  # a bad image or a too small context: recorded, the run goes on
+            row = _error_row(item, m, e)
+        else:
+            rep = r.visionpulse
+            row = {
+                "id": item.id,
+                "mode": m,
+                "correct": score(item, r.text),
+                "text": r.text,
+                "n_generated": r.n_generated,
+                "n_image_tokens": r.n_image_tokens,
+                "retention_mean": rep.summary()["retention_mean"] if rep is not None and rep.steps else 1.0,
+                "n_kept": [st.n_kept for st in rep.steps] if rep is not None else [],
+                "decode_tok_s": r.timings.decode_tok_s,
+            }
+            if steps:
+                row["retention"] = [st.retention for st in rep.steps] if rep is not None else []
+                row["mass"] = [st.mass for st in rep.steps] if rep is not None else []
+                row["kept"] = [st.kept for st in rep.steps] if rep is not None else []
+            if ref_lp is not None:
+                lp = (
+                    ref_lp
+                    if spec is None
+                    else _log_softmax(model.teacher_forced(item.prompt, item.images, ref_tokens, spec)[0])
+                )
+                row["top1_agree"] = float((lp.argmax(1) == ref_lp.argmax(1)).mean())
+                row["kl"] = float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean())
+        done[m] = row
+        yield row
+
+
+def _check_modes(modes: Sequence[str]) -> None:
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}: one of {', '.join(MODES)}")
+        base = matched_mode(m)
+        if base is not None and (base not in modes or list(modes).index(base) > list(modes).index(m)):
+            raise ValueError(f"mode {m!r} is a control of {base!r}: list {base!r} before it")
+
+
 def run_eval(
     model: Any,
     items: Sequence[EvalItem],
@@ -117,12 +212,7 @@ def run_eval(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every (item, mode) not done yet; returns all rows of results.jsonl."""
-    for m in modes:
-        if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}: one of {', '.join(MODES)}")
-        base = matched_mode(m)
-        if base is not None and (base not in modes or list(modes).index(base) > list(modes).index(m)):
-            raise ValueError(f"mode {m!r} is a control of {base!r}: list {base!r} before it")
+    _check_modes(modes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res_path = out / "results.jsonl"
@@ -131,53 +221,23 @@ def run_eval(
         rows = [json.loads(line) for line in res_path.read_text().splitlines() if line.strip()]
     elif res_path.exists():
         res_path.unlink()
-    done = {(r["id"], r["mode"]) for r in rows}
-    todo = [(it, m) for it in items for m in modes if (it.id, m) not in done]
-    t0 = time.time()
+    n_todo = sum(1 for it in items for m in modes if not any(r["id"] == it.id and r["mode"] == m for r in rows))
+    t0, k = time.time(), 0
     with open(res_path, "a") as f:
-        for k, (it, m) in enumerate(todo):
+        for it in items:
+            done = {r["mode"]: r for r in rows if r["id"] == it.id}
+            todo = [m for m in modes if m not in done]
+            if not todo:
+                continue
             if progress:
-                progress_bar(k, len(todo), t0, f"{it.id} {m}")
-            base = matched_mode(m)
-            ref = next((r for r in rows if r["id"] == it.id and r["mode"] == base), None) if base else None
-            matched = None if ref is None else (ref.get("n_kept", []), ref["retention_mean"])
-            try:
-                r = model.generate(
-                    it.prompt,
-                    images=it.images,
-                    max_tokens=it.max_tokens,
-                    visionpulse=comparison_spec(m, matched=matched),
-                )
-            except VPGGUFError as e:  # a bad image or a too small context: recorded, the run goes on
-                row = {
-                    "id": it.id,
-                    "mode": m,
-                    "correct": False,
-                    "text": "",
-                    "error": str(e),
-                    "n_generated": 0,
-                    "n_image_tokens": 0,
-                    "retention_mean": 1.0,
-                    "decode_tok_s": 0.0,
-                }
-            else:
-                rep = r.visionpulse.summary() if r.visionpulse is not None and r.visionpulse.steps else None
-                row = {
-                    "id": it.id,
-                    "mode": m,
-                    "correct": score(it, r.text),
-                    "text": r.text,
-                    "n_generated": r.n_generated,
-                    "n_image_tokens": r.n_image_tokens,
-                    "retention_mean": rep["retention_mean"] if rep else 1.0,
-                    "n_kept": [st.n_kept for st in r.visionpulse.steps] if r.visionpulse is not None else [],
-                    "decode_tok_s": r.timings.decode_tok_s,
-                }
-            f.write(json.dumps(row) + "\n")
-            f.flush()  # a stop loses at most the pair being run
-            rows.append(row)
-        if progress and todo:
-            progress_bar(len(todo), len(todo), t0, "done")
+                progress_bar(k, n_todo, t0, it.id)
+            for row in evaluate_item(model, it, todo, done):
+                f.write(json.dumps(row) + "\n")
+                f.flush()  # a stop loses at most the pair being run
+                rows.append(row)
+                k += 1
+        if progress and n_todo:
+            progress_bar(n_todo, n_todo, t0, "done")
     return rows
 
 

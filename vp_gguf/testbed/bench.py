@@ -1,23 +1,24 @@
-"""Fidelity benchmark: the same items through every selection mode, side by side.
+"""Fidelity benchmark: the testbed's items through every selection mode, side by side.
 
-Per item: dense greedy generation first; then each mode generates (exact match,
-retention, visual mass, length) and is teacher-forced on the dense answer
-(per-step top-1 agreement and KL(dense || mode) of the next-token distribution).
+The evaluation harness runs each item (evaluate.evaluate_item): dense greedy generation first; then
+each mode generates (exact match, retention, visual mass, length) and is teacher-forced on the dense
+answer (per-step top-1 agreement and KL(dense || mode) of the next-token distribution). This file
+adds the testbed's models (one projector per grid size) and its tables.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import VisionModel
+from ..evaluate import EvalItem, evaluate_item
 from ..runs import progress
-from ..visionpulse import COMPARISON_MODES, comparison_spec, matched_mode
+from ..visionpulse import COMPARISON_MODES, matched_mode
 from . import assets
-from .tasks import Item, score
+from .tasks import Item
 
 MODES = COMPARISON_MODES
 
@@ -34,27 +35,10 @@ def ordered(modes: list[str]) -> list[str]:
     return out
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-@dataclass
-class ModeResult:
-    correct: bool
-    text: str
-    n_generated: int
-    retention: list[float] = field(default_factory=list)
-    mass: list[float] = field(default_factory=list)
-    top1_agree: float = 1.0
-    kl: float = 0.0
-    decode_tok_s: float = 0.0
-    kept: list[list[int]] = field(default_factory=list)
-    n_kept: list[int] = field(default_factory=list)
-
-
 class Bench:
+    """The testbed's items through the evaluation harness (evaluate.evaluate_item), one glyph projector
+    per grid size, with per-step selections and teacher-forced agreement with the dense answer."""
+
     def __init__(self, suite_dir: Path, n_threads: int | None = None, n_ctx: int = 8192) -> None:
         self.suite_dir = Path(suite_dir)
         self.model_path = assets.gemma_path()
@@ -72,36 +56,12 @@ class Bench:
         for m in self._models.values():
             m.close()
 
-    def run_item(self, item: Item, modes: list[str], anchor: int | None) -> dict[str, ModeResult]:
-        m = self.model(item.grid)
-        imgs = item.image_paths(self.suite_dir)
-        dense = m.generate(item.prompt, images=imgs, max_tokens=item.max_tokens)
-        ref_tokens = dense.tokens or [0]
-        ref_logits, _ = m.teacher_forced(item.prompt, imgs, ref_tokens)
-        ref_lp = _log_softmax(ref_logits)
-        out: dict[str, ModeResult] = {}
-        for name in ordered(modes):
-            base = matched_mode(name)
-            matched = None if base is None else (out[base].n_kept, float(np.mean(out[base].retention or [1.0])))
-            spec = comparison_spec(name, anchor, matched)
-            if spec is None:
-                r = dense
-            else:
-                r = m.generate(item.prompt, images=imgs, max_tokens=item.max_tokens, visionpulse=spec)
-            res = ModeResult(
-                correct=score(item, r.text), text=r.text, n_generated=r.n_generated, decode_tok_s=r.timings.decode_tok_s
-            )
-            if r.visionpulse is not None:
-                res.retention = [s.retention for s in r.visionpulse.steps]
-                res.mass = [s.mass for s in r.visionpulse.steps]
-                res.kept = [s.kept for s in r.visionpulse.steps]
-                res.n_kept = [s.n_kept for s in r.visionpulse.steps]
-                lg, _ = m.teacher_forced(item.prompt, imgs, ref_tokens, spec)
-                lp = _log_softmax(lg)
-                res.top1_agree = float((lp.argmax(1) == ref_lp.argmax(1)).mean())
-                res.kl = float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean())
-            out[name] = res
-        return out
+    def run_item(self, item: Item, modes: list[str], anchor: int | None) -> dict[str, dict[str, Any]]:
+        ev = EvalItem(
+            item.id, item.image_paths(self.suite_dir), item.prompt, item.answer, None, item.max_tokens, item.task
+        )
+        rows = evaluate_item(self.model(item.grid), ev, ordered(modes), anchor=anchor, steps=True, logits=True)
+        return {r["mode"]: r for r in rows}
 
 
 def summarize(results: list[dict[str, Any]], modes: list[str]) -> dict[str, dict[str, float]]:
@@ -157,8 +117,4 @@ def by_task_table(results: list[dict[str, Any]], modes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def to_jsonable(r: dict[str, ModeResult]) -> dict[str, Any]:
-    return {k: v.__dict__ for k, v in r.items()}
-
-
-__all__ = ["MODES", "Bench", "by_task_table", "markdown_table", "ordered", "progress", "summarize", "to_jsonable"]
+__all__ = ["MODES", "Bench", "by_task_table", "markdown_table", "ordered", "progress", "summarize"]
