@@ -12,7 +12,7 @@ SOURCES := $(shell find cpp vp_gguf -type f -not -path '*/__pycache__/*' -not -p
 READY     = $(VENV)/.vp-ready
 INSTALLED = $(VENV)/.vp-installed
 
-.PHONY: install demo test test-quick format dist bench bench-speed patches patches-check fetch clean
+.PHONY: install demo test test-quick test-archs format dist bench bench-speed patches patches-check fetch clean
 
 # machine checks, the venv, the pinned llama.cpp tree, the build requirements
 $(READY): scripts/bootstrap.py pyproject.toml third_party/llama.cpp.lock.json
@@ -40,6 +40,10 @@ test: $(INSTALLED)
 # everything but the tests marked slow (a real model over many items, fresh installs)
 test-quick: $(INSTALLED)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# upstream's test-llama-archs on the patched libllama (every architecture; part of `make test`)
+test-archs: $(INSTALLED)
+	$(PY) -m pytest -q tests/test_upstream_archs.py
 
 # ruff's and clang-format's layout, applied (make test checks it)
 format: $(INSTALLED)
