@@ -26,6 +26,16 @@ from vp_gguf.testbed.tasks import make_suite, read_items  # noqa: E402
 from vp_gguf.viz import kept_strip  # noqa: E402
 
 
+MODES_NOTE = (
+    "Modes (`vp_gguf/visionpulse.py`, COMPARISON_MODES): `random-5` draws K by the preset's rule from its own "
+    "run's visual mass, which falls once random picks confuse the model, so it is not budget-matched; the "
+    "controls are: `random-5-matched` replays visionpulse-5's K at every step of the same item, "
+    "`random-5-mean` keeps a fixed ratio equal to that run's mean retention. `visionpulse-5-anchor-pruned` "
+    "applies the kept set at the anchor layer too (the reference's eager path); the other modes keep the "
+    "anchor dense (its Triton path, vp-gguf's default). Layer 5 is Gemma 3 270M's first full-attention "
+    "layer, so lagged (which prunes full-attention layers below the anchor) equals visionpulse-5 there.")
+
+
 def plot(tables: dict[str, dict], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -113,7 +123,8 @@ def main() -> int:
           "\"1 2 3 ...\"); images over 256 tokens are filled with digits (long blank runs make it fail "
           "densely); the two-image item shows key:code pairs first and the digits second (two digit images "
           "confuse it); many-256x16 is 15 images of pairs, then the digits. Lookups with 48+ pairs fail "
-          "densely (`--suite extended`).", ""]
+          "densely (`--suite extended`).", "",
+          MODES_NOTE, ""]
     for label, table in tables.items():
         md += [f"## Anchor {label}", "", B.markdown_table(table, len(items), label), "",
                "Correct items per task:", "", B.by_task_table(results[label], modes), ""]
