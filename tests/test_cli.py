@@ -58,9 +58,11 @@ def test_run_with_visionpulse_json(tiny_paths, images):
     assert len(v["steps"]) == v["summary"]["steps"] > 0
     assert {"n_visual", "n_kept", "mass", "mass_kept", "kept"} <= set(v["steps"][0])
     g = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
-           "-c", 1024, "-t", 2, "--visionpulse", "5", "--vp-attn", "gather", "--vp-lagged", "--json")
+           "-c", 1024, "-t", 2, "--visionpulse", "5", "--vp-attn", "gather", "--vp-lagged", "--vp-prune-anchor", "--json")
     assert g.returncode == 0, g.stderr
     assert json.loads(g.stdout)["visionpulse"]["attn"] == "gather"
+    assert json.loads(g.stdout)["visionpulse"]["settings"]["prune_anchor"] is True
+    assert v["settings"]["prune_anchor"] is False  # the default: the anchor stays dense
     t = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
            "-c", 1024, "-t", 2, "--visionpulse", "10", "--mode", "random")
     assert t.returncode == 0 and "visionpulse random" in t.stderr

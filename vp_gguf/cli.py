@@ -92,6 +92,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also prune the layers before the anchor with the previous step's set (opt-in)",
     )
+    g.add_argument(
+        "--vp-prune-anchor",
+        action="store_true",
+        help="the anchor layer attends to its own selection too (the reference's eager path; default: dense)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's logs")
 
 
@@ -425,6 +430,7 @@ def visionpulse_from_args(a: argparse.Namespace):
         vp.tau, vp.budget_min, vp.budget_max = a.vp_tau, a.vp_budget_min, a.vp_budget_max
         vp.ratio, vp.anchor_layer, vp.seed = a.vp_ratio, a.vp_anchor, a.vp_seed
         vp.attn, vp.lagged = a.vp_attn, a.vp_lagged
+        vp.prune_anchor = True if a.vp_prune_anchor else None
         vp.check()
     return vp
 

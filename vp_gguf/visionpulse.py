@@ -206,8 +206,9 @@ class VisionPulseControl:
         vp = self.settings
         if vp is None:
             return None
+        settings = {**vp.resolved(), "prune_anchor": bool(vp.to_c().prune_anchor)}  # the library's default filled in
         rep = VisionPulseReport(
-            mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx), settings=vp.resolved(), steps=[]
+            mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx), settings=settings, steps=[]
         )
         rep._last_step = V.step_no(self._ctx, 0)
         return rep
