@@ -202,9 +202,7 @@ class VisionModel(LoadedModel):
 
     def _start_vp(self) -> VisionPulseReport | None:
         """The prompt is in: from the next decode on, each one is a VisionPulse step."""
-        vp = self._vp.settings
-        if vp is not None and vp.mode != "static":  # static began at its last prompt token
-            self._vp.begin_generation()
+        self._vp.begin_generation()
         return self._vp.report()
 
     def _run(

@@ -55,7 +55,8 @@ def comparison_spec(
         return None
     if anchor is not None:
         s["anchor_layer"] = anchor
-    budget, _ = s.pop("budget", None), s.pop("matches", None)
+    s.pop("matches", None)
+    budget = s.pop("budget", None)
     if budget is not None:
         if matched is None:
             raise ValueError(f"{name} is a control: it needs the per-step K of {matched_mode(name)}")
@@ -70,7 +71,7 @@ def comparison_spec(
 def preset_settings(n: int | None) -> tuple[float, float, float]:
     """(tau, budget_min, budget_max) of preset 5 or 10, as the C library defines them (the one table)."""
     p = V.llama_vp_preset_params(-1 if n is None else int(n))
-    if p.mode < 0:
+    if p.mode == V.LLAMA_VP_MODE_NONE:
         raise ValueError(f"unknown VisionPulse preset {n!r}: use 5 or 10")
     # C holds floats: 0.1f reads back as 0.10000000149; six digits give the number it was written as
     return round(p.tau, 6), round(p.budget_min, 6), round(p.budget_max, 6)
@@ -176,6 +177,7 @@ class VisionPulseControl:
     def __init__(self, ctx) -> None:
         self._ctx = ctx
         self.settings: VisionPulse | None = None  # what the context runs now
+        self._generating = False  # begin_generation was called for the current prompt
 
     def apply(self, vp: VisionPulse | None) -> None:
         if vp == self.settings:
@@ -188,12 +190,16 @@ class VisionPulseControl:
 
     def new_prompt(self) -> None:
         V.llama_vp_reset(self._ctx, 0)
+        self._generating = False
         vp = self.settings
         if vp is not None and vp.mode == "forced":  # the reset cleared it
             V.set_forced(self._ctx, 0, list(vp.forced or ()))
 
     def begin_generation(self) -> None:
-        V.llama_vp_begin_generation(self._ctx, 0)
+        """Once per prompt: a second call (after static began at its last prompt token) changes nothing."""
+        if not self._generating:
+            V.llama_vp_begin_generation(self._ctx, 0)
+            self._generating = True
 
     def before_step(self, i: int) -> None:
         """Generation step i (1 for the first decoded token) is about to be decoded."""

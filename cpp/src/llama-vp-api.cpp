@@ -88,10 +88,6 @@ int32_t llama_vp_check_params(const struct llama_vp_params * params) {
     if (p.attn < LLAMA_VP_ATTN_AUTO || p.attn > LLAMA_VP_ATTN_GATHER) {
         return vp_fail(-1, "unknown attention path " + std::to_string(p.attn) + " (0 auto, 1 mask, 2 gather)");
     }
-    if (p.first_pruned_layer >= 0 && p.anchor_layer >= 0 && p.first_pruned_layer < p.anchor_layer &&
-        p.mode != LLAMA_VP_MODE_FORCED) {
-        return vp_fail(-1, "only FORCED mode can prune below the anchor layer (the selection is made there)");
-    }
     return 0;
 }
 

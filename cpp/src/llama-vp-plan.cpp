@@ -221,7 +221,6 @@ std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, 
     plan.n_kv                   = base->get_n_kv();
     plan.n_stream               = cparams.kv_unified ? 1 : ub.n_seqs_unq;
     plan.n_rows                 = ub.n_tokens / plan.n_stream;
-    plan.n_head                 = n_head;
     plan.rows.resize(ub.n_tokens);
     int64_t nv_max = 0;
     for (uint32_t i = 0; i < ub.n_tokens; ++i) {
@@ -235,9 +234,7 @@ std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, 
         nv_max = std::max<int64_t>(nv_max, (int64_t) rw.vis.size());
     }
     if (nv_max == 0) {
-        inp->plan        = vp_step_plan{};
-        inp->plan.n_head = n_head;
-        return inp;
+        return inp; // inactive: nothing to select from
     }
     plan.active = true;
     vp_plan_known(plan, *vp);
@@ -322,6 +319,9 @@ static void vp_set(ggml_tensor * t, const void * data) {
 
 void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
     GGML_UNUSED(ubatch);
+    if (!plan.active) {
+        return; // a graph that selects nothing has no inputs of ours
+    }
     const vp_step_plan & p = plan;
     const int64_t        R = p.n_rows * p.n_stream, n_kv = p.n_kv;
     std::vector<float>   vis(n_kv * R, 0.0f), vis_neg(n_kv * R, -INFINITY), nv(R, 0.0f), kk(R, 1.0f);
