@@ -14,7 +14,16 @@ def test_every_architecture_runs_on_the_patched_tree():
     import build_tools
 
     exe = build_tools.build(target="vp-test-llama-archs")
-    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=1200)
+    r = subprocess.run([str(exe)], check=False, capture_output=True, text=True, timeout=1200)
     out = r.stdout + r.stderr
+    # the exit status is the verdict (non-zero if any architecture failed); the closing
+    # "Summary:" line goes through common_log's asynchronous writer and can be lost at exit
+    # (seen in CI), so the rows themselves are read instead of it
     assert r.returncode == 0, out[-4000:]
-    assert "Summary: all" in out and "passed" in out, out[-2000:]
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    rows = table[2:]  # past the header and its rule
+    assert not any("FAIL" in row for row in rows), out[-4000:]
+    ran = [row for row in rows if "OK" in row]
+    # upstream knows well over a hundred architectures; a handful ran would mean the test
+    # silently stopped building models
+    assert len(ran) >= 100, f"only {len(ran)} architectures ran:\n{out[-2000:]}"
