@@ -1,0 +1,295 @@
+// vp-gguf: GQA-aware flash-attention decode on the CPU (see vp-fattn.h for why).
+//
+// Work split: the KV cells are cut into one chunk per thread, as upstream's split-KV
+// path does; each thread runs every KV head's group of query heads over its chunk and
+// writes one partial (max, sum, unnormalised output) per query head; after a barrier
+// the partials of a head are merged. Within a chunk the kept cells are taken in blocks:
+// the block's scores for all heads of the group, one vectorised exp per head and block,
+// then each V row, converted to F32 once, is added into every head's accumulator.
+#include "vp-fattn.h"
+
+#include "ggml-cpu-impl.h"
+#include "ggml-cpu.h"
+#include "ggml-impl.h"
+#include "ops.h"
+#include "vec.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+std::atomic<bool> g_enabled{ true };
+
+constexpr int64_t BLOCK     = 64;          // kept cells scored together
+constexpr int64_t MAX_GROUP = 64;          // query heads per KV head handled at once
+constexpr uint16_t FP16_NEG_INF = 0xFC00;  // a masked cell
+
+bool supported_kv_type(ggml_type t) {
+    return t == GGML_TYPE_F16 || t == GGML_TYPE_Q8_0;
+}
+
+// The shapes this kernel takes: one query token (decode), F16/Q8_0 K and V, no ALiBi,
+// one mask row shared by all heads. Everything else stays on upstream's kernel.
+bool takes(const ggml_tensor * dst) {
+    const ggml_tensor * q    = dst->src[0];
+    const ggml_tensor * k    = dst->src[1];
+    const ggml_tensor * v    = dst->src[2];
+    const ggml_tensor * mask = dst->src[3];
+    float max_bias = 0.0f;
+    memcpy(&max_bias, (const float *) dst->op_params + 1, sizeof(float));
+    return q->type == GGML_TYPE_F32 && q->ne[1] == 1 && q->ne[3] == 1 && supported_kv_type(k->type) &&
+           supported_kv_type(v->type) && k->ne[3] == 1 && v->ne[3] == 1 && k->ne[2] == v->ne[2] &&
+           q->ne[2] % k->ne[2] == 0 && q->ne[2] / k->ne[2] <= MAX_GROUP && max_bias == 0.0f &&
+           (!mask || (mask->type == GGML_TYPE_F16 && mask->ne[2] == 1 && mask->ne[3] == 1)) &&
+           q->nb[0] == sizeof(float) && k->nb[0] == ggml_type_size(k->type) && v->nb[0] == ggml_type_size(v->type) &&
+           k->ne[0] % ggml_blck_size(k->type) == 0 && v->ne[0] % ggml_blck_size(v->type) == 0;
+}
+
+// per-thread scratch, in floats: the group's queries converted for a quantized K's dot
+// product, the block's scores and probabilities, one K or V row in F32, the block's cells
+int64_t scratch_floats(int64_t group, int64_t dk, int64_t dv) {
+    return group * dk + 2 * group * BLOCK + std::max(dk, dv) + 2 * BLOCK + (int64_t) CACHE_LINE_SIZE_F32;
+}
+
+struct fattn_args {
+    const ggml_tensor * q, *k, *v;
+    const uint16_t *    mask;  // the query's mask row, or null
+    const float *       sinks;
+    int64_t             dk, dv, n_kv, n_head, n_head_kv, group;
+    float               scale, softcap;
+};
+
+fattn_args read_args(const ggml_tensor * dst) {
+    fattn_args a{};
+    a.q         = dst->src[0];
+    a.k         = dst->src[1];
+    a.v         = dst->src[2];
+    a.mask      = dst->src[3] ? (const uint16_t *) dst->src[3]->data : nullptr;
+    a.sinks     = dst->src[4] ? (const float *) dst->src[4]->data : nullptr;
+    a.dk        = a.k->ne[0];
+    a.dv        = a.v->ne[0];
+    a.n_kv      = a.k->ne[1];
+    a.n_head    = a.q->ne[2];
+    a.n_head_kv = a.k->ne[2];
+    a.group     = a.n_head / a.n_head_kv;
+    memcpy(&a.scale, (const float *) dst->op_params + 0, sizeof(float));
+    memcpy(&a.softcap, (const float *) dst->op_params + 2, sizeof(float));
+    if (a.softcap != 0.0f) {
+        a.scale /= a.softcap;
+    }
+    return a;
+}
+
+// next cell at or after ic that is not masked out; four cells at a time through long runs
+int64_t next_kept(const uint16_t * mask, int64_t ic, int64_t end) {
+    if (!mask) {
+        return ic;
+    }
+    constexpr uint64_t FOUR = 0x0001000100010001ull * FP16_NEG_INF;
+    while (ic + 4 <= end) {
+        uint64_t w;
+        memcpy(&w, mask + ic, sizeof(w));
+        if (w != FOUR) {
+            break;
+        }
+        ic += 4;
+    }
+    while (ic < end && mask[ic] == FP16_NEG_INF) {
+        ic++;
+    }
+    return ic;
+}
+
+// One KV head's group over the cells [ic0, ic1): partial (M, S, acc[DV]) per query head.
+void group_chunk(const fattn_args & a, int64_t ikv, int64_t ic0, int64_t ic1, float * scratch, float * partials,
+                 int64_t partial_stride) {
+    const ggml_type          vd_type  = ggml_get_type_traits_cpu(a.k->type)->vec_dot_type;
+    const ggml_from_float_t  q_to_vd  = ggml_get_type_traits_cpu(vd_type)->from_float;
+    const ggml_vec_dot_t     kq_dot   = ggml_get_type_traits_cpu(a.k->type)->vec_dot;
+    const ggml_to_float_t    v_to_f32 = ggml_get_type_traits(a.v->type)->to_float;
+    const size_t             q_row    = ggml_row_size(vd_type, a.dk);
+    const int64_t            G        = a.group;
+
+    char *    qc    = (char *) scratch;          // G converted query rows
+    float *   score = scratch + G * a.dk;        // [G][BLOCK]
+    float *   prob  = score + G * BLOCK;         // [G][BLOCK]
+    float *   vrow  = prob + G * BLOCK;          // [max(DK, DV)]: a K or V row in F32
+    int64_t * cells = (int64_t *) (vrow + std::max(a.dk, a.dv));  // [BLOCK] (two floats each)
+    static_assert(sizeof(int64_t) == 2 * sizeof(float), "cell indices take two floats each");
+
+    float M[MAX_GROUP];
+    float S[MAX_GROUP];
+    const bool k_f16 = a.k->type == GGML_TYPE_F16;
+    auto       q_f32 = [&](int64_t h) {
+        return (const float *) ((const char *) a.q->data + (ikv * G + h) * a.q->nb[2]);
+    };
+    for (int64_t h = 0; h < G; h++) {
+        const int64_t iq = ikv * G + h;
+        if (!k_f16) {
+            q_to_vd(q_f32(h), qc + h * q_row, a.dk);
+        }
+        M[h]          = -INFINITY;
+        S[h]          = 0.0f;
+        float * acc = partials + iq * partial_stride + 2;
+        memset(acc, 0, a.dv * sizeof(float));
+    }
+    const char * kbase = (const char *) a.k->data + ikv * a.k->nb[2];
+    const char * vbase = (const char *) a.v->data + ikv * a.v->nb[2];
+
+    int64_t ic = ic0;
+    while (true) {
+        // the next block of kept cells
+        int64_t n = 0;
+        for (ic = next_kept(a.mask, ic, ic1); ic < ic1 && n < BLOCK; ic = next_kept(a.mask, ic + 1, ic1)) {
+            cells[n++] = ic;
+        }
+        if (n == 0) {
+            break;
+        }
+        // scores: each K row is read once for the whole group; an F16 row is converted to F32
+        // once and dotted with the F32 queries, a quantized one goes through its type's dot
+        for (int64_t j = 0; j < n; j++) {
+            const char * krow = kbase + cells[j] * a.k->nb[1];
+            const float  mv   = a.mask ? GGML_CPU_FP16_TO_FP32(a.mask[cells[j]]) : 0.0f;
+            if (k_f16) {
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) krow, vrow, a.dk);
+            }
+            for (int64_t h = 0; h < G; h++) {
+                float s;
+                if (k_f16) {
+                    ggml_vec_dot_f32((int) a.dk, &s, 0, q_f32(h), 0, vrow, 0, 1);
+                } else {
+                    kq_dot((int) a.dk, &s, 0, krow, 0, qc + h * q_row, 0, 1);
+                }
+                s *= a.scale;
+                if (a.softcap != 0.0f) {
+                    s = a.softcap * tanhf(s);
+                }
+                score[h * BLOCK + j] = s + mv;
+            }
+        }
+        // online softmax, a block at a time
+        for (int64_t h = 0; h < G; h++) {
+            const float * sh   = score + h * BLOCK;
+            float         mnew = M[h];
+            for (int64_t j = 0; j < n; j++) {
+                mnew = std::max(mnew, sh[j]);
+            }
+            const float ms = M[h] == -INFINITY ? 0.0f : expf(M[h] - mnew);
+            float *     acc = partials + (ikv * G + h) * partial_stride + 2;
+            if (ms != 1.0f) {
+                ggml_vec_scale_f32((int) a.dv, acc, ms);
+            }
+            S[h] = S[h] * ms + (float) ggml_vec_soft_max_f32((int) n, prob + h * BLOCK, sh, mnew);
+            M[h] = mnew;
+        }
+        // values: each V row converted once, added into every head of the group
+        for (int64_t j = 0; j < n; j++) {
+            const char * vsrc = vbase + cells[j] * a.v->nb[1];
+            if (a.v->type == GGML_TYPE_F16) {
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vsrc, vrow, a.dv);  // the SIMD conversion
+            } else {
+                v_to_f32(vsrc, vrow, a.dv);
+            }
+            for (int64_t h = 0; h < G; h++) {
+                ggml_vec_mad_f32((int) a.dv, partials + (ikv * G + h) * partial_stride + 2, vrow, prob[h * BLOCK + j]);
+            }
+        }
+    }
+    for (int64_t h = 0; h < G; h++) {
+        float * p = partials + (ikv * G + h) * partial_stride;
+        p[0]      = M[h];
+        p[1]      = S[h];
+    }
+}
+
+// merge a head's partials over the chunks, fold in its sink, normalise, write dst
+void reduce_head(const fattn_args & a, ggml_tensor * dst, int64_t iq, const float * partials, int64_t n_chunks,
+                 float * out) {
+    const int64_t part = 2 + a.dv;
+    float         M    = -INFINITY;
+    float         S    = 0.0f;
+    memset(out, 0, a.dv * sizeof(float));
+    for (int64_t c = 0; c < n_chunks; c++) {
+        const float * p = partials + (iq * n_chunks + c) * part;
+        if (p[1] == 0.0f) {
+            continue;  // nothing kept in this chunk
+        }
+        const float mnew = std::max(M, p[0]);
+        const float so   = M == -INFINITY ? 0.0f : expf(M - mnew);
+        const float sn   = expf(p[0] - mnew);
+        for (int64_t d = 0; d < a.dv; d++) {
+            out[d] = out[d] * so + p[2 + d] * sn;
+        }
+        S = S * so + p[1] * sn;
+        M = mnew;
+    }
+    if (a.sinks) {  // a sink is a logit with no value: it only adds to the sum
+        const float s = a.sinks[iq];
+        if (s > M) {
+            const float ms = M == -INFINITY ? 0.0f : expf(M - s);
+            ggml_vec_scale_f32((int) a.dv, out, ms);
+            S = S * ms + 1.0f;
+        } else {
+            S += expf(s - M);
+        }
+    }
+    ggml_vec_scale_f32((int) a.dv, out, S == 0.0f ? 0.0f : 1.0f / S);
+    // dst is [DV, n_head, n_tokens]: head iq of the only token
+    memcpy((char *) dst->data + iq * dst->nb[1], out, a.dv * sizeof(float));
+}
+
+}  // namespace
+
+extern "C" void vp_fattn_set_enabled(bool enabled) {
+    g_enabled.store(enabled);
+}
+
+extern "C" bool vp_fattn_enabled(void) {
+    return g_enabled.load();
+}
+
+extern "C" size_t vp_fattn_work_size(const ggml_tensor * node, int n_tasks) {
+    if (!takes(node)) {
+        return 0;
+    }
+    const int64_t dk    = node->src[1]->ne[0];
+    const int64_t dv    = node->src[2]->ne[0];
+    const int64_t heads = node->src[0]->ne[2];
+    const int64_t group = heads / node->src[1]->ne[2];
+    return sizeof(float) * (size_t) (n_tasks * scratch_floats(group, dk, dv) + heads * n_tasks * (2 + dv));
+}
+
+extern "C" bool vp_fattn_decode(const ggml_compute_params * params, ggml_tensor * dst) {
+    if (params->use_ref || !g_enabled.load(std::memory_order_relaxed) || !takes(dst)) {
+        return false;
+    }
+    const fattn_args a   = read_args(dst);
+    const int        ith = params->ith;
+    const int        nth = params->nth;
+
+    const int64_t scratch_n = scratch_floats(a.group, a.dk, a.dv);
+    float *       scratch   = (float *) params->wdata + ith * scratch_n;
+    // partials: [query head][chunk][M, S, acc[DV]]
+    float *       partials  = (float *) params->wdata + nth * scratch_n;
+    const int64_t part      = 2 + a.dv;
+
+    const int64_t chunk = (a.n_kv + nth - 1) / nth;
+    const int64_t ic0   = std::min(a.n_kv, ith * chunk);
+    const int64_t ic1   = std::min(a.n_kv, ic0 + chunk);
+    for (int64_t ikv = 0; ikv < a.n_head_kv; ikv++) {
+        // this thread's chunk is partial `ith` of each head: heads are nth partials apart
+        group_chunk(a, ikv, ic0, ic1, scratch, partials + ith * part, nth * part);
+    }
+
+    ggml_barrier(params->threadpool);
+
+    for (int64_t iq = ith; iq < a.n_head; iq += nth) {
+        reduce_head(a, dst, iq, partials, nth, scratch);
+    }
+    return true;
+}
