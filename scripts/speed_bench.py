@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""Decode speed with VisionPulse against dense and a text-only floor (llama-bench-like).
+"""Decode speed with VisionPulse against the fastest dense setting (llama-bench-like).
 
     python3 scripts/speed_bench.py                  # both models -> docs/speed/
     python3 scripts/speed_bench.py --models gemma --sizes 576,4096 --reps 2 --out /tmp/sp
 
 Per model and number of visual tokens N_v: a sequence of N_v visual cells followed by
-256 text cells is put in the KV cache (a synthetic state with random F16 K/V, see
-tests/support/kv_state.py: a real 32K prefill would take an hour here), then
---steps tokens are decoded one by one in each mode, modes interleaved, --reps times:
+256 text cells is put in the KV cache (a synthetic state with random K/V of the cache's
+type, see tests/support/kv_state.py: a real 32K prefill would take an hour here), then
+--steps tokens are decoded one by one in each run, runs interleaved, --reps times.
 
-  dense     VisionPulse off
+Dense is measured in every configuration a user could pick (CONFIGS: flash attention on
+and off, F16 and Q8_0 KV), and with upstream's CPU flash-attention kernel instead of ours;
+the fastest of them, per size, is the baseline of every speedup. VisionPulse 5 runs in
+each configuration too; the other modes run in the default one (--config):
+
   vp5       VisionPulse preset 5 (attention path: auto)
   vp5-gather / vp5-mask   the same selection through each attention path (forced)
   fixed5    always 5% kept (the preset's upper budget: the most vp5 can cost)
@@ -30,7 +34,7 @@ import platform
 import re
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 import time
 from pathlib import Path
 
@@ -57,6 +61,38 @@ MODES.update({
 })
 
 
+@dataclass(frozen=True)
+class Config:
+    """A dense configuration a user could pick: ModelParams' flash_attn and KV types."""
+    flash_attn: str
+    type_k: str = "f16"
+    type_v: str = "f16"
+    upstream_kernel: bool = False  # upstream's CPU flash-attention kernel instead of ours
+
+    @property
+    def context(self) -> tuple[str, str, str]:  # runs that differ only in the kernel share a context
+        return self.flash_attn, self.type_k, self.type_v
+
+
+# quantized V needs flash attention (llama.cpp), so without it only K is Q8_0
+CONFIGS = {
+    "fa-on": Config("on"),
+    "fa-off": Config("off"),
+    "fa-on-q8": Config("on", "q8_0", "q8_0"),
+    "fa-off-q8k": Config("off", "q8_0", "f16"),
+    "fa-on-upstream": Config("on", upstream_kernel=True),
+}
+KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}
+
+
+def set_fattn_kernel(upstream: bool) -> None:
+    """Our CPU flash-attention kernel on or off (cpp/ggml-cpu/vp-fattn.h), process-wide."""
+    from vp_gguf._libdir import lib_dir
+    lib = ctypes.CDLL(str(lib_dir() / ("libggml-cpu" + Path(L._lib._name).suffix)))
+    lib.vp_fattn_set_enabled.argtypes = [ctypes.c_bool]
+    lib.vp_fattn_set_enabled(not upstream)
+
+
 def model_path(name: str, cache: Path) -> tuple[Path, str]:
     if name == "synthetic":
         from support.speed_model import SPEC_NAME, build_speed_model
@@ -73,7 +109,8 @@ def model_path(name: str, cache: Path) -> tuple[Path, str]:
 
 
 class Runner:
-    def __init__(self, path: Path, n_ctx: int, threads: int, flash_attn: str = "auto", cb_eval=None) -> None:
+    def __init__(self, path: Path, n_ctx: int, threads: int, flash_attn: str = "auto", cb_eval=None,
+                 type_k: str = "f16", type_v: str = "f16") -> None:
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 999
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
@@ -86,6 +123,7 @@ class Runner:
         cp.no_perf = True
         if cb_eval is not None:
             cp.cb_eval = cb_eval
+        cp.type_k, cp.type_v = KV_TYPES[type_k], KV_TYPES[type_v]
         cp.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                               "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
         self.ctx = L.llama_init_from_model(self.model, cp)
@@ -240,100 +278,166 @@ def profile(name: str, a: argparse.Namespace, cache: Path, nv: int) -> dict:
     return out
 
 
+def plan_runs(a: argparse.Namespace) -> list[tuple[str, str]]:
+    """(config, mode) pairs: dense and vp5 in every configuration, the other modes in --config."""
+    configs = a.configs.split(",")
+    runs = [(c, m) for c in configs for m in ("dense", "vp5")]
+    runs += [(a.config, m) for m in a.modes.split(",") if m not in ("dense", "vp5")]
+    return runs
+
+
+def summarise(times: dict, rets: dict, paths: dict) -> dict:
+    """Per run: median and min ms/token, speedups against the fastest dense configuration and
+    against dense in the run's own configuration, the gap to the text-only floor closed."""
+    row = {}
+    for (c, m), t in times.items():
+        med, best = statistics.median(t), min(t)
+        row[f"{m}@{c}"] = {"config": c, "mode": m, "ms_per_tok_median": 1e3 * med, "ms_per_tok_min": 1e3 * best,
+                           "tok_s": 1 / med, "path": paths.get((c, m), "-"),
+                           "retention_mean": statistics.fmean(rets[c, m]) if rets[c, m] else 1.0}
+    dense = {x["config"]: x for x in row.values() if x["mode"] == "dense"}
+    fastest = min(dense.values(), key=lambda x: x["ms_per_tok_median"])
+    floor = next((x["ms_per_tok_median"] for x in row.values() if x["mode"] == "floor"), None)
+    for x in row.values():
+        own = dense[x["config"]]
+        x["speedup_vs_fastest_dense"] = fastest["ms_per_tok_median"] / x["ms_per_tok_median"]
+        x["speedup_vs_fastest_dense_min"] = min(d["ms_per_tok_min"] for d in dense.values()) / x["ms_per_tok_min"]
+        x["speedup_vs_same_config_dense"] = own["ms_per_tok_median"] / x["ms_per_tok_median"]
+        d = fastest["ms_per_tok_median"]
+        x["gap_closed"] = (d - x["ms_per_tok_median"]) / (d - floor) if floor is not None and d > floor else None
+    return {"fastest_dense": fastest["config"], "runs": row}
+
+
 def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
     path, desc = model_path(name, cache)
     sizes = [int(x) for x in a.sizes.split(",")]
-    modes = a.modes.split(",")
-    r = Runner(path, max(sizes) + a.text + a.steps + 16, a.threads, a.flash_attn)
+    runs = plan_runs(a)
+    n_ctx = max(sizes) + a.text + a.steps + 16
+    runners: dict[tuple[str, str, str], Runner] = {}
+    for c in dict.fromkeys(c for c, _ in runs):
+        cfg = CONFIGS[c]
+        if cfg.context not in runners:
+            runners[cfg.context] = Runner(path, n_ctx, a.threads, cfg.flash_attn, type_k=cfg.type_k,
+                                          type_v=cfg.type_v)
+    first = runners[CONFIGS[a.config].context]
     anchor = None
-    out = {"model": desc, "file": path.name, "n_layer": r.n_layer, "n_swa": r.n_swa, "flash_attn": r.flash_attn,
-           "sizes": {}, "prefill": {}}
-    n_work = len(sizes) * a.reps * len(modes)
+    out = {"model": desc, "file": path.name, "n_layer": first.n_layer, "n_swa": first.n_swa,
+           "configs": {c: vars(CONFIGS[c]) for c in dict.fromkeys(c for c, _ in runs)},
+           "default_config": a.config, "sizes": {}, "prefill": {}}
+    n_work = len(sizes) * a.reps * len(runs)
     k, t0 = 0, time.time()
     for nv in sizes:
-        states = {False: r.make_state(nv, a.text), True: r.make_state(0, a.text)}
-        times = {m: [] for m in modes}
-        rets = {m: [] for m in modes}
-        paths = {}
-        for rep in range(a.reps):
-            for m in modes:  # interleaved: drift on a shared machine hits every mode alike
-                progress(k, n_work, t0, f"{name} N_v={nv} {m}")
-                floor = m == "floor"
-                r.load(states[floor])
+        states = {(ctx, floor): r.make_state(0 if floor else nv, a.text)
+                  for ctx, r in runners.items() for floor in (False, True)}
+        times: dict = {run: [] for run in runs}
+        rets: dict = {run: [] for run in runs}
+        paths: dict = {}
+        for _ in range(a.reps):
+            for c, m in runs:  # interleaved: drift on a shared machine hits every run alike
+                progress(k, n_work, t0, f"{name} N_v={nv} {m}@{c}")
+                cfg, floor = CONFIGS[c], m == "floor"
+                r = runners[cfg.context]
+                set_fattn_kernel(cfg.upstream_kernel)
+                r.load(states[cfg.context, floor])
                 r.set_mode(MODES[m], 0 if floor else nv)
                 if MODES[m] is not None:
                     anchor = V.llama_vp_anchor_layer(r.ctx)
                 dt, ret = r.run_decode(a.steps)
                 if MODES[m] is not None:
-                    paths[m] = ATTN_NAMES.get(V.llama_vp_last_attn(r.ctx), "-")
-                times[m].append(dt / a.steps)
-                rets[m] += ret
+                    paths[c, m] = ATTN_NAMES.get(V.llama_vp_last_attn(r.ctx), "-")
+                times[c, m].append(dt / a.steps)
+                rets[c, m] += ret
                 k += 1
-        row = {}
-        for m in modes:
-            med, best = statistics.median(times[m]), min(times[m])
-            row[m] = {"ms_per_tok_median": 1e3 * med, "ms_per_tok_min": 1e3 * best, "tok_s": 1 / med,
-                      "retention_mean": statistics.fmean(rets[m]) if rets[m] else 1.0, "path": paths.get(m, "-")}
-        d = row["dense"]["ms_per_tok_median"]
-        f = row.get("floor", {}).get("ms_per_tok_median")
-        for m in modes:
-            t = row[m]["ms_per_tok_median"]
-            row[m]["speedup"] = d / t
-            row[m]["gap_closed"] = (d - t) / (d - f) if f is not None and d > f else None
-        out["sizes"][nv] = row
+        out["sizes"][nv] = summarise(times, rets, paths)
+        del states
     progress(n_work, n_work, t0, "done")
-    r.set_mode(None, 0)
+    set_fattn_kernel(False)
+    first.set_mode(None, 0)
     for n in [int(x) for x in a.prefill_sizes.split(",") if x]:
         res = {}
         ts = {"dense": [], "vp5": []}
         for _ in range(a.prefill_reps):
             for m in ts:  # interleaved, VisionPulse off and on: prefill must cost the same
-                r.set_mode(MODES[m], n)
-                ts[m].append(r.prefill(n + a.text))
+                first.set_mode(MODES[m], n)
+                ts[m].append(first.prefill(n + a.text))
         for m, t in ts.items():
             res[m] = {"tok_s": (n + a.text) / statistics.median(t), "s_min": min(t), "s_median": statistics.median(t)}
         res["ratio"] = res["vp5"]["tok_s"] / res["dense"]["tok_s"]
         out["prefill"][n] = res
     out["anchor_layer"] = anchor
-    r.close()
+    for r in runners.values():
+        r.close()
     return out
 
 
+def flat_rows(results: dict) -> list[dict]:
+    """One row per model, size and run: what results.json's "rows" hold."""
+    return [{"model": name, "visual_tokens": int(nv), "mode": x["mode"], "config": x["config"],
+             "path": x["path"], "ms_per_token": x["ms_per_tok_median"], "ms_per_token_min": x["ms_per_tok_min"],
+             "speedup_vs_fastest_dense": x["speedup_vs_fastest_dense"],
+             "speedup_vs_same_config_dense": x["speedup_vs_same_config_dense"],
+             "fastest_dense": size["fastest_dense"], "kept": x["retention_mean"]}
+            for name, r in results.items() for nv, size in r["sizes"].items() for x in size["runs"].values()]
+
+
+def _config_text(c: str, cfg: dict) -> str:
+    kernel = ", upstream's kernel" if cfg["upstream_kernel"] else ""
+    return f"`{c}`: flash attention {cfg['flash_attn']}, K {cfg['type_k']}, V {cfg['type_v']}{kernel}"
+
+
+def summary_table(r: dict) -> list[str]:
+    """Per size: the fastest dense run, VisionPulse 5 at its best, and our kernel's effect on dense."""
+    md = ["| visual tokens | fastest dense | ms/token | vp5, best config | ms/token | vp5 vs fastest dense | "
+          "dense, our FA kernel vs upstream's |", "|---|---|---|---|---|---|---|"]
+    for nv, size in r["sizes"].items():
+        runs = size["runs"]
+        fast = runs[f"dense@{size['fastest_dense']}"]
+        vp = min((x for x in runs.values() if x["mode"] == "vp5"), key=lambda x: x["ms_per_tok_median"])
+        ours, up = runs.get("dense@fa-on"), runs.get("dense@fa-on-upstream")
+        kernel = f"{up['ms_per_tok_median'] / ours['ms_per_tok_median']:.2f}x" if ours and up else "-"
+        md.append(f"| {nv} | {fast['config']} | {fast['ms_per_tok_median']:.1f} | {vp['config']} | "
+                  f"{vp['ms_per_tok_median']:.1f} | {vp['speedup_vs_fastest_dense']:.2f}x | {kernel} |")
+    return md
+
+
 def markdown(results: dict, meta: dict) -> str:
-    md = ["# Decode speed: VisionPulse against dense", "",
+    md = ["# Decode speed: VisionPulse against the fastest dense setting", "",
           f"Written by `{meta['command']}` ({meta['elapsed_min']:.1f} min, {meta['machine']}, "
           f"{meta['threads']} threads, CPU only). {meta['text']} text tokens after the visual ones, "
           f"{meta['steps']} decode steps per run, {meta['reps']} interleaved repetitions; times are the "
-          "median (min) per token. Speedup = dense time / mode time, of the medians and (in brackets) of "
-          "the best runs, which noise on a shared machine disturbs less; gap closed = share of the "
-          "dense-minus-floor time that the mode removes. The KV cache is a synthetic state "
-          "(random F16 K/V, `tests/support/kv_state.py`); the weights' work is real.", ""]
+          "median (min) per token. Dense runs in every configuration a user could pick; **the baseline of "
+          "every speedup is the fastest of them at that size** (its ratio to the min-of-runs in brackets, "
+          "which noise on a shared machine disturbs less); the same-configuration ratio is beside it. "
+          "Gap closed = share of the fastest-dense-minus-floor time that the run removes. The KV cache is "
+          "a synthetic state (random K/V of the cache's type, `tests/support/kv_state.py`); the weights' "
+          "work is real.", ""]
     for name, r in results.items():
         md += [f"## {r['model']}", "",
-               f"{r['n_layer']} layers, anchor layer {r['anchor_layer']}, flash attention {r['flash_attn']}.", "",
-               "| visual tokens | mode | path | ms/token median (min) | tok/s | speedup vs dense (min) | gap closed | kept |",
-               "|---|---|---|---|---|---|---|---|"]
-        for nv, row in r["sizes"].items():
-            for m, x in row.items():
-                gap = "-" if x["gap_closed"] is None or m in ("dense", "floor") else f"{100 * x['gap_closed']:.0f}%"
-                md.append(f"| {nv} | {m} | {x['path']} | {x['ms_per_tok_median']:.1f} ({x['ms_per_tok_min']:.1f}) | "
-                          f"{x['tok_s']:.2f} | {x['speedup']:.2f}x ({row['dense']['ms_per_tok_min'] / x['ms_per_tok_min']:.2f}x) | {gap} | "
-                          f"{100 * x['retention_mean']:.1f}% |")
+               f"{r['n_layer']} layers, anchor layer {r['anchor_layer']}. Configurations: "
+               + "; ".join(_config_text(c, cfg) for c, cfg in r["configs"].items())
+               + f". Modes other than dense and vp5 run in `{r['default_config']}`.", ""]
+        md += summary_table(r) + [""]
+        md += ["| visual tokens | mode | config | path | ms/token median (min) | tok/s | vs fastest dense (min) | "
+               "vs dense, same config | gap closed | kept |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for nv, size in r["sizes"].items():
+            for x in size["runs"].values():
+                gap = "-" if x["gap_closed"] is None or x["mode"] in ("dense", "floor") else f"{100 * x['gap_closed']:.0f}%"
+                star = " *" if x["mode"] == "dense" and x["config"] == size["fastest_dense"] else ""
+                md.append(f"| {nv} | {x['mode']}{star} | {x['config']} | {x['path']} | {x['ms_per_tok_median']:.1f} "
+                          f"({x['ms_per_tok_min']:.1f}) | {x['tok_s']:.2f} | {x['speedup_vs_fastest_dense']:.2f}x "
+                          f"({x['speedup_vs_fastest_dense_min']:.2f}x) | {x['speedup_vs_same_config_dense']:.2f}x | "
+                          f"{gap} | {100 * x['retention_mean']:.1f}% |")
         if r["prefill"]:
-            md += ["", "Prefill (real, token input; VisionPulse is dense during prefill by design):", "",
+            md += ["", f"Prefill (real, token input, `{r['default_config']}`; VisionPulse is dense during prefill "
+                   "by design):", "",
                    "| visual + text tokens | dense tok/s | vp5 tok/s | vp5 / dense (best runs) |", "|---|---|---|---|"]
             for n, x in r["prefill"].items():
                 best = x["dense"]["s_min"] / x["vp5"]["s_min"]
                 md.append(f"| {n} + {meta['text']} | {x['dense']['tok_s']:.1f} | {x['vp5']['tok_s']:.1f} | "
                           f"{x['ratio']:.3f} ({best:.3f}) |")
         md.append("")
-    md += ["![decode speed](speed.png)", "",
+    md += ["`*` marks the fastest dense configuration of each size.", "", "![decode speed](speed.png)", "",
            "Where the time of a step goes (node by node): `PROFILE.md`, written by `--profile 16384`.", ""]
-    if any(r["flash_attn"] == "off" for r in results.values()):
-        md += ["Without flash attention llama.cpp keeps V transposed (one row per dimension, all cells "
-               "along it), so the kept cells' values are spread over nearly every cache line of V at a 5% "
-               "selection: GATHER gathers the K rows only, and V is read whole in every layer. The layers "
-               "after the anchor save their K reads, not their V reads.", ""]
     return "\n".join(md)
 
 
@@ -342,16 +446,17 @@ def plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
-    for ax, (name, r) in zip(axes[0], results.items()):
+    for ax, (_name, r) in zip(axes[0], results.items()):
         sizes = list(r["sizes"])
-        for m in next(iter(r["sizes"].values())):
-            ax.plot(sizes, [r["sizes"][n][m]["tok_s"] for n in sizes], marker="o", label=m)
+        for key in next(iter(r["sizes"].values()))["runs"]:
+            ax.plot(sizes, [r["sizes"][n]["runs"][key]["tok_s"] for n in sizes], marker="o", label=key,
+                    linestyle="-" if key.startswith(("dense", "vp5@")) else ":")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("visual tokens in context")
         ax.set_ylabel("decode tokens / s")
         ax.set_title(r["model"][:60], fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
@@ -360,14 +465,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="synthetic,gemma")
     ap.add_argument("--sizes", default="576,4096,8192,16384,32768")
-    ap.add_argument("--modes", default="dense,vp5,vp5-mask,vp5-gather,fixed5,probe,vp5-lag,floor")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="dense configurations (dense and vp5 run in each): " + ", ".join(CONFIGS))
+    ap.add_argument("--config", default="fa-on", help="where the other modes run")
+    ap.add_argument("--modes", default="vp5-gather,fixed5,probe,vp5-lag,floor",
+                    help="modes besides dense and vp5 (in --config): " + ", ".join(MODES))
     ap.add_argument("--text", type=int, default=256)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prefill-sizes", default="576")
     ap.add_argument("--prefill-reps", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
-    ap.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto", help="for --profile")
     ap.add_argument("--out", default=str(ROOT / "docs" / "speed"))
     ap.add_argument("--cache", default=str(ROOT / ".vp-cache" / "bench"))
     ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md and the plot from results.json")
@@ -381,8 +490,13 @@ def main() -> int:
         plot(d["results"], out / "speed.png")
         return 0
     for m in a.modes.split(","):
-        if m not in MODES:
+        if m and m not in MODES:
             raise SystemExit(f"unknown mode {m!r}: {', '.join(MODES)}")
+    for c in [*a.configs.split(","), a.config]:
+        if c not in CONFIGS:
+            raise SystemExit(f"unknown configuration {c!r}: {', '.join(CONFIGS)}")
+    if a.config not in a.configs.split(","):
+        a.configs += "," + a.config
     if a.profile:
         out.mkdir(parents=True, exist_ok=True)
         res = [profile(name, a, Path(a.cache), a.profile) for name in a.models.split(",")]
@@ -402,8 +516,6 @@ def main() -> int:
         (out / "profile.json").write_text(json.dumps(res, indent=1))
         print("\n".join(md))
         return 0
-    if "dense" not in a.modes.split(","):
-        a.modes = "dense," + a.modes
     t0 = time.time()
     results = {name: bench_model(name, a, Path(a.cache)) for name in a.models.split(",")}
     out.mkdir(parents=True, exist_ok=True)
@@ -411,7 +523,8 @@ def main() -> int:
     meta = {"command": f"python3 scripts/speed_bench.py {argv}".strip(), "machine": platform.platform(),
             "threads": a.threads, "text": a.text, "steps": a.steps, "reps": a.reps,
             "elapsed_min": (time.time() - t0) / 60}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": flat_rows(results), "results": results},
+                                                 indent=1))
     (out / "RESULTS.md").write_text(markdown(results, meta))
     try:
         plot(results, out / "speed.png")

@@ -20,6 +20,26 @@ from vp_gguf import _build_info, _libdir  # noqa: E402
 from support import tiny_vlm  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _selection_never_skipped(request, monkeypatch):
+    """The tiny models have one full-attention layer after the default anchor, where the library's
+    default (min_pruned_layers 2) skips the selection as one that cannot pay. Tests of what the
+    selection does turn the skip off, as a user can (min_pruned_layers=0); tests of the skip itself
+    are marked library_defaults. The CLI's subprocesses pass --vp-min-pruned-layers 0 themselves."""
+    if request.node.get_closest_marker("library_defaults"):
+        return
+    from vp_gguf import _vp_ctypes as V
+
+    library = V.llama_vp_default_params
+
+    def defaults():
+        p = library()
+        p.min_pruned_layers = 0
+        return p
+
+    monkeypatch.setattr(V, "llama_vp_default_params", defaults)
+
+
 def pytest_sessionstart(session):
     """Tests run the checkout's code: stop at once if the native libraries were built from other sources."""
     try:

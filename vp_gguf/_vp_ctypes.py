@@ -41,6 +41,7 @@ class llama_vp_params(Structure):
         ("auto_mark", c_bool),
         ("lagged", c_bool),
         ("prune_swa", c_bool),
+        ("min_pruned_layers", c_int32),
     ]
 
 
@@ -52,6 +53,7 @@ class llama_vp_stats(Structure):
         ("n_kept", c_int32),
         ("mass", c_float),
         ("mass_kept", c_float),
+        ("skipped", c_int32),
     ]
 
 
@@ -72,6 +74,7 @@ llama_vp_anchor_layer = _bind("llama_vp_anchor_layer", [_ctx], c_int32)
 llama_vp_last_error = _bind("llama_vp_last_error", [], c_char_p)
 llama_vp_last_attn = _bind("llama_vp_last_attn", [_ctx], c_int32)
 llama_vp_last_probe = _bind("llama_vp_last_probe", [_ctx], c_int32)
+llama_vp_skip_reason = _bind("llama_vp_skip_reason", [_ctx], c_char_p)
 llama_vp_mark_visual = _bind("llama_vp_mark_visual", [_ctx, c_int32, c_int32, c_int32], c_int32)
 llama_vp_clear_marks = _bind("llama_vp_clear_marks", [_ctx, c_int32], c_int32)
 llama_vp_n_visual = _bind("llama_vp_n_visual", [_ctx, c_int32], c_int32)

@@ -97,6 +97,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the anchor layer attends to its own selection too (the reference's eager path; default: dense)",
     )
+    g.add_argument(
+        "--vp-min-pruned-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="skip the selection (dense steps, reported) where fewer full-attention layers than N would be "
+        "pruned: it cannot pay there (default 2; 0: never skip)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's logs")
 
 
@@ -431,6 +439,7 @@ def visionpulse_from_args(a: argparse.Namespace):
         vp.ratio, vp.anchor_layer, vp.seed = a.vp_ratio, a.vp_anchor, a.vp_seed
         vp.attn, vp.lagged = a.vp_attn, a.vp_lagged
         vp.prune_anchor = True if a.vp_prune_anchor else None
+        vp.min_pruned_layers = a.vp_min_pruned_layers
         vp.check()
     return vp
 

@@ -100,6 +100,9 @@ class VisionPulse:
     attn: str = "auto"  # how later layers skip dropped tokens: auto | mask | gather (same result)
     lagged: bool = False  # beyond the paper: layers before the anchor use the previous step's set
     prune_swa: bool = False  # also prune sliding-window layers (their cost is bounded by the window)
+    # skip the selection (steps run dense, the report says why) where fewer full-attention layers than
+    # this would be pruned: it cannot pay there. None: the library's default (2); 0: never skip
+    min_pruned_layers: int | None = None
     # visionpulse/fixed/random: K at generation step i is k_per_step[i-1] (the last one once the list ends)
     # instead of the budget rule's; a control budget-matched to another run's steps
     k_per_step: Sequence[int] | None = None
@@ -165,6 +168,8 @@ class VisionPulse:
         p.attn = ATTN[self.attn]
         p.lagged = bool(self.lagged)
         p.prune_swa = bool(self.prune_swa)
+        if self.min_pruned_layers is not None:
+            p.min_pruned_layers = int(self.min_pruned_layers)
         return p
 
 
@@ -213,8 +218,13 @@ class VisionPulseControl:
         if vp is None:
             return None
         settings = {**vp.resolved(), "prune_anchor": bool(vp.to_c().prune_anchor)}  # the library's default filled in
+        reason = V.llama_vp_skip_reason(self._ctx)
         rep = VisionPulseReport(
-            mode=vp.mode, anchor_layer=V.llama_vp_anchor_layer(self._ctx), settings=settings, steps=[]
+            mode=vp.mode,
+            anchor_layer=V.llama_vp_anchor_layer(self._ctx),
+            settings=settings,
+            steps=[],
+            skipped=reason.decode() if reason else None,
         )
         rep._last_step = V.step_no(self._ctx, 0)
         return rep
@@ -231,6 +241,7 @@ class StepStats:
     mass: float  # max over heads of the tau-softmax mass on visual tokens
     mass_kept: float  # share of the (head-mean) visual mass on the kept tokens
     kept: list[int] = field(default_factory=list)  # visual ordinals (images in order, row-major)
+    skipped: bool = False  # the selection was skipped (it cannot pay on this model): the step ran dense
 
     @property
     def retention(self) -> float:
@@ -245,6 +256,7 @@ class VisionPulseReport:
     steps: list[StepStats]
     attn: str = "none"  # the attention path the steps used: mask | gather
     probe: str = "none"  # where the scores came from: "anchor" (the layer's own kq, no flash attention) | "own"
+    skipped: str | None = None  # why the selection was skipped on this model (min_pruned_layers), if it was
     _last_step: int = field(default=0, repr=False)  # the C side's step counter at the last record
 
     def record(self, ctx, with_kept: bool = True) -> None:
@@ -268,6 +280,7 @@ class VisionPulseReport:
                     mass=float(st.mass),
                     mass_kept=float(st.mass_kept),
                     kept=kept,
+                    skipped=bool(st.skipped),
                 )
             )
 
@@ -281,7 +294,8 @@ class VisionPulseReport:
             "anchor_layer": self.anchor_layer,
             "attn": self.attn,
             "probe": self.probe,
-            "steps_pruned": s["steps"],
+            "skipped": self.skipped,
+            "steps_pruned": s["steps"] - s["steps_skipped"],
             "retention_mean": s["retention_mean"],
             "retention_min": s["retention_min"],
             "retention_max": s["retention_max"],
@@ -294,12 +308,14 @@ class VisionPulseReport:
 
     def summary(self) -> dict[str, float]:
         if not self.steps:
-            return {"steps": 0}
+            return {"steps": 0, "steps_skipped": 0}
         ret = [s.retention for s in self.steps]
-        mass = [s.mass for s in self.steps]
-        cov = [s.mass_kept for s in self.steps]
+        scored = [s for s in self.steps if not s.skipped] or self.steps  # a skipped step has no scores
+        mass = [s.mass for s in scored]
+        cov = [s.mass_kept for s in scored]
         return {
             "steps": len(self.steps),
+            "steps_skipped": sum(s.skipped for s in self.steps),
             "retention_mean": sum(ret) / len(ret),
             "retention_min": min(ret),
             "retention_max": max(ret),
@@ -315,6 +331,7 @@ class VisionPulseReport:
             "anchor_layer": self.anchor_layer,
             "attn": self.attn,
             "probe": self.probe,
+            "skipped": self.skipped,
             "settings": self.settings,
             "summary": self.summary(),
         }

@@ -53,6 +53,10 @@ struct llama_vp_params {
                                            // the previous step's kept set (DYNAMIC/FIXED/RANDOM/FORCED)
     bool               prune_swa;          // also prune sliding-window layers (default false: their cost is bounded by
                                            // the window, so there is nothing to save, and they carry the local context)
+    int32_t            min_pruned_layers;  // DYNAMIC/FIXED/RANDOM/STATIC skip the selection (steps run dense, the stats
+                                           // say so) when fewer full-attention layers than this would be pruned: the
+                                           // probe costs about half a layer's attention, so one pruned layer cannot
+                                           // pay (Gemma 3 270M: 1 of 3). Default 2; 0: never skip
 };
 
 // Preset "5": tau 0.1, budget [0.01, 0.05]. Preset "10": tau 0.4, budget [0.05, 0.10].
@@ -73,6 +77,8 @@ LLAMA_API int32_t llama_vp_last_attn(const struct llama_context * ctx);
 // Where the last selection's scores came from: 1 the anchor layer's own attention scores
 // (computed anyway without flash attention), 0 a probe of VisionPulse's own; -1 if none.
 LLAMA_API int32_t llama_vp_last_probe(const struct llama_context * ctx);
+// Why the enabled settings skip the selection on this model (min_pruned_layers), or NULL when they do not.
+LLAMA_API const char * llama_vp_skip_reason(const struct llama_context * ctx);
 
 // Explicit marks: the cells of seq with positions in [p0, p1) are visual. Once a
 // sequence has explicit marks, only those count for it (auto marks are ignored).
@@ -98,6 +104,7 @@ struct llama_vp_stats {
     int32_t n_kept;    // K (N_v when nothing was dropped)
     float   mass;      // max over heads of the tau-softmax mass on visual cells
     float   mass_kept; // share of the visual attention mass (head mean) on the kept cells
+    int32_t skipped;   // 1: the selection was skipped (min_pruned_layers), the step ran dense; mass is 0
 };
 
 // Stats of the last decode step that involved seq; returns 0, or -1 if there is none.

@@ -45,6 +45,7 @@ struct llama_vp_params llama_vp_preset_params(int32_t preset) {
     p.attn               = LLAMA_VP_ATTN_AUTO;
     p.lagged             = false;
     p.prune_swa          = false;
+    p.min_pruned_layers  = 2;
     if (preset == 10) {
         p.tau        = 0.4f;
         p.budget_min = 0.05f;
@@ -74,6 +75,32 @@ static bool vp_frac_ok(float x) {
     return std::isfinite(x) && x > 0.0f && x <= 1.0f;
 }
 
+// Whether the selection can pay on this model: the full-attention layers it prunes must be at
+// least min_pruned_layers (sliding-window layers stay dense unless prune_swa, and cost what
+// their window holds either way).
+static void vp_decide_skip(llama_vp_context & vp, const llama_hparams & hp, int32_t n_layer) {
+    const llama_vp_mode m       = vp.params.mode;
+    const bool          selects = m == LLAMA_VP_MODE_DYNAMIC || m == LLAMA_VP_MODE_FIXED || m == LLAMA_VP_MODE_RANDOM ||
+                                  m == LLAMA_VP_MODE_STATIC;
+    int32_t             n_full  = 0;
+    for (int32_t il = std::max(vp.first_pruned, 0); il < n_layer; ++il) {
+        n_full += hp.is_swa(il) ? 0 : 1;
+    }
+    vp.skip = selects && n_full < vp.params.min_pruned_layers;
+    vp.skip_reason.clear();
+    if (vp.skip) {
+        vp.skip_reason = "the selection is skipped: it would prune " + std::to_string(n_full) +
+                         " full-attention layer(s) after the anchor (layer " + std::to_string(vp.anchor) +
+                         "), fewer than min_pruned_layers = " + std::to_string(vp.params.min_pruned_layers) +
+                         ", so it cannot pay for its probe; steps run dense";
+    }
+}
+
+const char * llama_vp_skip_reason(const struct llama_context * ctx) {
+    const llama_vp_context * vp = vp_of(ctx);
+    return vp && vp->enabled && vp->skip ? vp->skip_reason.c_str() : nullptr;
+}
+
 int32_t llama_vp_check_params(const struct llama_vp_params * params) {
     if (!params) return vp_fail(-1, "null parameters");
     const llama_vp_params & p = *params;
@@ -85,6 +112,7 @@ int32_t llama_vp_check_params(const struct llama_vp_params * params) {
         return vp_fail(-1, "budget_min and budget_max must be finite and in (0, 1]");
     if (p.budget_min > p.budget_max) return vp_fail(-1, "budget_min exceeds budget_max");
     if (!vp_frac_ok(p.ratio)) return vp_fail(-1, "ratio must be finite and in (0, 1]");
+    if (p.min_pruned_layers < 0) return vp_fail(-1, "min_pruned_layers must be >= 0");
     if (p.attn < LLAMA_VP_ATTN_AUTO || p.attn > LLAMA_VP_ATTN_GATHER) {
         return vp_fail(-1, "unknown attention path " + std::to_string(p.attn) + " (0 auto, 1 mask, 2 gather)");
     }
@@ -132,6 +160,7 @@ int32_t llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params
     vp->anchor       = anchor;
     vp->first_pruned = first;
     vp->enabled      = true;
+    vp_decide_skip(*vp, hp, n_layer);
     vp->rng.seed(p.seed);
     ctx->set_vp(vp);
     return 0;

@@ -236,6 +236,10 @@ std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, 
     if (nv_max == 0) {
         return inp; // inactive: nothing to select from
     }
+    if (vp->skip) {
+        plan.skipped = true; // inactive, and the stats say why
+        return inp;
+    }
     plan.active = true;
     vp_plan_known(plan, *vp);
     float frac = 1.0f; // the budget's upper bound, for the argsort's static size

@@ -34,13 +34,36 @@ static std::vector<int32_t> vp_kept_computed(const vp_step_plan & plan, int64_t 
     return kept;
 }
 
+// A step that skipped the selection attended to every visual cell: all kept, no scores.
+static void vp_record_skipped(llama_vp_context * vp, const vp_step_plan & plan) {
+    for (const auto & rw : plan.rows) {
+        if (!rw.step) {
+            continue;
+        }
+        auto &        st = vp->seqs[rw.seq];
+        const int32_t nv = (int32_t) rw.vis.size();
+        st.stats.step += 1;
+        st.stats = { st.stats.step, (int32_t) plan.n_kv, nv, nv, 0.0f, 1.0f, 1 };
+        st.kept.resize(nv);
+        for (int32_t o = 0; o < nv; ++o) {
+            st.kept[o] = o;
+        }
+        st.has_stats = true;
+    }
+}
+
 void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res) {
     if (!vp || !res) return;
     llm_graph_input_vp * inp = nullptr;
     for (auto & in : res->inputs) {
         if ((inp = dynamic_cast<llm_graph_input_vp *>(in.get()))) break;
     }
-    if (!inp || !inp->selected) return;
+    if (!inp) return;
+    if (inp->plan.skipped) {
+        vp_record_skipped(vp, inp->plan);
+        return;
+    }
+    if (!inp->selected) return;
     const vp_step_plan & plan = inp->plan;
     const auto           mass = vp_get<float>(inp->out.mass);
     const auto           keep = vp_get<float>(inp->out.keep);
@@ -71,6 +94,7 @@ void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res)
         st.stats.n_kept    = (int32_t) kept.size();
         st.stats.mass      = mass.empty() ? 0.0f : mass[r];
         st.stats.mass_kept = (num.empty() || den.empty() || den[r] <= 0.0f) ? 1.0f : num[r] / den[r];
+        st.stats.skipped   = 0;
         if (plan.rank_only) {
             st.forced     = kept;
             st.has_forced = true;

@@ -40,6 +40,7 @@ struct vp_step_plan {
     };
 
     bool             active    = false;               // a decode step with visual cells: there is a selection to make
+    bool             skipped   = false;               // one VisionPulse skips (llama_vp_context::skip): dense, inactive
     llama_vp_mode    mode      = LLAMA_VP_MODE_DENSE; // effective: STATIC becomes FIXED (ranking) or FORCED
     bool             rank_only = false;               // STATIC's ranking step: remember the set, mask nothing
     int64_t          n_kv = 0, n_kv_swa = 0, n_rows = 0, n_stream = 1, n_head = 0;

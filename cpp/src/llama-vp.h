@@ -44,8 +44,10 @@ struct llama_vp_context {
     int32_t                              first_pruned = -1; // resolved: layers >= this one use the selection
     std::map<llama_seq_id, llama_vp_seq> seqs;
     std::mt19937                         rng;
-    int32_t                              last_attn  = -1; // path of the last step with a selection
-    int32_t                              last_probe = -1; // 1: its scores were the anchor layer's own, 0: probed
+    int32_t                              last_attn  = -1;    // path of the last step with a selection
+    int32_t                              last_probe = -1;    // 1: its scores were the anchor layer's own, 0: probed
+    bool                                 skip       = false; // the selection cannot pay on this model (llama_vp_enable)
+    std::string                          skip_reason;
 };
 
 // The visual cells of seq among the first n_kv cells, in ordinal order (llama-vp-plan.cpp).

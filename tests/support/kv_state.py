@@ -5,7 +5,7 @@ prefill of that length takes an hour on a laptop CPU. The decode cost does not
 depend on what the cached keys and values are, so this module writes a sequence
 state in llama.cpp's own format (``llama_state_seq_get_data``: per cache, per
 stream: cell count, per-cell metadata, then per layer the K rows and the V rows
-or V columns) with random F16 contents, for ``llama_state_seq_set_data``.
+or V columns) with random contents (F16 or Q8_0 rows), for ``llama_state_seq_set_data``.
 
 The layout (row sizes, types, V transposed or not, cell metadata with or without
 the M-RoPE extension, one cache or two for sliding-window models) is read from a
@@ -98,20 +98,39 @@ def parse_template(state: bytes, n_layer_max: int = 4096) -> list[_Cache]:
     return caches
 
 
-def _f16_noise(n_bytes: int, rng: np.random.Generator, pool: np.ndarray) -> bytes:
-    """n_bytes of F16 N(0,1) noise, tiled from a random pool (contents do not matter for timing)."""
-    block = np.roll(pool, int(rng.integers(0, pool.size))).tobytes()
+GGML_F16, GGML_Q8_0 = 1, 8  # the KV cache types synthetic states can hold
+_Q8_0_BLOCK = 34  # ggml's block_q8_0: an F16 scale and 32 int8 values
+
+
+def _noise_pool(rng: np.random.Generator) -> dict[int, bytes]:
+    """A pool of random rows' bytes per type: F16 N(0,1), and Q8_0 blocks of about that range."""
+    f16 = rng.standard_normal(1 << 18).astype(np.float16)
+    n_blocks = 1 << 13
+    q8 = np.zeros((n_blocks, _Q8_0_BLOCK), dtype=np.uint8)
+    q8[:, :2] = np.full(n_blocks, 3.0 / 127, dtype=np.float16).view(np.uint8).reshape(n_blocks, 2)
+    q8[:, 2:] = rng.integers(-127, 128, size=(n_blocks, 32), dtype=np.int8).view(np.uint8)
+    return {GGML_F16: f16.tobytes(), GGML_Q8_0: q8.tobytes()}
+
+
+def _noise(n_bytes: int, typ: int, rng: np.random.Generator, pool: dict[int, bytes]) -> bytes:
+    """n_bytes of rows of type typ, tiled from the pool from a random whole-block offset
+    (contents do not matter for timing; only their type's layout does)."""
+    unit = 2 if typ == GGML_F16 else _Q8_0_BLOCK
+    src = pool[typ]
+    k = int(rng.integers(0, len(src) // unit)) * unit
+    block = src[k:] + src[:k]
     return (block * -(-n_bytes // len(block)))[:n_bytes]
 
 
 def synth_state(caches: list[_Cache], n_cells: list[int], first_pos: list[int], seed: int = 0) -> bytes:
-    """A state with n_cells[i] consecutive cells from first_pos[i] in cache i, random F16 K/V."""
+    """A state with n_cells[i] consecutive cells from first_pos[i] in cache i, random K/V of
+    the cache's types (F16 or Q8_0)."""
     rng = np.random.default_rng(seed)
-    pool = rng.standard_normal(1 << 18).astype(np.float16)
+    pool = _noise_pool(rng)
     out = bytearray(struct.pack("<Ii", _IO_MAGIC, 0))
     for c, n, p0 in zip(caches, n_cells, first_pos):
-        if any(lay.k_type != 1 or lay.v_type != 1 for lay in c.layers):
-            raise ValueError("synthetic states need an F16 KV cache (type_k = type_v = f16)")
+        if any(lay.k_type not in pool or lay.v_type not in pool for lay in c.layers):
+            raise ValueError("synthetic states need an F16 or Q8_0 KV cache")
         if c.n_stream != 1:
             raise ValueError("synthetic states need a single-stream cache (n_seq_max = 1)")
         out += struct.pack("<II", 1, n)
@@ -125,12 +144,12 @@ def synth_state(caches: list[_Cache], n_cells: list[int], first_pos: list[int], 
         out += struct.pack("<II", int(c.v_trans), len(c.layers))
         for lay in c.layers:
             out += struct.pack("<iQ", lay.k_type, lay.k_row)
-            out += _f16_noise(n * lay.k_row, rng, pool)
+            out += _noise(n * lay.k_row, lay.k_type, rng, pool)
         for lay in c.layers:
             if not c.v_trans:
                 out += struct.pack("<iQ", lay.v_type, lay.v_row)
-                out += _f16_noise(n * lay.v_row, rng, pool)
+                out += _noise(n * lay.v_row, lay.v_type, rng, pool)
             else:
                 out += struct.pack("<iII", lay.v_type, lay.v_el, lay.v_embd)
-                out += _f16_noise(lay.v_embd * n * lay.v_el, rng, pool)
+                out += _noise(lay.v_embd * n * lay.v_el, lay.v_type, rng, pool)
     return bytes(out)
