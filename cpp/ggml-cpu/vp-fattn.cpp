@@ -4,7 +4,8 @@
 // path does; each thread runs every KV head's group of query heads over its chunk and
 // writes one partial (max, sum, unnormalised output) per query head; after a barrier
 // the partials of a head are merged. Within a chunk the kept cells are taken in blocks:
-// the block's scores for all heads of the group, one vectorised exp per head and block,
+// each K row converted to F32 once and dotted with the group's F32 queries, one vectorised
+// exp per head and block,
 // then each V row, converted to F32 once, is added into every head's accumulator.
 #include "vp-fattn.h"
 
@@ -49,10 +50,10 @@ bool takes(const ggml_tensor * dst) {
            k->ne[0] % ggml_blck_size(k->type) == 0 && v->ne[0] % ggml_blck_size(v->type) == 0;
 }
 
-// per-thread scratch, in floats: the group's queries converted for a quantized K's dot
-// product, the block's scores and probabilities, one K or V row in F32, the block's cells
+// per-thread scratch, in floats: the block's scores and probabilities, one K or V row in
+// F32, the block's cells (an int64 each)
 int64_t scratch_floats(int64_t group, int64_t dk, int64_t dv) {
-    return group * dk + 2 * group * BLOCK + std::max(dk, dv) + 2 * BLOCK + (int64_t) CACHE_LINE_SIZE_F32;
+    return 2 * group * BLOCK + std::max(dk, dv) + 2 * BLOCK + (int64_t) CACHE_LINE_SIZE_F32;
 }
 
 struct fattn_args {
@@ -104,38 +105,63 @@ int64_t next_kept(const uint16_t * mask, int64_t ic, int64_t end) {
     return ic;
 }
 
+// out[h] = q_h . x for the group's G query rows (q_h = q + h * dq), x one K row in F32. Inline
+// SIMD: a decode step makes G such dots per cell, too small for a call each.
+inline void group_dots(int64_t n, int64_t G, const float * q, int64_t dq, const float * x, float * out,
+                       int64_t out_stride) {
+#if defined(GGML_SIMD) && !defined(__ARM_FEATURE_SVE) && !defined(__riscv_v_intrinsic)
+    if (n % GGML_F32_STEP == 0) {
+        for (int64_t h = 0; h < G; h++) {
+            const float * qh = q + h * dq;
+            GGML_F32_VEC  sum[GGML_F32_ARR];
+            for (int r = 0; r < GGML_F32_ARR; r++) {
+                sum[r] = GGML_F32_VEC_ZERO;
+            }
+            for (int64_t i = 0; i < n; i += GGML_F32_STEP) {
+                for (int r = 0; r < GGML_F32_ARR; r++) {
+                    sum[r] = GGML_F32_VEC_FMA(sum[r], GGML_F32_VEC_LOAD(x + i + r * GGML_F32_EPR),
+                                              GGML_F32_VEC_LOAD(qh + i + r * GGML_F32_EPR));
+                }
+            }
+            ggml_float s;
+            GGML_F32_VEC_REDUCE(s, sum);
+            out[h * out_stride] = (float) s;
+        }
+        return;
+    }
+#endif
+    for (int64_t h = 0; h < G; h++) {
+        ggml_vec_dot_f32((int) n, out + h * out_stride, 0, q + h * dq, 0, x, 0, 1);
+    }
+}
+
+// one K or V row in F32, whatever the cache's type
+inline void row_to_f32(const ggml_tensor * t, const char * row, float * out) {
+    if (t->type == GGML_TYPE_F16) {
+        ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, out, t->ne[0]);  // the SIMD conversion
+    } else {
+        ggml_get_type_traits(t->type)->to_float(row, out, t->ne[0]);
+    }
+}
+
 // One KV head's group over the cells [ic0, ic1): partial (M, S, acc[DV]) per query head.
 void group_chunk(const fattn_args & a, int64_t ikv, int64_t ic0, int64_t ic1, float * scratch, float * partials,
                  int64_t partial_stride) {
-    const ggml_type          vd_type  = ggml_get_type_traits_cpu(a.k->type)->vec_dot_type;
-    const ggml_from_float_t  q_to_vd  = ggml_get_type_traits_cpu(vd_type)->from_float;
-    const ggml_vec_dot_t     kq_dot   = ggml_get_type_traits_cpu(a.k->type)->vec_dot;
-    const ggml_to_float_t    v_to_f32 = ggml_get_type_traits(a.v->type)->to_float;
-    const size_t             q_row    = ggml_row_size(vd_type, a.dk);
-    const int64_t            G        = a.group;
-
-    char *    qc    = (char *) scratch;          // G converted query rows
-    float *   score = scratch + G * a.dk;        // [G][BLOCK]
-    float *   prob  = score + G * BLOCK;         // [G][BLOCK]
-    float *   vrow  = prob + G * BLOCK;          // [max(DK, DV)]: a K or V row in F32
-    int64_t * cells = (int64_t *) (vrow + std::max(a.dk, a.dv));  // [BLOCK] (two floats each)
+    const int64_t G     = a.group;
+    float *       score = scratch;                 // [G][BLOCK]
+    float *       prob  = score + G * BLOCK;       // [G][BLOCK]
+    float *       row   = prob + G * BLOCK;        // [max(DK, DV)]: a K or V row in F32
+    int64_t *     cells = (int64_t *) (row + std::max(a.dk, a.dv));  // [BLOCK] (two floats each)
     static_assert(sizeof(int64_t) == 2 * sizeof(float), "cell indices take two floats each");
 
-    float M[MAX_GROUP];
-    float S[MAX_GROUP];
-    const bool k_f16 = a.k->type == GGML_TYPE_F16;
-    auto       q_f32 = [&](int64_t h) {
-        return (const float *) ((const char *) a.q->data + (ikv * G + h) * a.q->nb[2]);
-    };
+    const float * q  = (const float *) ((const char *) a.q->data + ikv * G * a.q->nb[2]);
+    const int64_t dq = a.q->nb[2] / sizeof(float);
+    float         M[MAX_GROUP];
+    float         S[MAX_GROUP];
     for (int64_t h = 0; h < G; h++) {
-        const int64_t iq = ikv * G + h;
-        if (!k_f16) {
-            q_to_vd(q_f32(h), qc + h * q_row, a.dk);
-        }
-        M[h]          = -INFINITY;
-        S[h]          = 0.0f;
-        float * acc = partials + iq * partial_stride + 2;
-        memset(acc, 0, a.dv * sizeof(float));
+        M[h] = -INFINITY;
+        S[h] = 0.0f;
+        memset(partials + (ikv * G + h) * partial_stride + 2, 0, a.dv * sizeof(float));
     }
     const char * kbase = (const char *) a.k->data + ikv * a.k->nb[2];
     const char * vbase = (const char *) a.v->data + ikv * a.v->nb[2];
@@ -150,22 +176,13 @@ void group_chunk(const fattn_args & a, int64_t ikv, int64_t ic0, int64_t ic1, fl
         if (n == 0) {
             break;
         }
-        // scores: each K row is read once for the whole group; an F16 row is converted to F32
-        // once and dotted with the F32 queries, a quantized one goes through its type's dot
+        // scores: each K row is read and converted once for the whole group
         for (int64_t j = 0; j < n; j++) {
-            const char * krow = kbase + cells[j] * a.k->nb[1];
-            const float  mv   = a.mask ? GGML_CPU_FP16_TO_FP32(a.mask[cells[j]]) : 0.0f;
-            if (k_f16) {
-                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) krow, vrow, a.dk);
-            }
+            row_to_f32(a.k, kbase + cells[j] * a.k->nb[1], row);
+            group_dots(a.dk, G, q, dq, row, score + j, BLOCK);
+            const float mv = a.mask ? GGML_CPU_FP16_TO_FP32(a.mask[cells[j]]) : 0.0f;
             for (int64_t h = 0; h < G; h++) {
-                float s;
-                if (k_f16) {
-                    ggml_vec_dot_f32((int) a.dk, &s, 0, q_f32(h), 0, vrow, 0, 1);
-                } else {
-                    kq_dot((int) a.dk, &s, 0, krow, 0, qc + h * q_row, 0, 1);
-                }
-                s *= a.scale;
+                float s = score[h * BLOCK + j] * a.scale;
                 if (a.softcap != 0.0f) {
                     s = a.softcap * tanhf(s);
                 }
@@ -179,7 +196,7 @@ void group_chunk(const fattn_args & a, int64_t ikv, int64_t ic0, int64_t ic1, fl
             for (int64_t j = 0; j < n; j++) {
                 mnew = std::max(mnew, sh[j]);
             }
-            const float ms = M[h] == -INFINITY ? 0.0f : expf(M[h] - mnew);
+            const float ms  = M[h] == -INFINITY ? 0.0f : expf(M[h] - mnew);
             float *     acc = partials + (ikv * G + h) * partial_stride + 2;
             if (ms != 1.0f) {
                 ggml_vec_scale_f32((int) a.dv, acc, ms);
@@ -189,14 +206,9 @@ void group_chunk(const fattn_args & a, int64_t ikv, int64_t ic0, int64_t ic1, fl
         }
         // values: each V row converted once, added into every head of the group
         for (int64_t j = 0; j < n; j++) {
-            const char * vsrc = vbase + cells[j] * a.v->nb[1];
-            if (a.v->type == GGML_TYPE_F16) {
-                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) vsrc, vrow, a.dv);  // the SIMD conversion
-            } else {
-                v_to_f32(vsrc, vrow, a.dv);
-            }
+            row_to_f32(a.v, vbase + cells[j] * a.v->nb[1], row);
             for (int64_t h = 0; h < G; h++) {
-                ggml_vec_mad_f32((int) a.dv, partials + (ikv * G + h) * partial_stride + 2, vrow, prob[h * BLOCK + j]);
+                ggml_vec_mad_f32((int) a.dv, partials + (ikv * G + h) * partial_stride + 2, row, prob[h * BLOCK + j]);
             }
         }
     }
