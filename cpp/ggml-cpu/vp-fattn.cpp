@@ -26,7 +26,6 @@ namespace {
 std::atomic<bool> g_enabled{ true };
 
 constexpr int64_t BLOCK     = 64;          // kept cells scored together
-constexpr int64_t MAX_GROUP = 64;          // query heads per KV head handled at once
 constexpr uint16_t FP16_NEG_INF = 0xFC00;  // a masked cell
 
 bool supported_kv_type(ggml_type t) {
@@ -44,16 +43,20 @@ bool takes(const ggml_tensor * dst) {
     memcpy(&max_bias, (const float *) dst->op_params + 1, sizeof(float));
     return q->type == GGML_TYPE_F32 && q->ne[1] == 1 && q->ne[3] == 1 && supported_kv_type(k->type) &&
            supported_kv_type(v->type) && k->ne[3] == 1 && v->ne[3] == 1 && k->ne[2] == v->ne[2] &&
-           q->ne[2] % k->ne[2] == 0 && q->ne[2] / k->ne[2] <= MAX_GROUP && max_bias == 0.0f &&
+           q->ne[2] % k->ne[2] == 0 && max_bias == 0.0f &&
            (!mask || (mask->type == GGML_TYPE_F16 && mask->ne[2] == 1 && mask->ne[3] == 1)) &&
            q->nb[0] == sizeof(float) && k->nb[0] == ggml_type_size(k->type) && v->nb[0] == ggml_type_size(v->type) &&
            k->ne[0] % ggml_blck_size(k->type) == 0 && v->ne[0] % ggml_blck_size(v->type) == 0;
 }
 
-// per-thread scratch, in floats: the block's scores and probabilities, one K or V row in
-// F32, the block's cells (an int64 each)
-int64_t scratch_floats(int64_t group, int64_t dk, int64_t dv) {
-    return 2 * group * BLOCK + std::max(dk, dv) + 2 * BLOCK + (int64_t) CACHE_LINE_SIZE_F32;
+// per-thread scratch, in floats: every head's accumulator, max and sum (the partials are written
+// once, at the end: threads accumulating into neighbouring partials would share cache lines),
+// a group's scores and probabilities for a block, one K or V row in F32, the block's cells
+// (an int64 each)
+int64_t scratch_floats(int64_t heads, int64_t group, int64_t dk, int64_t dv) {
+    const int64_t n  = heads * (dv + 2) + 2 * group * BLOCK + std::max(dk, dv) + 2 * BLOCK;
+    const int64_t cl = (int64_t) CACHE_LINE_SIZE_F32;
+    return (n + cl - 1) / cl * cl + cl;  // whole cache lines: threads never share one
 }
 
 struct fattn_args {
@@ -144,27 +147,38 @@ inline void row_to_f32(const ggml_tensor * t, const char * row, float * out) {
     }
 }
 
-// One KV head's group over the cells [ic0, ic1): partial (M, S, acc[DV]) per query head.
-void group_chunk(const fattn_args & a, int64_t ikv, int64_t ic0, int64_t ic1, float * scratch, float * partials,
-                 int64_t partial_stride) {
+// A row's cache lines, asked for ahead of use: the kept cells are known a block ahead, and
+// VisionPulse's holes leave a stream the hardware prefetcher cannot follow.
+inline void prefetch_row(const char * row, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += CACHE_LINE_SIZE) {
+        __builtin_prefetch(row + o);
+    }
+}
+
+// The query heads over the cells [ic0, ic1): partial (M, S, acc[DV]) per query head. The cells
+// are taken a block at a time, every KV head of a cell within the block (a cell's heads sit side
+// by side in the cache, so K and V are read as two forward streams).
+void chunk_partials(const fattn_args & a, int64_t ic0, int64_t ic1, float * scratch, float * partials,
+                    int64_t partial_stride) {
     const int64_t G     = a.group;
-    float *       score = scratch;                 // [G][BLOCK]
-    float *       prob  = score + G * BLOCK;       // [G][BLOCK]
-    float *       row   = prob + G * BLOCK;        // [max(DK, DV)]: a K or V row in F32
+    const int64_t H     = a.n_head;
+    float *       accs  = scratch;               // [H][DV]
+    float *       M     = accs + H * a.dv;       // [H]
+    float *       S     = M + H;                 // [H]
+    float *       score = S + H;                 // [G][BLOCK]
+    float *       prob  = score + G * BLOCK;     // [G][BLOCK]
+    float *       row   = prob + G * BLOCK;      // [max(DK, DV)]: a K or V row in F32
     int64_t *     cells = (int64_t *) (row + std::max(a.dk, a.dv));  // [BLOCK] (two floats each)
     static_assert(sizeof(int64_t) == 2 * sizeof(float), "cell indices take two floats each");
 
-    const float * q  = (const float *) ((const char *) a.q->data + ikv * G * a.q->nb[2]);
-    const int64_t dq = a.q->nb[2] / sizeof(float);
-    float         M[MAX_GROUP];
-    float         S[MAX_GROUP];
-    for (int64_t h = 0; h < G; h++) {
+    const int64_t dq      = a.q->nb[2] / sizeof(float);
+    const size_t  k_bytes = ggml_row_size(a.k->type, a.dk);
+    const size_t  v_bytes = ggml_row_size(a.v->type, a.dv);
+    for (int64_t h = 0; h < H; h++) {
         M[h] = -INFINITY;
         S[h] = 0.0f;
-        memset(partials + (ikv * G + h) * partial_stride + 2, 0, a.dv * sizeof(float));
     }
-    const char * kbase = (const char *) a.k->data + ikv * a.k->nb[2];
-    const char * vbase = (const char *) a.v->data + ikv * a.v->nb[2];
+    memset(accs, 0, H * a.dv * sizeof(float));
 
     int64_t ic = ic0;
     while (true) {
@@ -176,46 +190,56 @@ void group_chunk(const fattn_args & a, int64_t ikv, int64_t ic0, int64_t ic1, fl
         if (n == 0) {
             break;
         }
-        // scores: each K row is read and converted once for the whole group
-        for (int64_t j = 0; j < n; j++) {
-            row_to_f32(a.k, kbase + cells[j] * a.k->nb[1], row);
-            group_dots(a.dk, G, q, dq, row, score + j, BLOCK);
-            const float mv = a.mask ? GGML_CPU_FP16_TO_FP32(a.mask[cells[j]]) : 0.0f;
-            for (int64_t h = 0; h < G; h++) {
-                float s = score[h * BLOCK + j] * a.scale;
-                if (a.softcap != 0.0f) {
-                    s = a.softcap * tanhf(s);
-                }
-                score[h * BLOCK + j] = s + mv;
-            }
-        }
-        // online softmax, a block at a time
-        for (int64_t h = 0; h < G; h++) {
-            const float * sh   = score + h * BLOCK;
-            float         mnew = M[h];
+        for (int64_t ikv = 0; ikv < a.n_head_kv; ikv++) {
+            const char *  kbase = (const char *) a.k->data + ikv * a.k->nb[2];
+            const char *  vbase = (const char *) a.v->data + ikv * a.v->nb[2];
+            const float * q     = (const float *) ((const char *) a.q->data + ikv * G * a.q->nb[2]);
+            // scores: each K row is read and converted once for the whole group
             for (int64_t j = 0; j < n; j++) {
-                mnew = std::max(mnew, sh[j]);
+                if (j + 2 < n) {
+                    prefetch_row(kbase + cells[j + 2] * a.k->nb[1], k_bytes);
+                }
+                prefetch_row(vbase + cells[j] * a.v->nb[1], v_bytes);
+                row_to_f32(a.k, kbase + cells[j] * a.k->nb[1], row);
+                group_dots(a.dk, G, q, dq, row, score + j, BLOCK);
+                const float mv = a.mask ? GGML_CPU_FP16_TO_FP32(a.mask[cells[j]]) : 0.0f;
+                for (int64_t h = 0; h < G; h++) {
+                    float sc = score[h * BLOCK + j] * a.scale;
+                    if (a.softcap != 0.0f) {
+                        sc = a.softcap * tanhf(sc);
+                    }
+                    score[h * BLOCK + j] = sc + mv;
+                }
             }
-            const float ms  = M[h] == -INFINITY ? 0.0f : expf(M[h] - mnew);
-            float *     acc = partials + (ikv * G + h) * partial_stride + 2;
-            if (ms != 1.0f) {
-                ggml_vec_scale_f32((int) a.dv, acc, ms);
-            }
-            S[h] = S[h] * ms + (float) ggml_vec_soft_max_f32((int) n, prob + h * BLOCK, sh, mnew);
-            M[h] = mnew;
-        }
-        // values: each V row converted once, added into every head of the group
-        for (int64_t j = 0; j < n; j++) {
-            row_to_f32(a.v, vbase + cells[j] * a.v->nb[1], row);
+            // online softmax, a block at a time
             for (int64_t h = 0; h < G; h++) {
-                ggml_vec_mad_f32((int) a.dv, partials + (ikv * G + h) * partial_stride + 2, row, prob[h * BLOCK + j]);
+                const int64_t iq   = ikv * G + h;
+                const float * sh   = score + h * BLOCK;
+                float         mnew = M[iq];
+                for (int64_t j = 0; j < n; j++) {
+                    mnew = std::max(mnew, sh[j]);
+                }
+                const float ms = M[iq] == -INFINITY ? 0.0f : expf(M[iq] - mnew);
+                if (ms != 1.0f) {
+                    ggml_vec_scale_f32((int) a.dv, accs + iq * a.dv, ms);
+                }
+                S[iq] = S[iq] * ms + (float) ggml_vec_soft_max_f32((int) n, prob + h * BLOCK, sh, mnew);
+                M[iq] = mnew;
+            }
+            // values: each V row converted once, added into every head of the group
+            for (int64_t j = 0; j < n; j++) {
+                row_to_f32(a.v, vbase + cells[j] * a.v->nb[1], row);
+                for (int64_t h = 0; h < G; h++) {
+                    ggml_vec_mad_f32((int) a.dv, accs + (ikv * G + h) * a.dv, row, prob[h * BLOCK + j]);
+                }
             }
         }
     }
-    for (int64_t h = 0; h < G; h++) {
-        float * p = partials + (ikv * G + h) * partial_stride;
-        p[0]      = M[h];
-        p[1]      = S[h];
+    for (int64_t iq = 0; iq < H; iq++) {
+        float * p = partials + iq * partial_stride;
+        p[0]      = M[iq];
+        p[1]      = S[iq];
+        memcpy(p + 2, accs + iq * a.dv, a.dv * sizeof(float));
     }
 }
 
@@ -273,7 +297,7 @@ extern "C" size_t vp_fattn_work_size(const ggml_tensor * node, int n_tasks) {
     const int64_t dv    = node->src[2]->ne[0];
     const int64_t heads = node->src[0]->ne[2];
     const int64_t group = heads / node->src[1]->ne[2];
-    return sizeof(float) * (size_t) (n_tasks * scratch_floats(group, dk, dv) + heads * n_tasks * (2 + dv));
+    return sizeof(float) * (size_t) (n_tasks * scratch_floats(heads, group, dk, dv) + heads * n_tasks * (2 + dv));
 }
 
 extern "C" bool vp_fattn_decode(const ggml_compute_params * params, ggml_tensor * dst) {
@@ -284,7 +308,7 @@ extern "C" bool vp_fattn_decode(const ggml_compute_params * params, ggml_tensor 
     const int        ith = params->ith;
     const int        nth = params->nth;
 
-    const int64_t scratch_n = scratch_floats(a.group, a.dk, a.dv);
+    const int64_t scratch_n = scratch_floats(a.n_head, a.group, a.dk, a.dv);
     float *       scratch   = (float *) params->wdata + ith * scratch_n;
     // partials: [query head][chunk][M, S, acc[DV]]
     float *       partials  = (float *) params->wdata + nth * scratch_n;
@@ -293,10 +317,8 @@ extern "C" bool vp_fattn_decode(const ggml_compute_params * params, ggml_tensor 
     const int64_t chunk = (a.n_kv + nth - 1) / nth;
     const int64_t ic0   = std::min(a.n_kv, ith * chunk);
     const int64_t ic1   = std::min(a.n_kv, ic0 + chunk);
-    for (int64_t ikv = 0; ikv < a.n_head_kv; ikv++) {
-        // this thread's chunk is partial `ith` of each head: heads are nth partials apart
-        group_chunk(a, ikv, ic0, ic1, scratch, partials + ith * part, nth * part);
-    }
+    // this thread's chunk is partial `ith` of each head: heads are nth partials apart
+    chunk_partials(a, ic0, ic1, scratch, partials + ith * part, nth * part);
 
     ggml_barrier(params->threadpool);
 

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -327,11 +328,81 @@ void bench() {
     }
 }
 
+// A decode step's attention over a model's worth of layers, each with its own cache (so, as in a
+// model, no layer finds its K/V in the CPU's caches): ours, upstream's kernel, and the path
+// without flash attention (K.Q, softmax, V^T.P with V stored transposed, as llama.cpp keeps it).
+void bench_layers(int64_t n_kv, int n_layer, int threads) {
+    const int64_t d = 128, G = 8, n_head_kv = 2, n_head = G * n_head_kv;
+    struct layer {
+        graph         fa;
+        ggml_context * ctx = nullptr;
+        ggml_cgraph *  gf  = nullptr;
+        ~layer() { ggml_free(ctx); }
+    };
+    std::vector<std::unique_ptr<layer>> layers;
+    for (int il = 0; il < n_layer; il++) {
+        auto L = std::make_unique<layer>();
+        build(L->fa, { d, G, n_head_kv, n_kv, GGML_TYPE_F16, GGML_TYPE_F16, mask_kind::causal_tail, threads }, il);
+        ggml_init_params ip = { (size_t) (n_kv * d * n_head_kv * 4 + n_kv * n_head * 8 + n_kv * 4) + 64 * 1024 * 1024,
+                                nullptr, false };
+        L->ctx              = ggml_init(ip);
+        ggml_tensor * q     = ggml_new_tensor_4d(L->ctx, GGML_TYPE_F32, d, 1, n_head, 1);
+        ggml_tensor * kc    = ggml_new_tensor_3d(L->ctx, GGML_TYPE_F16, d, n_head_kv, n_kv);
+        ggml_tensor * vt    = ggml_new_tensor_3d(L->ctx, GGML_TYPE_F16, n_kv, d, n_head_kv);  // V transposed
+        ggml_tensor * mask  = ggml_new_tensor_4d(L->ctx, GGML_TYPE_F16, n_kv, 1, 1, 1);
+        memset(kc->data, 0, ggml_nbytes(kc));
+        memset(vt->data, 0, ggml_nbytes(vt));
+        memset(mask->data, 0, ggml_nbytes(mask));
+        memset(q->data, 0, ggml_nbytes(q));
+        ggml_tensor * k  = ggml_permute(L->ctx, kc, 0, 2, 1, 3);
+        ggml_tensor * kq = ggml_mul_mat(L->ctx, k, q);
+        kq               = ggml_soft_max_ext(L->ctx, kq, mask, 0.088f, 0.0f);
+        ggml_tensor * o  = ggml_mul_mat(L->ctx, vt, kq);
+        L->gf            = ggml_new_graph(L->ctx);
+        ggml_build_forward_expand(L->gf, o);
+        layers.push_back(std::move(L));
+    }
+    auto run = [&](int which) {
+        const auto t0 = std::chrono::steady_clock::now();
+        for (auto & L : layers) {
+            if (which == 2) {
+                ggml_cplan plan = ggml_graph_plan(L->gf, threads, nullptr);
+                std::vector<uint8_t> work(plan.work_size + 64);
+                plan.work_data = work.data();
+                ggml_graph_compute(L->gf, &plan);
+            } else {
+                vp_fattn_set_enabled(which == 0);
+                compute(L->fa, threads, false);
+            }
+        }
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    };
+    std::vector<double> t[3];
+    for (int r = 0; r < 7; r++) {
+        for (int w = 0; w < 3; w++) {
+            t[w].push_back(run(w));
+        }
+    }
+    vp_fattn_set_enabled(true);
+    for (auto & x : t) {
+        std::sort(x.begin(), x.end());
+    }
+    printf("| %lld | %d | %.1f | %.1f | %.1f |\n", (long long) n_kv, n_layer, t[0][3], t[1][3], t[2][3]);
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
     ggml_cpu_init();
     const bool do_bench = argc > 1 && std::string(argv[1]) == "--bench";
+    if (argc > 1 && std::string(argv[1]) == "--bench-layers") {
+        const int threads = argc > 2 ? atoi(argv[2]) : 2;
+        printf("| n_kv | layers | ours ms | upstream FA ms | without FA ms |\n|---|---|---|---|---|\n");
+        for (int64_t n_kv : { 4096, 16384 }) {
+            bench_layers(n_kv, 36, threads);
+        }
+        return 0;
+    }
     int        n_fail = 0, n = 0;
     for (const fa_case & c : cases()) {
         graph g;
