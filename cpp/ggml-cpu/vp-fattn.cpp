@@ -138,10 +138,42 @@ inline void group_dots(int64_t n, int64_t G, const float * q, int64_t dq, const 
     }
 }
 
+// A Q8_0 row in F32, inline: ggml's dequantize_row_q8_0 is a call per row and a scalar loop.
+inline void q8_0_to_f32(const char * row, float * out, int64_t n) {
+    constexpr int64_t QK = 32, BLOCK_BYTES = sizeof(ggml_fp16_t) + QK;  // block_q8_0: scale, 32 int8
+    for (int64_t b = 0; b < n / QK; b++) {
+        const char *   blk = row + b * BLOCK_BYTES;
+        const int8_t * qs  = (const int8_t *) (blk + sizeof(ggml_fp16_t));
+        ggml_fp16_t    dh;
+        memcpy(&dh, blk, sizeof(dh));
+        const float d = GGML_CPU_FP16_TO_FP32(dh);
+        float *     o = out + b * QK;
+#if defined(__AVX512F__)
+        const __m512 dv = _mm512_set1_ps(d);
+        for (int i = 0; i < QK; i += 16) {
+            const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (qs + i)));
+            _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_cvtepi32_ps(q), dv));
+        }
+#elif defined(__AVX2__)
+        const __m256 dv = _mm256_set1_ps(d);
+        for (int i = 0; i < QK; i += 8) {
+            const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (qs + i)));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_cvtepi32_ps(q), dv));
+        }
+#else
+        for (int i = 0; i < QK; i++) {
+            o[i] = d * (float) qs[i];
+        }
+#endif
+    }
+}
+
 // one K or V row in F32, whatever the cache's type
 inline void row_to_f32(const ggml_tensor * t, const char * row, float * out) {
     if (t->type == GGML_TYPE_F16) {
         ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, out, t->ne[0]);  // the SIMD conversion
+    } else if (t->type == GGML_TYPE_Q8_0) {
+        q8_0_to_f32(row, out, t->ne[0]);
     } else {
         ggml_get_type_traits(t->type)->to_float(row, out, t->ne[0]);
     }
