@@ -12,7 +12,7 @@ SOURCES := $(shell find cpp vp_gguf -type f -not -path '*/__pycache__/*' -not -p
 READY     = $(VENV)/.vp-ready
 INSTALLED = $(VENV)/.vp-installed
 
-.PHONY: install demo test test-quick test-archs format dist bench bench-speed patches patches-check fetch clean
+.PHONY: install demo test test-quick test-archs format dist bench bench-speed gpu-check patches patches-check fetch clean
 
 # machine checks, the venv, the pinned llama.cpp tree, the build requirements
 $(READY): scripts/bootstrap.py pyproject.toml third_party/llama.cpp.lock.json
@@ -62,6 +62,10 @@ bench: $(INSTALLED)
 # decode speed, VisionPulse against dense and a text-only floor -> docs/speed (about 20 minutes)
 bench-speed: $(INSTALLED)
 	$(PY) scripts/speed_bench.py
+
+# on a machine with an NVIDIA GPU: CUDA build, exactness tests offloaded, speed -> docs/speed/cuda
+gpu-check:
+	scripts/gpu_check.sh
 
 patches: $(READY)
 	$(PY) scripts/patches.py regenerate

@@ -110,9 +110,9 @@ def model_path(name: str, cache: Path) -> tuple[Path, str]:
 
 class Runner:
     def __init__(self, path: Path, n_ctx: int, threads: int, flash_attn: str = "auto", cb_eval=None,
-                 type_k: str = "f16", type_v: str = "f16") -> None:
+                 type_k: str = "f16", type_v: str = "f16", gpu: bool = False) -> None:
         mp = L.llama_model_default_params()
-        mp.n_gpu_layers = 999
+        mp.n_gpu_layers = 999 if gpu else 0
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"could not load {path}")
@@ -263,7 +263,7 @@ def profile(name: str, a: argparse.Namespace, cache: Path, nv: int) -> dict:
     timer = NodeTimer()
     r = Runner(path, nv + a.text + a.steps + 16, a.threads, a.flash_attn, cb_eval=timer.cb)
     r.load(r.make_state(nv, a.text))
-    r.set_mode(MODES["vp5"], nv)
+    r.set_mode(replace(MODES["vp5"], min_pruned_layers=0), nv)  # the parts, also where the preset would skip
     r.decode_tokens([11])
     timer.on = True
     t0 = time.perf_counter()
@@ -318,7 +318,7 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
         cfg = CONFIGS[c]
         if cfg.context not in runners:
             runners[cfg.context] = Runner(path, n_ctx, a.threads, cfg.flash_attn, type_k=cfg.type_k,
-                                          type_v=cfg.type_v)
+                                          type_v=cfg.type_v, gpu=a.gpu)
     first = runners[CONFIGS[a.config].context]
     anchor = None
     out = {"model": desc, "file": path.name, "n_layer": first.n_layer, "n_swa": first.n_swa,
@@ -344,7 +344,10 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
                     anchor = V.llama_vp_anchor_layer(r.ctx)
                 dt, ret = r.run_decode(a.steps)
                 if MODES[m] is not None:
-                    paths[c, m] = ATTN_NAMES.get(V.llama_vp_last_attn(r.ctx), "-")
+                    skipped = V.llama_vp_skip_reason(r.ctx)
+                    paths[c, m] = "skipped" if skipped else ATTN_NAMES.get(V.llama_vp_last_attn(r.ctx), "-")
+                    if skipped:
+                        out["skipped"] = skipped.decode()
                 times[c, m].append(dt / a.steps)
                 rets[c, m] += ret
                 k += 1
@@ -403,7 +406,7 @@ def summary_table(r: dict) -> list[str]:
 def markdown(results: dict, meta: dict) -> str:
     md = ["# Decode speed: VisionPulse against the fastest dense setting", "",
           f"Written by `{meta['command']}` ({meta['elapsed_min']:.1f} min, {meta['machine']}, "
-          f"{meta['threads']} threads, CPU only). {meta['text']} text tokens after the visual ones, "
+          f"{meta['threads']} threads, {'every layer on the GPU' if meta.get('gpu') else 'CPU only'}). {meta['text']} text tokens after the visual ones, "
           f"{meta['steps']} decode steps per run, {meta['reps']} interleaved repetitions; times are the "
           "median (min) per token. Dense runs in every configuration a user could pick; **the baseline of "
           "every speedup is the fastest of them at that size** (its ratio to the min-of-runs in brackets, "
@@ -416,6 +419,8 @@ def markdown(results: dict, meta: dict) -> str:
                f"{r['n_layer']} layers, anchor layer {r['anchor_layer']}. Configurations: "
                + "; ".join(_config_text(c, cfg) for c, cfg in r["configs"].items())
                + f". Modes other than dense and vp5 run in `{r['default_config']}`.", ""]
+        if r.get("skipped"):
+            md += [f"VisionPulse on this model: {r['skipped']} (path `skipped` below).", ""]
         md += summary_table(r) + [""]
         md += ["| visual tokens | mode | config | path | ms/token median (min) | tok/s | vs fastest dense (min) | "
                "vs dense, same config | gap closed | kept |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -477,6 +482,7 @@ def main() -> int:
     ap.add_argument("--prefill-reps", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto", help="for --profile")
+    ap.add_argument("--gpu", action="store_true", help="offload every layer (a GPU build)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "speed"))
     ap.add_argument("--cache", default=str(ROOT / ".vp-cache" / "bench"))
     ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md and the plot from results.json")
@@ -504,7 +510,8 @@ def main() -> int:
               f"Written by `python3 scripts/speed_bench.py {' '.join(sys.argv[1:])}`: every graph node computed "
               "alone (cb_eval), its time attributed to its layer; non-attention work above a plain layer's "
               "median counts as VisionPulse's own (probe and selection at the anchor, mask or gather later). "
-              "Node-by-node execution adds overhead to the small nodes; read the shares, not the totals.", ""]
+              "Node-by-node execution adds overhead to the small nodes; read the shares, not the totals. "
+              "The selection runs also where the preset would skip it (min_pruned_layers 0).", ""]
         for x in res:
             tot = sum(x["parts_ms"].values())
             md += [f"## {x['model']}", "",
@@ -521,7 +528,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     argv = " ".join(sys.argv[1:])
     meta = {"command": f"python3 scripts/speed_bench.py {argv}".strip(), "machine": platform.platform(),
-            "threads": a.threads, "text": a.text, "steps": a.steps, "reps": a.reps,
+            "threads": a.threads, "gpu": a.gpu, "text": a.text, "steps": a.steps, "reps": a.reps,
             "elapsed_min": (time.time() - t0) / 60}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": flat_rows(results), "results": results},
                                                  indent=1))

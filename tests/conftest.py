@@ -106,6 +106,8 @@ def load_model(tiny_paths):
     def get(family: str, **kw) -> vp_gguf.VisionModel:
         kw.setdefault("n_ctx", 1024)
         kw.setdefault("n_threads", 2)
+        # scripts/gpu_check.sh runs the exactness tests with every layer offloaded
+        kw.setdefault("n_gpu_layers", int(os.environ.get("VP_GGUF_TEST_N_GPU_LAYERS", "0")))
         key = (family, tuple(sorted(kw.items())))
         if key not in _MODELS:
             m, p = tiny_paths(family)

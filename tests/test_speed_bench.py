@@ -21,22 +21,32 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("fa", ["on", "off"])
-def test_table_json_and_plot(tmp_path, fa):
-    r = _run("--sizes", "192", "--reps", "1", "--steps", "2", "--modes", "dense,vp5,vp5-gather,floor",
-             "--prefill-sizes", "64", "--prefill-reps", "1", "-fa", fa, "--out", str(tmp_path))
+def test_table_json_and_plot(tmp_path):
+    r = _run("--sizes", "192", "--reps", "1", "--steps", "2", "--configs", "fa-on,fa-off,fa-on-q8,fa-on-upstream",
+             "--modes", "vp5-gather,floor", "--prefill-sizes", "64", "--prefill-reps", "1", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((tmp_path / "results.json").read_text())["results"]["gemma"]
-    assert res["flash_attn"] == fa
-    row = res["sizes"]["192"]
-    assert set(row) == {"dense", "vp5", "vp5-gather", "floor"}
-    assert row["dense"]["speedup"] == 1.0 and row["dense"]["path"] == "-"
-    assert row["vp5-gather"]["path"] == "gather"
-    assert row["vp5"]["path"] == ("mask" if fa == "on" else "gather")  # auto on CPU
-    assert 0 < row["vp5"]["retention_mean"] < 1 and row["floor"]["retention_mean"] == 1.0
+    data = json.loads((tmp_path / "results.json").read_text())
+    res = data["results"]["gemma"]
+    size = res["sizes"]["192"]
+    runs = size["runs"]
+    assert set(runs) == {f"{m}@{c}" for c in ("fa-on", "fa-off", "fa-on-q8", "fa-on-upstream") for m in ("dense", "vp5")} \
+        | {"vp5-gather@fa-on", "floor@fa-on"}
+    # the baseline is the fastest dense configuration of the size, whichever it is
+    dense = {x["config"]: x["ms_per_tok_median"] for x in runs.values() if x["mode"] == "dense"}
+    assert size["fastest_dense"] == min(dense, key=dense.__getitem__)
+    assert runs[f"dense@{size['fastest_dense']}"]["speedup_vs_fastest_dense"] == 1.0
+    assert all(x["speedup_vs_same_config_dense"] == 1.0 for x in runs.values() if x["mode"] == "dense")
+    assert runs["dense@fa-on"]["path"] == "-"
+    # Gemma 3 270M prunes one full-attention layer after its anchor: the selection is skipped
+    assert all(runs[k]["path"] == "skipped" and runs[k]["retention_mean"] == 1.0 for k in runs if "vp5" in k)
+    assert "cannot pay" in res["skipped"]
+    assert runs["floor@fa-on"]["retention_mean"] == 1.0
+    rows = data["rows"]
+    assert len(rows) == len(runs)
+    assert {"visual_tokens", "mode", "ms_per_token", "speedup_vs_fastest_dense"} <= set(rows[0])
     assert res["prefill"]["64"]["ratio"] > 0
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "| 192 | vp5-gather | gather |" in md and ("V is read whole" in md) == (fa == "off")
+    assert "| 192 | vp5-gather | fa-on | skipped |" in md and "fastest dense" in md and "cannot pay" in md
     assert (tmp_path / "speed.png").stat().st_size > 1000
 
 
