@@ -48,7 +48,7 @@ test-archs: $(INSTALLED)
 # ruff's and clang-format's layout, applied (make test checks it)
 format: $(INSTALLED)
 	$(VENV)/bin/ruff format vp_gguf
-	$(VENV)/bin/clang-format -i cpp/src/*.cpp cpp/src/*.h cpp/include/*.h
+	$(VENV)/bin/clang-format -i cpp/src/*.cpp cpp/src/*.h cpp/include/*.h cpp/ggml-cpu/*.cpp cpp/ggml-cpu/*.h
 
 # an sdist (carrying the pinned llama.cpp sdist) and a portable wheel for other machines
 dist: $(READY)

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CPP = sorted(str(p.relative_to(ROOT)) for d in ("cpp/src", "cpp/include") for p in (ROOT / d).glob("*.[ch]*"))
+CPP = sorted(str(p.relative_to(ROOT)) for d in ("cpp/src", "cpp/include", "cpp/ggml-cpu") for p in (ROOT / d).glob("*.[ch]*"))
 
 CHECKS = {
     "ruff-lint": [str(BIN / "ruff"), "check", "vp_gguf"],

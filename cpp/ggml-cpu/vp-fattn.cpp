@@ -25,8 +25,8 @@ namespace {
 
 std::atomic<bool> g_enabled{ true };
 
-constexpr int64_t BLOCK     = 64;          // kept cells scored together
-constexpr uint16_t FP16_NEG_INF = 0xFC00;  // a masked cell
+constexpr int64_t  BLOCK        = 64;     // kept cells scored together
+constexpr uint16_t FP16_NEG_INF = 0xFC00; // a masked cell
 
 bool supported_kv_type(ggml_type t) {
     return t == GGML_TYPE_F16 || t == GGML_TYPE_Q8_0;
@@ -35,11 +35,11 @@ bool supported_kv_type(ggml_type t) {
 // The shapes this kernel takes: one query token (decode), F16/Q8_0 K and V, no ALiBi,
 // one mask row shared by all heads. Everything else stays on upstream's kernel.
 bool takes(const ggml_tensor * dst) {
-    const ggml_tensor * q    = dst->src[0];
-    const ggml_tensor * k    = dst->src[1];
-    const ggml_tensor * v    = dst->src[2];
-    const ggml_tensor * mask = dst->src[3];
-    float max_bias = 0.0f;
+    const ggml_tensor * q        = dst->src[0];
+    const ggml_tensor * k        = dst->src[1];
+    const ggml_tensor * v        = dst->src[2];
+    const ggml_tensor * mask     = dst->src[3];
+    float               max_bias = 0.0f;
     memcpy(&max_bias, (const float *) dst->op_params + 1, sizeof(float));
     return q->type == GGML_TYPE_F32 && q->ne[1] == 1 && q->ne[3] == 1 && supported_kv_type(k->type) &&
            supported_kv_type(v->type) && k->ne[3] == 1 && v->ne[3] == 1 && k->ne[2] == v->ne[2] &&
@@ -56,15 +56,15 @@ bool takes(const ggml_tensor * dst) {
 int64_t scratch_floats(int64_t heads, int64_t group, int64_t dk, int64_t dv) {
     const int64_t n  = heads * (dv + 2) + 2 * group * BLOCK + std::max(dk, dv) + 2 * BLOCK;
     const int64_t cl = (int64_t) CACHE_LINE_SIZE_F32;
-    return (n + cl - 1) / cl * cl + cl;  // whole cache lines: threads never share one
+    return (n + cl - 1) / cl * cl + cl; // whole cache lines: threads never share one
 }
 
 struct fattn_args {
-    const ggml_tensor * q, *k, *v;
-    const uint16_t *    mask;  // the query's mask row, or null
-    const float *       sinks;
-    int64_t             dk, dv, n_kv, n_head, n_head_kv, group;
-    float               scale, softcap;
+    const ggml_tensor *q, *k, *v;
+    const uint16_t *   mask; // the query's mask row, or null
+    const float *      sinks;
+    int64_t            dk, dv, n_kv, n_head, n_head_kv, group;
+    float              scale, softcap;
 };
 
 fattn_args read_args(const ggml_tensor * dst) {
@@ -140,7 +140,7 @@ inline void group_dots(int64_t n, int64_t G, const float * q, int64_t dq, const 
 
 // A Q8_0 row in F32, inline: ggml's dequantize_row_q8_0 is a call per row and a scalar loop.
 inline void q8_0_to_f32(const char * row, float * out, int64_t n) {
-    constexpr int64_t QK = 32, BLOCK_BYTES = sizeof(ggml_fp16_t) + QK;  // block_q8_0: scale, 32 int8
+    constexpr int64_t QK = 32, BLOCK_BYTES = sizeof(ggml_fp16_t) + QK; // block_q8_0: scale, 32 int8
     for (int64_t b = 0; b < n / QK; b++) {
         const char *   blk = row + b * BLOCK_BYTES;
         const int8_t * qs  = (const int8_t *) (blk + sizeof(ggml_fp16_t));
@@ -171,7 +171,7 @@ inline void q8_0_to_f32(const char * row, float * out, int64_t n) {
 // one K or V row in F32, whatever the cache's type
 inline void row_to_f32(const ggml_tensor * t, const char * row, float * out) {
     if (t->type == GGML_TYPE_F16) {
-        ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, out, t->ne[0]);  // the SIMD conversion
+        ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, out, t->ne[0]); // the SIMD conversion
     } else if (t->type == GGML_TYPE_Q8_0) {
         q8_0_to_f32(row, out, t->ne[0]);
     } else {
@@ -194,13 +194,13 @@ void chunk_partials(const fattn_args & a, int64_t ic0, int64_t ic1, float * scra
                     int64_t partial_stride) {
     const int64_t G     = a.group;
     const int64_t H     = a.n_head;
-    float *       accs  = scratch;               // [H][DV]
-    float *       M     = accs + H * a.dv;       // [H]
-    float *       S     = M + H;                 // [H]
-    float *       score = S + H;                 // [G][BLOCK]
-    float *       prob  = score + G * BLOCK;     // [G][BLOCK]
-    float *       row   = prob + G * BLOCK;      // [max(DK, DV)]: a K or V row in F32
-    int64_t *     cells = (int64_t *) (row + std::max(a.dk, a.dv));  // [BLOCK] (two floats each)
+    float *       accs  = scratch;                                  // [H][DV]
+    float *       M     = accs + H * a.dv;                          // [H]
+    float *       S     = M + H;                                    // [H]
+    float *       score = S + H;                                    // [G][BLOCK]
+    float *       prob  = score + G * BLOCK;                        // [G][BLOCK]
+    float *       row   = prob + G * BLOCK;                         // [max(DK, DV)]: a K or V row in F32
+    int64_t *     cells = (int64_t *) (row + std::max(a.dk, a.dv)); // [BLOCK] (two floats each)
     static_assert(sizeof(int64_t) == 2 * sizeof(float), "cell indices take two floats each");
 
     const int64_t dq      = a.q->nb[2] / sizeof(float);
@@ -285,7 +285,7 @@ void reduce_head(const fattn_args & a, ggml_tensor * dst, int64_t iq, const floa
     for (int64_t c = 0; c < n_chunks; c++) {
         const float * p = partials + (iq * n_chunks + c) * part;
         if (p[1] == 0.0f) {
-            continue;  // nothing kept in this chunk
+            continue; // nothing kept in this chunk
         }
         const float mnew = std::max(M, p[0]);
         const float so   = M == -INFINITY ? 0.0f : expf(M - mnew);
@@ -296,7 +296,7 @@ void reduce_head(const fattn_args & a, ggml_tensor * dst, int64_t iq, const floa
         S = S * so + p[1] * sn;
         M = mnew;
     }
-    if (a.sinks) {  // a sink is a logit with no value: it only adds to the sum
+    if (a.sinks) { // a sink is a logit with no value: it only adds to the sum
         const float s = a.sinks[iq];
         if (s > M) {
             const float ms = M == -INFINITY ? 0.0f : expf(M - s);
@@ -311,7 +311,7 @@ void reduce_head(const fattn_args & a, ggml_tensor * dst, int64_t iq, const floa
     memcpy((char *) dst->data + iq * dst->nb[1], out, a.dv * sizeof(float));
 }
 
-}  // namespace
+} // namespace
 
 extern "C" void vp_fattn_set_enabled(bool enabled) {
     g_enabled.store(enabled);
@@ -343,8 +343,8 @@ extern "C" bool vp_fattn_decode(const ggml_compute_params * params, ggml_tensor 
     const int64_t scratch_n = scratch_floats(a.n_head, a.group, a.dk, a.dv);
     float *       scratch   = (float *) params->wdata + ith * scratch_n;
     // partials: [query head][chunk][M, S, acc[DV]]
-    float *       partials  = (float *) params->wdata + nth * scratch_n;
-    const int64_t part      = 2 + a.dv;
+    float *       partials = (float *) params->wdata + nth * scratch_n;
+    const int64_t part     = 2 + a.dv;
 
     const int64_t chunk = (a.n_kv + nth - 1) / nth;
     const int64_t ic0   = std::min(a.n_kv, ith * chunk);
