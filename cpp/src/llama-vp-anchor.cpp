@@ -149,7 +149,7 @@ void vp_build_anchor(const llm_graph_context & g, llm_graph_input_vp & inp, ggml
         set->n_sel = inp.plan.n_sel;
         if (!inp.plan.rank_only) {
             vp_set_mask(ctx, inp, *set, kq_mask);
-            if (R == 1) {
+            if (R == 1 && inp.path == LLAMA_VP_ATTN_GATHER) { // the mask path never reads it: no second sort
                 set->idx = vp_gather_list(ctx, inp, set->keep);
             }
         }
