@@ -444,7 +444,7 @@ def markdown(results: dict, meta: dict) -> str:
                           f"{x['ratio']:.3f} ({best:.3f}) |")
         md.append("")
     md += ["`*` marks the fastest dense configuration of each size.", "", "![decode speed](speed.png)", "",
-           "Where the time of a step goes (node by node): `PROFILE.md`, written by `--profile 16384`.", ""]
+           "Where the time of a step goes (node by node): `PROFILE.md`, written by `--profile N_V`.", ""]
     return "\n".join(md)
 
 

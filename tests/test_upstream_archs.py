@@ -3,23 +3,19 @@ builds its graph and runs (our hooks sit in every architecture's attention)."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
+
+from support.native import run_tool
 
 pytestmark = pytest.mark.slow
 
 
 def test_every_architecture_runs_on_the_patched_tree():
-    import build_tools
-
-    exe = build_tools.build(target="vp-test-llama-archs")
-    r = subprocess.run([str(exe)], check=False, capture_output=True, text=True, timeout=1200)
-    out = r.stdout + r.stderr
+    rc, out = run_tool("vp-test-llama-archs")
     # the exit status is the verdict (non-zero if any architecture failed); the closing
     # "Summary:" line goes through common_log's asynchronous writer and can be lost at exit
     # (seen in CI), so the rows themselves are read instead of it
-    assert r.returncode == 0, out[-4000:]
+    assert rc == 0, out[-4000:]
     table = [line for line in out.splitlines() if line.startswith("|")]
     rows = table[2:]  # past the header and its rule
     assert not any("FAIL" in row for row in rows), out[-4000:]
