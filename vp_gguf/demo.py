@@ -63,9 +63,15 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError("--model needs --mmproj, --image and -p")
 
     vp = VisionPulse.parse(a.visionpulse)
+    extra = ""
+    if digits is not None and vp is not None:
+        # Gemma 3 270M has one full-attention layer after its anchor, where the selection cannot pay
+        # for speed and the library skips it (min_pruned_layers); the demo shows what it keeps
+        vp.min_pruned_layers = 0
+        extra = " --vp-min-pruned-layers 0"
     print(
         f"\n$ vp-gguf run -m {a.model} --mmproj {a.mmproj} --image {a.image} -p {a.prompt!r} "
-        f"-n {a.n} --visionpulse {a.visionpulse}\n"
+        f"-n {a.n} --visionpulse {a.visionpulse}{extra}\n"
     )
     with VisionModel(a.model, a.mmproj, n_ctx=4096) as m:
         r = m.generate(a.prompt, images=[a.image], max_tokens=a.n, visionpulse=vp)
@@ -80,7 +86,9 @@ def run(a: argparse.Namespace) -> int:
             f"{r.n_image_tokens} image tokens; encode {t.image_encode_ms:.0f} ms, "
             f"prefill {t.prefill_tok_s:.0f} tok/s, decode {t.decode_tok_s:.1f} tok/s"
         )
-        if r.visionpulse is not None and r.visionpulse.steps:
+        if r.visionpulse is not None and r.visionpulse.skipped:
+            print(f"VisionPulse: {r.visionpulse.skipped}")
+        elif r.visionpulse is not None and r.visionpulse.steps:
             s = r.visionpulse.summary()
             print(
                 f"VisionPulse ({r.visionpulse.mode}, anchor layer {r.visionpulse.anchor_layer}): kept "
