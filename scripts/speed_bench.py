@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -85,12 +86,17 @@ CONFIGS = {
 KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}
 
 
-def set_fattn_kernel(upstream: bool) -> None:
-    """Our CPU flash-attention kernel on or off (cpp/ggml-cpu/vp-fattn.h), process-wide."""
+@functools.cache
+def _ggml_cpu() -> ctypes.CDLL:
     from vp_gguf._libdir import lib_dir
     lib = ctypes.CDLL(str(lib_dir() / ("libggml-cpu" + Path(L._lib._name).suffix)))
     lib.vp_fattn_set_enabled.argtypes = [ctypes.c_bool]
-    lib.vp_fattn_set_enabled(not upstream)
+    return lib
+
+
+def set_fattn_kernel(upstream: bool) -> None:
+    """Our CPU flash-attention kernel on or off (cpp/ggml-cpu/vp-fattn.h), process-wide."""
+    _ggml_cpu().vp_fattn_set_enabled(not upstream)
 
 
 def model_path(name: str, cache: Path) -> tuple[Path, str]:

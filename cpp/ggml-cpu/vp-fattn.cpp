@@ -49,16 +49,6 @@ bool takes(const ggml_tensor * dst) {
            k->ne[0] % ggml_blck_size(k->type) == 0 && v->ne[0] % ggml_blck_size(v->type) == 0;
 }
 
-// per-thread scratch, in floats: every head's accumulator, max and sum (the partials are written
-// once, at the end: threads accumulating into neighbouring partials would share cache lines),
-// a group's scores and probabilities for a block, one K or V row in F32, the block's cells
-// (an int64 each)
-int64_t scratch_floats(int64_t heads, int64_t group, int64_t dk, int64_t dv) {
-    const int64_t n  = heads * (dv + 2) + 2 * group * BLOCK + std::max(dk, dv) + 2 * BLOCK;
-    const int64_t cl = (int64_t) CACHE_LINE_SIZE_F32;
-    return (n + cl - 1) / cl * cl + cl; // whole cache lines: threads never share one
-}
-
 struct fattn_args {
     const ggml_tensor *q, *k, *v;
     const uint16_t *   mask; // the query's mask row, or null
@@ -66,6 +56,21 @@ struct fattn_args {
     int64_t            dk, dv, n_kv, n_head, n_head_kv, group;
     float              scale, softcap;
 };
+
+// one head's partial over a chunk of cells: M, S, acc[DV]
+int64_t partial_floats(const fattn_args & a) {
+    return 2 + a.dv;
+}
+
+// per-thread scratch, in floats: every head's accumulator, max and sum (the partials are written
+// once, at the end: threads accumulating into neighbouring partials would share cache lines),
+// a group's scores and probabilities for a block, one K or V row in F32, the block's cells
+// (an int64 each)
+int64_t scratch_floats(const fattn_args & a) {
+    const int64_t n  = a.n_head * partial_floats(a) + 2 * a.group * BLOCK + std::max(a.dk, a.dv) + 2 * BLOCK;
+    const int64_t cl = (int64_t) CACHE_LINE_SIZE_F32;
+    return (n + cl - 1) / cl * cl + cl; // whole cache lines: threads never share one
+}
 
 fattn_args read_args(const ggml_tensor * dst) {
     fattn_args a{};
@@ -278,7 +283,7 @@ void chunk_partials(const fattn_args & a, int64_t ic0, int64_t ic1, float * scra
 // merge a head's partials over the chunks, fold in its sink, normalise, write dst
 void reduce_head(const fattn_args & a, ggml_tensor * dst, int64_t iq, const float * partials, int64_t n_chunks,
                  float * out) {
-    const int64_t part = 2 + a.dv;
+    const int64_t part = partial_floats(a);
     float         M    = -INFINITY;
     float         S    = 0.0f;
     memset(out, 0, a.dv * sizeof(float));
@@ -317,19 +322,12 @@ extern "C" void vp_fattn_set_enabled(bool enabled) {
     g_enabled.store(enabled);
 }
 
-extern "C" bool vp_fattn_enabled(void) {
-    return g_enabled.load();
-}
-
 extern "C" size_t vp_fattn_work_size(const ggml_tensor * node, int n_tasks) {
     if (!takes(node)) {
         return 0;
     }
-    const int64_t dk    = node->src[1]->ne[0];
-    const int64_t dv    = node->src[2]->ne[0];
-    const int64_t heads = node->src[0]->ne[2];
-    const int64_t group = heads / node->src[1]->ne[2];
-    return sizeof(float) * (size_t) (n_tasks * scratch_floats(heads, group, dk, dv) + heads * n_tasks * (2 + dv));
+    const fattn_args a = read_args(node);
+    return sizeof(float) * (size_t) (n_tasks * scratch_floats(a) + a.n_head * n_tasks * partial_floats(a));
 }
 
 extern "C" bool vp_fattn_decode(const ggml_compute_params * params, ggml_tensor * dst) {
@@ -340,7 +338,7 @@ extern "C" bool vp_fattn_decode(const ggml_compute_params * params, ggml_tensor 
     const int        ith = params->ith;
     const int        nth = params->nth;
 
-    const int64_t scratch_n = scratch_floats(a.n_head, a.group, a.dk, a.dv);
+    const int64_t scratch_n = scratch_floats(a);
     float *       scratch   = (float *) params->wdata + ith * scratch_n;
     // partials: [query head][chunk][M, S, acc[DV]]
     float *       partials = (float *) params->wdata + nth * scratch_n;

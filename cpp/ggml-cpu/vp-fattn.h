@@ -27,7 +27,6 @@ bool vp_fattn_decode(const struct ggml_compute_params * params, struct ggml_tens
 // on by default; off sends every node to upstream's kernel (the speed benchmark's
 // "upstream" rows, and the equivalence test's second opinion)
 void vp_fattn_set_enabled(bool enabled);
-bool vp_fattn_enabled(void);
 
 // bytes of work buffer the kernel needs for this node with n_tasks threads (0 if it
 // would not take the node)

@@ -6,6 +6,7 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <numeric>
 #include <unordered_map>
 
 template <typename T> static std::vector<T> vp_get(ggml_tensor * t) {
@@ -34,6 +35,13 @@ static std::vector<int32_t> vp_kept_computed(const vp_step_plan & plan, int64_t 
     return kept;
 }
 
+// every visual ordinal of a row: what a step that drops nothing keeps
+static std::vector<int32_t> vp_all_kept(int32_t nv) {
+    std::vector<int32_t> kept(nv);
+    std::iota(kept.begin(), kept.end(), 0);
+    return kept;
+}
+
 // A step that skipped the selection attended to every visual cell: all kept, no scores.
 static void vp_record_skipped(llama_vp_context * vp, const vp_step_plan & plan) {
     for (const auto & rw : plan.rows) {
@@ -42,13 +50,9 @@ static void vp_record_skipped(llama_vp_context * vp, const vp_step_plan & plan) 
         }
         auto &        st = vp->seqs[rw.seq];
         const int32_t nv = (int32_t) rw.vis.size();
-        st.stats.step += 1;
-        st.stats = { st.stats.step, (int32_t) plan.n_kv, nv, nv, 0.0f, 1.0f, 1 };
-        st.kept.resize(nv);
-        for (int32_t o = 0; o < nv; ++o) {
-            st.kept[o] = o;
-        }
-        st.has_stats = true;
+        st.stats         = { st.stats.step + 1, (int32_t) plan.n_kv, nv, nv, 0.0f, 1.0f, 1 };
+        st.kept          = vp_all_kept(nv);
+        st.has_stats     = true;
     }
 }
 
@@ -82,9 +86,7 @@ void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res)
         if (plan.known) {
             kept = plan.forced.kept[r];
         } else if (plan.mode == LLAMA_VP_MODE_DENSE || nv == 0) {
-            for (int32_t o = 0; o < nv; ++o) {
-                kept.push_back(o);
-            }
+            kept = vp_all_kept(nv);
         } else {
             kept = vp_kept_computed(plan, r, idx, keep);
         }
