@@ -5,7 +5,9 @@
 // the dropped cells (enum llama_vp_attn): MASK adds -inf to them (CPU flash attention skips such
 // cells; Metal gets the n_kv_max hint); GATHER copies the selected K/V rows (text cells and kept
 // visual cells, in ascending cell order, so flash attention sees them in the same order as MASK)
-// and attends to the copy.
+// and attends to the copy. Without flash attention V is stored transposed (a cell's values one
+// per row); on a host buffer its kept columns are copied by vp_gather_v_trans, elsewhere V stays
+// whole and the gathered rows' scores go back to their cells.
 
 #include "llama-vp-step.h"
 
@@ -17,6 +19,13 @@
 
 #include <cstring>
 
+// a cache view in host memory (or one not allocated yet)
+static bool vp_on_host(const ggml_tensor * t) {
+    const ggml_tensor *         src = t->view_src ? t->view_src : t;
+    const ggml_backend_buffer_t buf = src->buffer;
+    return !buf || ggml_backend_buffer_is_host(buf);
+}
+
 // MASK or GATHER for this step (AUTO: MASK where masked cells cost nothing, GATHER elsewhere).
 static int32_t vp_resolve_path(const llm_graph_context & g, const llm_graph_input_vp & inp, const ggml_tensor * k) {
     if (inp.plan.n_rows != 1) {
@@ -25,13 +34,12 @@ static int32_t vp_resolve_path(const llm_graph_context & g, const llm_graph_inpu
     if (inp.vp->params.attn != LLAMA_VP_ATTN_AUTO) {
         return inp.vp->params.attn;
     }
-    const ggml_tensor *   src = k->view_src ? k->view_src : k;
-    ggml_backend_buffer_t buf = src->buffer;
-    if (!buf || ggml_backend_buffer_is_host(buf)) {
+    if (vp_on_host(k)) {
         // CPU flash attention skips -inf cells; the non-FA CPU path reads every cell
         return g.cparams.flash_attn ? LLAMA_VP_ATTN_MASK : LLAMA_VP_ATTN_GATHER;
     }
-    const char * name = ggml_backend_buft_name(ggml_backend_buffer_get_type(buf));
+    const ggml_tensor * src  = k->view_src ? k->view_src : k;
+    const char *        name = ggml_backend_buft_name(ggml_backend_buffer_get_type(src->buffer));
     if (g.cparams.flash_attn && name && std::strncmp(name, "MTL", 3) == 0) {
         return LLAMA_VP_ATTN_MASK; // Metal's flash attention takes the n_kv_max hint
     }
@@ -66,11 +74,47 @@ static ggml_tensor * vp_gather_mask(ggml_context * ctx, ggml_tensor * mask_f32, 
     return vp_as_mask_type(ctx, m, like);
 }
 
+// dst[j] = row[idx[j]] along every row of a transposed V: src[0] the cache's view [n_kv, H_kv, d, S]
+// (a row per head and dimension, cells along it), src[1] the cells [n_sel, S]; dst [n_sel, d, H_kv, S].
+// Elements are copied, not converted, so the weighted sum sees the cache's own values.
+static void vp_gather_v_trans_op(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
+    const ggml_tensor * v   = dst->src[0];
+    const ggml_tensor * idx = dst->src[1];
+    const size_t        es  = ggml_element_size(v);
+    const int64_t n_sel = dst->ne[0], D = dst->ne[1], H = dst->ne[2], S = dst->ne[3], rows = D * H * S;
+    for (int64_t r = ith; r < rows; r += nth) {
+        const int64_t   d = r % D, h = (r / D) % H, s = r / (D * H);
+        const char *    src  = (const char *) v->data + h * v->nb[1] + d * v->nb[2] + s * v->nb[3];
+        const int32_t * cell = (const int32_t *) ((const char *) idx->data + s * idx->nb[1]);
+        char *          out  = (char *) dst->data + d * dst->nb[1] + h * dst->nb[2] + s * dst->nb[3];
+        if (es == 2) { // F16/BF16, the usual case: a constant-size copy the compiler inlines
+            for (int64_t j = 0; j < n_sel; j++) {
+                memcpy(out + 2 * j, src + 2 * (size_t) cell[j], 2);
+            }
+        } else {
+            for (int64_t j = 0; j < n_sel; j++) {
+                memcpy(out + es * j, src + es * (size_t) cell[j], es);
+            }
+        }
+    }
+}
+
+// The kept columns of a transposed V, returned in the cache's transposed layout [n_sel, H_kv, d, S]
+// (nb[1] > nb[2]) so that the attention reads it as it reads the cache. A CPU op: used only where
+// the cache is in host memory; it touches only the cache lines that hold kept cells.
+static ggml_tensor * vp_gather_v_trans(ggml_context * ctx, ggml_tensor * v, ggml_tensor * idx) {
+    ggml_tensor * args[2] = { v, idx };
+    ggml_tensor * out     = ggml_custom_4d(ctx, v->type, idx->ne[0], v->ne[2], v->ne[1], v->ne[3], args, 2,
+                                           vp_gather_v_trans_op, GGML_N_TASKS_MAX, nullptr);
+    ggml_set_name(out, "vp_v_gath");
+    return ggml_permute(ctx, out, 0, 2, 1, 3);
+}
+
 // Swap k/v for the set's rows and return the matching mask.
-// A transposed V (the cache's layout without flash attention) keeps a cell's values one per
-// row, so its kept columns touch about as many cache lines as reading all of it at a 5%
-// selection: it stays whole, only K is gathered, and llama_vp_attn_scores puts the scores of
-// the gathered rows back at their cells (0 elsewhere, where the full mask is -inf).
+// A transposed V (the cache's layout without flash attention) in host memory is gathered by
+// vp_gather_v_trans; on another backend it stays whole, only K is gathered, and
+// llama_vp_attn_scores puts the scores of the gathered rows back at their cells (0 elsewhere,
+// where the full mask is -inf).
 static ggml_tensor * vp_gather(llm_graph_input_vp & inp, ggml_context * ctx, vp_layer_set & set, ggml_tensor ** k,
                                ggml_tensor ** v, int il) {
     ggml_tensor * idx     = set.idx;
@@ -82,12 +126,12 @@ static ggml_tensor * vp_gather(llm_graph_input_vp & inp, ggml_context * ctx, vp_
         iota = t;
     }
     *k = vp_gather_rows(ctx, *k, idx, iota);
-    if (v_trans) {
+    if (v_trans && !vp_on_host(*v)) {
         inp.scores.scatter_il  = il;
         inp.scores.scatter_idx = idx;
         return set.mask;
     }
-    *v = vp_gather_rows(ctx, *v, idx, iota);
+    *v = v_trans ? vp_gather_v_trans(ctx, *v, idx) : vp_gather_rows(ctx, *v, idx, iota);
     if (!set.mask_gath) {
         set.mask_gath = vp_gather_mask(ctx, set.mask_f32, idx, set.mask);
     }

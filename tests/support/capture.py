@@ -27,8 +27,9 @@ _GGML_TYPE_F32 = 0
 _NE_OFFSET = 16  # struct ggml_tensor { enum ggml_type type; buffer*; int64_t ne[4]; ... }
 
 
-def tensor_capture(wanted):
-    """(callback, captured): the callback copies the F32 tensors named in ``wanted`` into ``captured``."""
+def tensor_capture(wanted, shapes=None):
+    """(callback, captured): the callback copies the F32 tensors named in ``wanted`` into ``captured``;
+    the shape (ne[0..3]) of every wanted tensor, whatever its type, goes to ``shapes`` if given."""
     names, sink = set(wanted), {}
     @L.ggml_backend_sched_eval_callback
     def cb(t, ask, user_data):
@@ -38,6 +39,8 @@ def tensor_capture(wanted):
         if name in names:
             typ = ctypes.c_int32.from_address(t).value
             ne = [ctypes.c_int64.from_address(t + _NE_OFFSET + 8 * i).value for i in range(4)]
+            if shapes is not None:
+                shapes.setdefault(name, []).append(tuple(ne))
             if typ == _GGML_TYPE_F32:
                 arr = np.empty(ne[::-1], dtype=np.float32)
                 _ggml.ggml_backend_tensor_get(t, arr.ctypes.data, 0, _ggml.ggml_nbytes(t))
