@@ -78,10 +78,10 @@ static ggml_tensor * vp_gather_mask(ggml_context * ctx, ggml_tensor * mask_f32, 
 // (a row per head and dimension, cells along it), src[1] the cells [n_sel, S]; dst [n_sel, d, H_kv, S].
 // Elements are copied, not converted, so the weighted sum sees the cache's own values.
 static void vp_gather_v_trans_op(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
-    const ggml_tensor * v   = dst->src[0];
-    const ggml_tensor * idx = dst->src[1];
-    const size_t        es  = ggml_element_size(v);
-    const int64_t n_sel = dst->ne[0], D = dst->ne[1], H = dst->ne[2], S = dst->ne[3], rows = D * H * S;
+    const ggml_tensor * v     = dst->src[0];
+    const ggml_tensor * idx   = dst->src[1];
+    const size_t        es    = ggml_element_size(v);
+    const int64_t       n_sel = dst->ne[0], D = dst->ne[1], H = dst->ne[2], S = dst->ne[3], rows = D * H * S;
     for (int64_t r = ith; r < rows; r += nth) {
         const int64_t   d = r % D, h = (r / D) % H, s = r / (D * H);
         const char *    src  = (const char *) v->data + h * v->nb[1] + d * v->nb[2] + s * v->nb[3];
