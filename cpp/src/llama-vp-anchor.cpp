@@ -5,7 +5,7 @@
 //   rank    = argsort(mean_h scores + (visual ? 0 : -inf)), descending; the first K are kept
 //   mask'   = mask + (visual and not kept ? -BIG : 0)          used by the pruned layers
 // All with standard ggml ops, so it runs wherever the graph runs (CPU, CUDA, Metal).
-// K is data dependent, so the argsort keeps a static k_max = max over rows of the budget's
+// K is data dependent, so the ranking keeps a static k_max = max over rows of the budget's
 // upper bound, and ranks >= K are switched off with step(K - rank).
 
 #include "llama-vp-step.h"
@@ -19,6 +19,24 @@ static ggml_tensor * vp_output(ggml_cgraph * gf, ggml_tensor * t, const char * n
     ggml_set_output(t);
     ggml_build_forward_expand(gf, t);
     return t;
+}
+
+// The first k entries of argsort(a, descending) along rows ([k, ne1, ne2, ne3] I32), without sorting
+// every cell: top_k picks the k largest in no order (a partial sort), then only those k are sorted.
+// At 32K cells and k = 5% this is a tenth of the full argsort's time. Equal values may come out in
+// another order than the full sort's (neither promises one).
+static ggml_tensor * vp_top_k_sorted(ggml_context * ctx, ggml_tensor * a, int64_t k) {
+    const int64_t n = a->ne[0], B1 = a->ne[1], B2 = a->ne[2] * a->ne[3];
+    if (k >= n) {
+        return ggml_argsort(ctx, a, GGML_SORT_ORDER_DESC);
+    }
+    ggml_tensor * top = ggml_top_k(ctx, a, (int) k); // [k, B1, ..]
+    GGML_ASSERT(ggml_is_contiguous(a));
+    ggml_tensor * rows = ggml_reshape_4d(ctx, a, 1, n, B1, B2);                          // a value per row
+    ggml_tensor * vals = ggml_get_rows(ctx, rows, ggml_reshape_3d(ctx, top, k, B1, B2)); // [1, k, B1, B2]
+    ggml_tensor * ord  = ggml_argsort(ctx, ggml_reshape_3d(ctx, vals, k, B1, B2), GGML_SORT_ORDER_DESC);
+    ggml_tensor * idx  = ggml_get_rows(ctx, ggml_reshape_4d(ctx, top, 1, k, B1, B2), ord); // [1, k, B1, B2]
+    return ggml_reshape_4d(ctx, idx, k, a->ne[1], a->ne[2], a->ne[3]);
 }
 
 // The current queries' scores against every cell, per head: [n_kv, R, H, S] (soft-capped).
@@ -83,11 +101,9 @@ static void vp_select(const llm_graph_context & g, llm_graph_input_vp & inp, vp_
         score = ggml_reshape_4d(ctx, score, n_kv, R, 1, S);
         score = ggml_scale(ctx, score, kq_scale / (float) g.n_head);
     }
-    inp.in.vis_neg      = vp_input(ctx, GGML_TYPE_F32, n_kv, R, 1, S, "vp_vis_neg");
-    ggml_tensor * order = ggml_argsort(ctx, ggml_add(ctx, score, inp.in.vis_neg), GGML_SORT_ORDER_DESC);
-    ggml_tensor * idx =
-        ggml_cont(ctx, ggml_view_4d(ctx, order, KM, R, 1, S, order->nb[1], order->nb[2], order->nb[3], 0));
-    inp.out.idx = vp_output(g.gf, idx, "vp_idx");
+    inp.in.vis_neg    = vp_input(ctx, GGML_TYPE_F32, n_kv, R, 1, S, "vp_vis_neg");
+    ggml_tensor * idx = vp_top_k_sorted(ctx, ggml_add(ctx, score, inp.in.vis_neg), KM); // [KM, R, 1, S]
+    inp.out.idx       = vp_output(g.gf, idx, "vp_idx");
 
     // keep rank r iff r < K
     inp.in.rank          = vp_input(ctx, GGML_TYPE_F32, KM, 1, 1, 1, "vp_rank");
@@ -109,8 +125,7 @@ static ggml_tensor * vp_gather_list(ggml_context * ctx, llm_graph_input_vp & inp
     inp.in.negcell    = vp_input(ctx, GGML_TYPE_F32, n_kv, 1, 1, 1, "vp_negcell");
     ggml_tensor * att = ggml_add(ctx, ggml_scale_bias(ctx, vp_vis(ctx, inp), -1.0f, 1.0f), keep);
     ggml_tensor * key = ggml_add(ctx, ggml_scale(ctx, att, 2.0f * (float) n_kv), inp.in.negcell);
-    ggml_tensor * ord = ggml_argsort(ctx, key, GGML_SORT_ORDER_DESC); // [n_kv, 1, 1, S]
-    ord = ggml_cont(ctx, ggml_view_4d(ctx, ord, inp.plan.n_sel, 1, 1, S, ord->nb[1], ord->nb[2], ord->nb[3], 0));
+    ggml_tensor * ord = vp_top_k_sorted(ctx, key, inp.plan.n_sel); // [n_sel, 1, 1, S] (keys are distinct)
     return ggml_reshape_2d(ctx, ord, inp.plan.n_sel, S);
 }
 
