@@ -395,18 +395,36 @@ def _config_text(c: str, cfg: dict) -> str:
     return f"`{c}`: flash attention {cfg['flash_attn']}, K {cfg['type_k']}, V {cfg['type_v']}{kernel}"
 
 
+def ceiling(r: dict, size: dict) -> float | None:
+    """The most vp5 could gain over the fastest dense run here: the layers up to the anchor keep their
+    attention (the method runs them dense), the probe and the pruned layers cost nothing. Text-only
+    floor + (anchor + 1) / n_layer of the fastest dense run's visual-attention time."""
+    floor = next((x for x in size["runs"].values() if x["mode"] == "floor"), None)
+    if floor is None or r.get("anchor_layer") is None:
+        return None
+    fast = size["runs"][f"dense@{size['fastest_dense']}"]["ms_per_tok_median"]
+    f = floor["ms_per_tok_median"]
+    return fast / (f + (r["anchor_layer"] + 1) / r["n_layer"] * max(fast - f, 0.0))
+
+
 def summary_table(r: dict) -> list[str]:
-    """Per size: the fastest dense run, VisionPulse 5 at its best, and our kernel's effect on dense."""
+    """Per size: the fastest dense run, VisionPulse 5 at its best, what bounds it, and our kernel's
+    effect on dense."""
     md = ["| visual tokens | fastest dense | ms/token | vp5, best config | ms/token | vp5 vs fastest dense | "
-          "dense, our FA kernel vs upstream's |", "|---|---|---|---|---|---|---|"]
+          "ceiling | dense, our FA kernel vs upstream's |", "|---|---|---|---|---|---|---|---|"]
     for nv, size in r["sizes"].items():
         runs = size["runs"]
         fast = runs[f"dense@{size['fastest_dense']}"]
         vp = min((x for x in runs.values() if x["mode"] == "vp5"), key=lambda x: x["ms_per_tok_median"])
         ours, up = runs.get("dense@fa-on"), runs.get("dense@fa-on-upstream")
         kernel = f"{up['ms_per_tok_median'] / ours['ms_per_tok_median']:.2f}x" if ours and up else "-"
+        top = ceiling(r, size)
         md.append(f"| {nv} | {fast['config']} | {fast['ms_per_tok_median']:.1f} | {vp['config']} | "
-                  f"{vp['ms_per_tok_median']:.1f} | {vp['speedup_vs_fastest_dense']:.2f}x | {kernel} |")
+                  f"{vp['ms_per_tok_median']:.1f} | {vp['speedup_vs_fastest_dense']:.2f}x | "
+                  f"{'-' if top is None else f'{top:.2f}x'} | {kernel} |")
+    md += ["", "Ceiling: the most vp5 could gain here, were the probe and the layers after the anchor free: "
+           "the text-only floor plus (anchor + 1) / layers of the fastest dense run's visual-attention time "
+           "(the method keeps the layers up to the anchor dense)."]
     return md
 
 
