@@ -31,8 +31,9 @@ enum llama_vp_attn {
     LLAMA_VP_ATTN_AUTO   = 0, // per backend and step: MASK where the attention kernel skips masked cells
                               // (CPU flash attention; Metal, with the n_kv_max hint), GATHER elsewhere
     LLAMA_VP_ATTN_MASK   = 1, // attend to every cell, dropped visual cells masked out (-inf)
-    LLAMA_VP_ATTN_GATHER = 2, // attend to a compact copy of the selected K/V rows (ascending cell order,
-                              // so the result equals MASK); needs one query row per KV stream, else MASK
+    LLAMA_VP_ATTN_GATHER = 2, // attend to a compact copy of the selected K/V rows (ascending cell order:
+                              // equal to MASK bit for bit with flash attention, to rounding without it);
+                              // needs one query row per KV stream, else MASK
 };
 
 struct llama_vp_params {
