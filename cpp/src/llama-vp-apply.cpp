@@ -19,10 +19,14 @@
 
 #include <cstring>
 
+// the buffer a cache view lives in (null before allocation)
+static ggml_backend_buffer_t vp_buffer_of(const ggml_tensor * t) {
+    return (t->view_src ? t->view_src : t)->buffer;
+}
+
 // a cache view in host memory (or one not allocated yet)
 static bool vp_on_host(const ggml_tensor * t) {
-    const ggml_tensor *         src = t->view_src ? t->view_src : t;
-    const ggml_backend_buffer_t buf = src->buffer;
+    const ggml_backend_buffer_t buf = vp_buffer_of(t);
     return !buf || ggml_backend_buffer_is_host(buf);
 }
 
@@ -38,8 +42,7 @@ static int32_t vp_resolve_path(const llm_graph_context & g, const llm_graph_inpu
         // CPU flash attention skips -inf cells; the non-FA CPU path reads every cell
         return g.cparams.flash_attn ? LLAMA_VP_ATTN_MASK : LLAMA_VP_ATTN_GATHER;
     }
-    const ggml_tensor * src  = k->view_src ? k->view_src : k;
-    const char *        name = ggml_backend_buft_name(ggml_backend_buffer_get_type(src->buffer));
+    const char * name = ggml_backend_buft_name(ggml_backend_buffer_get_type(vp_buffer_of(k)));
     if (g.cparams.flash_attn && name && std::strncmp(name, "MTL", 3) == 0) {
         return LLAMA_VP_ATTN_MASK; // Metal's flash attention takes the n_kv_max hint
     }
@@ -74,28 +77,28 @@ static ggml_tensor * vp_gather_mask(ggml_context * ctx, ggml_tensor * mask_f32, 
     return vp_as_mask_type(ctx, m, like);
 }
 
+// out[j] = row[cell[j]] for elements of ES bytes (a constant size: the copy compiles to one move)
+template <size_t ES> static void vp_copy_cells(char * out, const char * row, const int32_t * cell, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        memcpy(out + ES * j, row + ES * (size_t) cell[j], ES);
+    }
+}
+
 // dst[j] = row[idx[j]] along every row of a transposed V: src[0] the cache's view [n_kv, H_kv, d, S]
 // (a row per head and dimension, cells along it), src[1] the cells [n_sel, S]; dst [n_sel, d, H_kv, S].
 // Elements are copied, not converted, so the weighted sum sees the cache's own values.
 static void vp_gather_v_trans_op(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
-    const ggml_tensor * v     = dst->src[0];
-    const ggml_tensor * idx   = dst->src[1];
-    const size_t        es    = ggml_element_size(v);
-    const int64_t       n_sel = dst->ne[0], D = dst->ne[1], H = dst->ne[2], S = dst->ne[3], rows = D * H * S;
+    const ggml_tensor * v   = dst->src[0];
+    const ggml_tensor * idx = dst->src[1];
+    const size_t        es  = ggml_element_size(v); // F16/BF16 or F32: a transposed V is never quantized
+    GGML_ASSERT(es == 2 || es == 4);
+    const int64_t n_sel = dst->ne[0], D = dst->ne[1], H = dst->ne[2], S = dst->ne[3], rows = D * H * S;
     for (int64_t r = ith; r < rows; r += nth) {
         const int64_t   d = r % D, h = (r / D) % H, s = r / (D * H);
         const char *    src  = (const char *) v->data + h * v->nb[1] + d * v->nb[2] + s * v->nb[3];
         const int32_t * cell = (const int32_t *) ((const char *) idx->data + s * idx->nb[1]);
         char *          out  = (char *) dst->data + d * dst->nb[1] + h * dst->nb[2] + s * dst->nb[3];
-        if (es == 2) { // F16/BF16, the usual case: a constant-size copy the compiler inlines
-            for (int64_t j = 0; j < n_sel; j++) {
-                memcpy(out + 2 * j, src + 2 * (size_t) cell[j], 2);
-            }
-        } else {
-            for (int64_t j = 0; j < n_sel; j++) {
-                memcpy(out + es * j, src + es * (size_t) cell[j], es);
-            }
-        }
+        (es == 2 ? vp_copy_cells<2> : vp_copy_cells<4>) (out, src, cell, n_sel);
     }
 }
 
