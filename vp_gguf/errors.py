@@ -19,6 +19,10 @@ class ImageError(VPGGUFError, ValueError):
     """An image could not be read or decoded."""
 
 
+class VideoError(ImageError):
+    """A video could not be read, or ffmpeg is missing."""
+
+
 class PromptError(VPGGUFError, ValueError):
     """The prompt does not fit the images given (e.g. more markers than images)."""
 

@@ -78,9 +78,14 @@ def load_bitmap(mtmd_cpp: Any, mctx: Any, src: ImageInput) -> Any:
     if rgb is None:
         assert data is not None
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        bmp = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(mctx, buf, len(data), False)
-        if bmp:
-            return bmp
+        res = mtmd_cpp.mtmd_helper_bitmap_init_from_buf_wrapper(
+            mctx, buf, len(data), False, mtmd_cpp.mtmd_helper_init_opt_default()
+        )
+        if res.bitmap and not res.video_ctx:
+            return res.bitmap
+        if res.video_ctx:  # stb_image refused it and libmtmd tried it as a video: not what we asked for
+            mtmd_cpp.mtmd_bitmap_free(res.bitmap)
+            mtmd_cpp.mtmd_helper_video_free(res.video_ctx)
         # stb_image refused a file Pillow could read (e.g. a progressive-JPEG variant): decode here.
         with Image.open(io.BytesIO(data)) as im:
             rgb = _rgb_bytes(im)

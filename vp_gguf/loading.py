@@ -45,6 +45,9 @@ class ModelParams:
     kv_unified: bool = True  # one KV stream for all sequences (False: one per sequence)
     type_k: str = "f16"  # KV cache types: "f16" or "q8_0" (quantized V needs flash attention)
     type_v: str = "f16"
+    # llama.cpp's --swa-full: sliding-window layers keep the whole context, so that a conversation's
+    # earlier turns stay reusable however long the window has moved on (costs their full-size cache)
+    swa_full: bool = False
     # llama.cpp's cb_eval: a ggml_backend_sched_eval_callback called for graph nodes (tests read tensors
     # with it: tests/support/capture.py; profilers time nodes); the model keeps it alive
     cb_eval: Any = None
@@ -74,6 +77,7 @@ class LoadedModel:
         self._model: Any = None
         self._ctx: Any = None
         self._mctx: Any = None
+        self._kv_units: list = []  # what the KV cache holds, as decoding.prompt_units describes it
         self._check_files()
         try:
             self._load()
@@ -132,6 +136,7 @@ class LoadedModel:
         cp.n_seq_max = p.n_seq_max
         cp.kv_unified = p.kv_unified
         cp.type_k, cp.type_v = KV_TYPES[p.type_k], KV_TYPES[p.type_v]
+        cp.swa_full = p.swa_full
         self._cb_eval = p.cb_eval
         if p.cb_eval is not None:
             cp.cb_eval = p.cb_eval

@@ -29,13 +29,23 @@ from ._libs import llama_cpp as L
 from .decoding import check_decode, eval_prompt, make_sampler
 from .images import ImageInput
 from .loading import DEFAULT_MARKER, LoadedModel, ModelParams
-from .prompt import Prepared, free_prepared, prepare
+from .prompt import MediaInput, Prepared, free_prepared, image_spans, prepare
 from .prompt import apply_chat_template as _apply_chat_template
 from .result import GenerationResult, ImageSpan, Timings
 from .sampling import SamplingParams
+from .video import Video, VideoInput, as_video
 from .visionpulse import VisionPulse, VisionPulseControl, VisionPulseReport
 
 __all__ = ["DEFAULT_MARKER", "ModelParams", "VisionModel"]
+
+
+def _media(images: Sequence[MediaInput] | VideoInput, videos: Sequence[VideoInput] | VideoInput) -> list[MediaInput]:
+    """Images (a Video among them keeps its place), then videos, in the order their markers take them."""
+    if isinstance(images, (str, Path, bytes, Video)):
+        images = [images]
+    if isinstance(videos, (str, Path, bytes, Video)):
+        videos = [videos]
+    return list(images) + [as_video(v) for v in videos]
 
 
 class VisionModel(LoadedModel):
@@ -95,28 +105,43 @@ class VisionModel(LoadedModel):
         chat template, ending with the assistant's turn to speak."""
         return _apply_chat_template(self, prompt)
 
-    def prepare(self, prompt: str, images: Sequence[ImageInput] = (), chat_template: bool = False) -> Prepared:
-        """The prompt and images as libmtmd chunks (a context manager that frees them), for tools of one's own."""
-        return prepare(self, prompt, list(images), chat_template)
+    def prepare(
+        self,
+        prompt: str,
+        images: Sequence[MediaInput] = (),
+        chat_template: bool = False,
+        videos: Sequence[VideoInput] = (),
+    ) -> Prepared:
+        """The prompt and media as libmtmd chunks (a context manager that frees them), for tools of one's own."""
+        return prepare(self, prompt, _media(images, videos), chat_template)
 
     # -- generation ----------------------------------------------------------------------
     def generate(
         self,
         prompt: str,
-        images: Sequence[ImageInput] = (),
+        images: Sequence[MediaInput] = (),
         max_tokens: int = 128,
         sampling: SamplingParams | None = None,
         chat_template: bool = False,
         visionpulse: VisionPulse | str | int | None = None,
+        videos: Sequence[VideoInput] = (),
+        cache_prompt: bool = False,
     ) -> GenerationResult:
-        """Generate text from images and a prompt; returns the text, token ids, counts and timings.
+        """Generate text from images, videos and a prompt; returns the text, token ids, counts and timings.
 
-        Images go where the prompt holds the marker ``<__media__>``; a prompt without
-        markers gets one per image in front of it (as llama-mtmd-cli does).
+        Images, then videos, go where the prompt holds the marker ``<__media__>`` (a ``Video`` may
+        also sit among the images, in its place); a prompt without markers gets one per image and
+        video in front of it (as llama-mtmd-cli does). A video is a path, bytes, or a ``Video``
+        with its frame rate and frame cap; ffmpeg reads it.
         ``visionpulse``: None/"off" (dense), 5 or 10 (the presets), or a VisionPulse with
         any mode and knob; the per-step selection is reported in ``result.visionpulse``.
+        ``cache_prompt``: keep what the KV cache holds of this prompt from the previous request
+        (a conversation's earlier turns, their images included) and prefill only the rest, as
+        llama.cpp's server does; ``result.n_cached_tokens`` says how much was kept.
         """
-        for _ in self.stream(prompt, images, max_tokens, sampling, chat_template, visionpulse):
+        for _ in self.stream(
+            prompt, images, max_tokens, sampling, chat_template, visionpulse, videos=videos, cache_prompt=cache_prompt
+        ):
             pass
         assert self.last_result is not None
         return self.last_result
@@ -124,16 +149,17 @@ class VisionModel(LoadedModel):
     def stream(
         self,
         prompt: str,
-        images: Sequence[ImageInput] = (),
+        images: Sequence[MediaInput] = (),
         max_tokens: int = 128,
         sampling: SamplingParams | None = None,
         chat_template: bool = False,
         visionpulse: VisionPulse | str | int | None = None,
+        videos: Sequence[VideoInput] = (),
+        cache_prompt: bool = False,
     ) -> Iterator[str]:
         """Like generate(), yielding text pieces as they are produced; the full result is
         in ``last_result`` afterwards."""
-        if isinstance(images, (str, Path, bytes)):
-            images = [images]
+        media = _media(images, videos)
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         sampling = sampling or SamplingParams()
@@ -144,7 +170,7 @@ class VisionModel(LoadedModel):
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this VisionModel is already generating (one generation at a time)")
         try:
-            yield from self._run(prompt, list(images), max_tokens, sampling, chat_template, vp)
+            yield from self._run(prompt, media, max_tokens, sampling, chat_template, vp, cache_prompt)
         finally:
             self._lock.release()
 
@@ -175,8 +201,10 @@ class VisionModel(LoadedModel):
         prep = None
         try:
             self._vp.apply(vp)
-            prep = prepare(self, prompt, list(images), False)
-            n_past, self.image_spans = eval_prompt(self, prep, Timings(), self._vp)
+            prep = prepare(self, prompt, _media(images, ()), False)
+            n_past, _ = eval_prompt(self, prep, Timings(), self._vp)
+            self.image_spans = image_spans(prep)
+            self._kv_units = []  # the forced tokens and the edits of after_prefill are not a prompt to keep
             if after_prefill is not None:
                 after_prefill(self, list(self.image_spans))
             report = self._start_vp()
@@ -213,13 +241,13 @@ class VisionModel(LoadedModel):
         sampling: SamplingParams,
         chat_template: bool,
         vp: VisionPulse | None,
+        cache_prompt: bool,
     ) -> Iterator[str]:
         self.last_result = None
         _log.clear()
         self._vp.apply(vp)  # refuses bad settings (e.g. an anchor out of range) before any work
         prep = prepare(self, prompt, images, chat_template)
         t = Timings()
-        t._n_prefill = prep.n_tokens
         sampler = make_sampler(sampling)
         tokens: list[int] = []
         text_parts: list[str] = []
@@ -227,7 +255,9 @@ class VisionModel(LoadedModel):
         stop = "length"
         tok_arr = (L.llama_token * 1)()
         try:
-            n_past, self.image_spans = eval_prompt(self, prep, t, self._vp)
+            n_past, n_cached = eval_prompt(self, prep, t, self._vp, reuse=cache_prompt)
+            t._n_prefill = prep.n_tokens - n_cached
+            self.image_spans = image_spans(prep)
             report = self._start_vp()
             t_dec = None
             while len(tokens) < max_tokens:
@@ -251,6 +281,7 @@ class VisionModel(LoadedModel):
                 self._vp.before_step(t.n_decode + 1)
                 rc = L.llama_decode(self._ctx, L.llama_batch_get_one(tok_arr, 1))
                 check_decode(self, rc, "a generated token")
+                self._kv_units.append((tok, n_past, 1))
                 n_past += 1
                 t.n_decode += 1
                 if report is not None:
@@ -271,6 +302,7 @@ class VisionModel(LoadedModel):
                 timings=t,
                 visionpulse=report,
                 images=list(self.image_spans),
+                n_cached_tokens=n_cached,
             )
         finally:
             L.llama_sampler_free(sampler)

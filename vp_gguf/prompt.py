@@ -1,9 +1,11 @@
-"""Prompt and media -> libmtmd chunks: the image markers placed, the chat template applied,
-images preprocessed and tokenized, and what llama.cpp would abort on refused up front."""
+"""Prompt and media -> libmtmd chunks: the media markers placed, the chat template applied,
+images preprocessed, videos read as frames, all tokenized, and what llama.cpp would abort on
+refused up front."""
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,8 +15,12 @@ from . import _log
 from ._libs import llama_cpp as L
 from ._libs import mtmd_cpp as M
 from .errors import ContextOverflowError, ImageError, PromptError
-from .images import load_bitmap
+from .images import ImageInput, load_bitmap
 from .loading import NON_CAUSAL_IMAGE_PROJECTORS, LoadedModel
+from .result import ImageSpan
+from .video import Video, read_frames
+
+MediaInput = ImageInput | Video
 
 
 @dataclass
@@ -26,6 +32,7 @@ class Prepared:
     n_tokens: int
     n_image_tokens: int
     bitmaps: list = field(default_factory=list)
+    n_frames: dict[int, int] = field(default_factory=dict)  # frames read, per video (by media index)
 
     def __enter__(self) -> Self:
         return self
@@ -60,31 +67,44 @@ def apply_chat_template(lm: LoadedModel, prompt: str | Sequence[dict[str, str]])
     raise PromptError("chat template output too long")
 
 
-def prompt_text(lm: LoadedModel, prompt: str, n_images: int, chat_template: bool) -> str:
-    """The prompt with one marker per image (all in front when it has none), in the chat template if asked."""
+def prompt_text(lm: LoadedModel, prompt: str, n_media: int, chat_template: bool) -> str:
+    """The prompt with one marker per image or video (all in front when it has none), in the chat
+    template if asked."""
     n_markers = prompt.count(lm.marker)
-    if n_markers == 0 and n_images:
-        prompt = lm.marker * n_images + prompt
-    elif n_markers != n_images:
+    if n_markers == 0 and n_media:
+        prompt = lm.marker * n_media + prompt
+    elif n_markers != n_media:
         raise PromptError(
-            f"the prompt has {n_markers} image marker(s) {lm.marker!r} but "
-            f"{n_images} image(s) were given: use one marker per image, or none "
-            "to put all images before the prompt"
+            f"the prompt has {n_markers} media marker(s) {lm.marker!r} but "
+            f"{n_media} image(s) and video(s) were given: use one marker per image or video, "
+            "or none to put them all before the prompt"
         )
     return apply_chat_template(lm, prompt) if chat_template else prompt
 
 
-def prepare(lm: LoadedModel, prompt: str, images: list, chat_template: bool) -> Prepared:
-    """Images loaded and the prompt tokenized into chunks, checked against the context."""
-    text = prompt_text(lm, prompt, len(images), chat_template)
+def prepare(lm: LoadedModel, prompt: str, media: Sequence[MediaInput], chat_template: bool) -> Prepared:
+    """Images and videos loaded and the prompt tokenized into chunks, checked against the context.
+
+    Every bitmap is named "<media index>:<sha256>" ("+<frame>" for a video's frames), so that each
+    image chunk says which input and frame it is, and a chunk seen before is known by its name."""
+    text = prompt_text(lm, prompt, len(media), chat_template)
     prep = Prepared(chunks=M.mtmd_input_chunks_init(), n_pos=0, n_tokens=0, n_image_tokens=0)
     try:
-        for img in images:
-            prep.bitmaps.append(load_bitmap(M, lm._mctx, img))
-        raw = text.encode("utf-8")
-        itext = M.mtmd_input_text(text=raw, text_len=len(raw), add_special=True, parse_special=True)
-        arr = (ctypes.c_void_p * max(1, len(prep.bitmaps)))(*prep.bitmaps)
-        rc = M.mtmd_tokenize(lm._mctx, prep.chunks, ctypes.byref(itext), arr, len(prep.bitmaps))
+        segments = _media_segments(lm, prep, media)
+        raw_parts = _split_at_markers(text, lm.marker, segments)
+        keep = []  # the C structs, alive during the call
+        ptrs = (ctypes.POINTER(M.mtmd_input_part) * max(1, len(raw_parts)))()
+        for j, part in enumerate(raw_parts):
+            if isinstance(part, str):
+                raw = part.encode("utf-8")
+                itext = M.mtmd_input_text(text=raw, text_len=len(raw), add_special=True, parse_special=True)
+                ip = M.mtmd_input_part(text=ctypes.pointer(itext), bitmap=None)
+                keep.append((raw, itext))
+            else:
+                ip = M.mtmd_input_part(text=None, bitmap=part)
+            keep.append(ip)
+            ptrs[j] = ctypes.pointer(ip)
+        rc = M.mtmd_tokenize_from_parts(lm._mctx, prep.chunks, ptrs, len(raw_parts), True)
         if rc != 0:
             raise ImageError(
                 f"libmtmd could not preprocess the prompt's images (code {rc}): "
@@ -95,6 +115,76 @@ def prepare(lm: LoadedModel, prompt: str, images: list, chat_template: bool) -> 
         free_prepared(prep)
         raise
     return prep
+
+
+def _media_segments(lm: LoadedModel, prep: Prepared, media: Sequence[MediaInput]) -> list[list]:
+    """Each image as one bitmap, each video as its parts (text and frames); the bitmaps join prep."""
+    segments: list[list] = []
+    for k, item in enumerate(media):
+        if isinstance(item, Video):
+            parts = read_frames(M, lm._mctx, item, k)
+            prep.bitmaps += [p[0] for p in parts if not isinstance(p, str)]
+            prep.n_frames[k] = sum(not isinstance(p, str) for p in parts)
+            segments.append([p if isinstance(p, str) else p[0] for p in parts])
+        else:
+            bmp = load_bitmap(M, lm._mctx, item)
+            prep.bitmaps.append(bmp)
+            n = M.mtmd_bitmap_get_n_bytes(bmp)
+            digest = hashlib.sha256(ctypes.string_at(M.mtmd_bitmap_get_data(bmp), n)).hexdigest()
+            M.mtmd_bitmap_set_id(bmp, f"{k}:{digest}:{M.mtmd_bitmap_get_nx(bmp)}x{M.mtmd_bitmap_get_ny(bmp)}".encode())
+            segments.append([bmp])
+    return segments
+
+
+def _split_at_markers(text: str, marker: str, segments: list[list]) -> list:
+    """The prompt's text between markers, each marker replaced by its media's parts (empty text
+    dropped, as libmtmd's own marker split does)."""
+    pieces = text.split(marker)
+    assert len(pieces) == len(segments) + 1, "prompt_text placed one marker per media"
+    out: list = []
+    for j, piece in enumerate(pieces):
+        if piece:
+            out.append(piece)
+        if j < len(segments):
+            out += segments[j]
+    return out
+
+
+def chunk_media(chunk) -> tuple[int, int]:
+    """(media index, frame) of an image chunk from its bitmap's name; frame -1 for a still image."""
+    name = (M.mtmd_input_chunk_get_id(chunk) or b"").decode()
+    k, _, rest = name.partition(":")
+    frame = rest.rpartition("+")[2] if "+" in rest else "-1"
+    return int(k or 0), int(frame)
+
+
+def image_spans(prep: Prepared) -> list[ImageSpan]:
+    """Where each image chunk goes in the sequence, and which input (and frames) it holds."""
+    spans: list[ImageSpan] = []
+    pos = 0
+    for i in range(M.mtmd_input_chunks_size(prep.chunks)):
+        ch = M.mtmd_input_chunks_get(prep.chunks, i)
+        n_pos = M.mtmd_input_chunk_get_n_pos(ch)
+        if M.mtmd_input_chunk_get_type(ch) != M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+            img = M.mtmd_input_chunk_get_tokens_image(ch)
+            media, frame = chunk_media(ch)
+            spans.append(
+                ImageSpan(
+                    pos=pos,
+                    n_tokens=M.mtmd_input_chunk_get_n_tokens(ch),
+                    n_pos=n_pos,
+                    nx=M.mtmd_image_tokens_get_nx(img),
+                    ny=M.mtmd_image_tokens_get_ny(img),
+                    media=media,
+                    frame=frame,
+                )
+            )
+        pos += n_pos
+    for a, b in zip(spans, spans[1:] + [None]):  # a chunk of merged frames holds frames up to the next
+        if a.frame >= 0:
+            end = b.frame if b is not None and b.media == a.media else prep.n_frames.get(a.media, a.frame + 1)
+            a.n_frames = max(1, end - a.frame)
+    return spans
 
 
 def _check_prepared(lm: LoadedModel, prep: Prepared) -> None:

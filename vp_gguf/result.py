@@ -47,6 +47,9 @@ class ImageSpan:
     n_pos: int  # positions it takes (M-RoPE: max(nx, ny); else n_tokens)
     nx: int  # token grid columns, as libmtmd reports them
     ny: int  # token grid rows (1 for projectors that report a flat sequence)
+    media: int = 0  # which image or video of the request (in the order they were given)
+    frame: int = -1  # a video's first frame in this chunk (-1: a still image)
+    n_frames: int = 1  # frames in this chunk (2 where the model merges frame pairs, as Qwen-VL does)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -69,6 +72,13 @@ def locate(spans: list[ImageSpan], ordinal: int) -> tuple[int, int, int]:
     raise IndexError("ordinal beyond the images of this prompt")
 
 
+def locate_frame(spans: list[ImageSpan], ordinal: int) -> tuple[int, int, int, int]:
+    """(media index, frame, row, col) of a visual-token ordinal; frame -1 for a still image, and a
+    chunk of merged frames answers its first frame."""
+    i, row, col = locate(spans, ordinal)
+    return spans[i].media, spans[i].frame, row, col
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -80,6 +90,7 @@ class GenerationResult:
     timings: Timings
     visionpulse: VisionPulseReport | None = None  # when a selection mode was on
     images: list[ImageSpan] = field(default_factory=list)
+    n_cached_tokens: int = 0  # prompt tokens whose KV an earlier request left in the cache (cache_prompt)
 
     def to_dict(self, per_step: bool = True) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("timings", "visionpulse", "images")}
