@@ -1,8 +1,10 @@
 """A multi-turn conversation about images (what `vp-gguf chat` runs).
 
 Each turn renders the whole history through the model's chat template, images
-in the turns they were attached to, and generates the reply. VisionPulse, if
-given, selects at every step of every reply.
+and videos in the turns they were attached to, and generates the reply. The KV
+cache keeps the conversation so far (cache_prompt), so an image is encoded and
+prefilled once per conversation: a turn prefills only its own message. VisionPulse,
+if given, selects at every step of every reply.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ImageError
+from .errors import ImageError, VideoError
 from .model import VisionModel
+from .prompt import MediaInput
 from .result import GenerationResult
 from .sampling import SamplingParams
+from .video import VideoInput, as_video, ffmpeg_folder
 from .visionpulse import VisionPulse
 
 
 class _ImagePart:
-    """A content part: the next image of the request goes here."""
+    """A content part: the next image or video of the request goes here."""
 
     def __repr__(self) -> str:
         return "IMAGE"
@@ -31,9 +35,9 @@ IMAGE = _ImagePart()
 def render_messages(model: VisionModel, messages: Sequence[dict[str, Any]]) -> str:
     """Chat messages -> the prompt, in the model's chat template, ending with the assistant's turn.
 
-    A message's content is a string or a list of parts: text, or IMAGE where an image goes (the
-    model's media marker; images are given to generate() in the same order). The one renderer of
-    the server and of ``vp-gguf chat``."""
+    A message's content is a string or a list of parts: text, or IMAGE where an image or a video
+    goes (the model's media marker; the media are given to generate() in the same order). The one
+    renderer of the server and of ``vp-gguf chat``."""
     out = []
     for m in messages:
         c = m["content"]
@@ -58,8 +62,8 @@ class Chat:
 
     def reset(self) -> None:
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
-        self.images: list[Path] = []  # every image of the conversation, in order
-        self.pending: list[Path] = []  # attached to the next user message
+        self.images: list[MediaInput] = []  # every image and video of the conversation, in order
+        self.pending: list[MediaInput] = []  # attached to the next user message
 
     def attach(self, path: str | Path) -> None:
         """Attach an image to the next message (checked now, so a typo is caught before the turn)."""
@@ -75,6 +79,14 @@ class Chat:
             raise ImageError(f"image {p}: cannot be read as an image ({e})") from None
         self.pending.append(p)
 
+    def attach_video(self, video: VideoInput) -> None:
+        """Attach a video to the next message (the file and ffmpeg are checked now)."""
+        v = as_video(video)
+        if isinstance(v.source, (str, Path)) and not Path(v.source).expanduser().is_file():
+            raise VideoError(f"video {v.source}: no such file")
+        ffmpeg_folder(v.ffmpeg_dir)
+        self.pending.append(v)
+
     def say(self, text: str) -> Iterator[str]:
         """Stream the reply to ``text``; the turn joins the history once the reply is complete."""
         user = {"role": "user", "content": [IMAGE] * len(self.pending) + [text]}
@@ -88,6 +100,7 @@ class Chat:
             sampling=self.sampling,
             chat_template=False,
             visionpulse=self.visionpulse,
+            cache_prompt=True,
         ):
             reply.append(piece)
             yield piece

@@ -12,6 +12,7 @@ from typing import Any
 from .errors import VPGGUFError
 from .sampling import DEFAULTS as SAMPLING
 from .sampling import SamplingParams
+from .video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_TIMESTAMP_MS, Video
 
 EXAMPLE = """example:
   vp-gguf run -m model.gguf --mmproj mmproj.gguf --image photo.png -p "Describe the image." -n 64
@@ -61,6 +62,31 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto", help="flash attention (default auto)"
+    )
+    p.add_argument(
+        "--swa-full",
+        action="store_true",
+        help="full-size cache for sliding-window layers (keeps earlier turns reusable on Gemma 3 and the like)",
+    )
+    v = p.add_argument_group("video (read by ffmpeg)")
+    v.add_argument(
+        "--video-fps", type=float, default=DEFAULT_FPS, help=f"frames per second to sample (default {DEFAULT_FPS:g})"
+    )
+    v.add_argument(
+        "--video-max-frames",
+        type=int,
+        default=DEFAULT_MAX_FRAMES,
+        help=f"at most this many frames, spread over the whole video (default {DEFAULT_MAX_FRAMES})",
+    )
+    v.add_argument(
+        "--video-timestamp-interval",
+        type=int,
+        default=DEFAULT_TIMESTAMP_MS,
+        metavar="MS",
+        help=f"a text timestamp every MS milliseconds of video (default {DEFAULT_TIMESTAMP_MS}; 0: none)",
+    )
+    v.add_argument(
+        "--video-ffmpeg-dir", default=None, metavar="DIR", help="folder of ffmpeg and ffprobe (default: PATH)"
     )
     g = p.add_argument_group("VisionPulse (per-step visual token selection)")
     g.add_argument(
@@ -123,6 +149,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="image file; repeat for several images (in the order of the markers)",
     )
     p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="video file; repeat for several (their markers follow the images')",
+    )
+    p.add_argument(
         "-p",
         "--prompt",
         required=True,
@@ -141,7 +174,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     _add_model_args(p)
 
 
-CHAT_HELP = """commands: /image PATH (attach to your next message), /reset (new conversation),
+CHAT_HELP = """commands: /image PATH, /video PATH (attach to your next message), /reset (new conversation),
           /stats (VisionPulse of the last reply), /quit; anything else is your message"""
 
 
@@ -153,6 +186,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image(s) for the first message")
+    p.add_argument("--video", action="append", default=[], metavar="PATH", help="video(s) for the first message")
     p.add_argument("-sys", "--system-prompt", default=None, help="system message")
     _add_model_args(p)
 
@@ -165,6 +199,7 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image file(s)")
+    p.add_argument("--video", action="append", default=[], metavar="PATH", help="video file(s), after the images")
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--chat-template", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("-o", "--out", default="vp-viz", help="output folder (default ./vp-viz)")
@@ -188,6 +223,7 @@ def cmd_viz(a: argparse.Namespace) -> int:
         res = model.generate(
             a.prompt,
             images=a.image,
+            videos=videos_from_args(a),
             max_tokens=a.n_predict,
             sampling=sampling,
             chat_template=a.chat_template,
@@ -199,6 +235,7 @@ def cmd_viz(a: argparse.Namespace) -> int:
             res,
             a.image,
             a.out,
+            videos=videos_from_args(a),
             n_frames=a.frames,
             every=a.every,
             gif=a.gif,
@@ -235,7 +272,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise UsageError("the server needs FastAPI and uvicorn: pip install 'vp-gguf[server]'") from None
     model, _sampling, vp = _open(a)
     with model:
-        app = create_app(model, a.alias or model.model_path.stem, vp, a.max_queue)
+        video = videos_from_args(a, ["-"])[0]  # the settings of every request's videos
+        app = create_app(model, a.alias or model.model_path.stem, vp, a.max_queue, video)
         print(
             f"vp-gguf serve: http://{a.host}:{a.port}/v1 (model {a.alias or model.model_path.stem}, "
             f"visionpulse {a.visionpulse})",
@@ -472,6 +510,7 @@ def _open(a: argparse.Namespace):
         n_gpu_layers=a.n_gpu_layers,
         flash_attn=a.flash_attn,
         verbose=a.verbose,
+        swa_full=a.swa_full,
     )
     sampling = SamplingParams(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, seed=a.seed)
     return VisionModel(a.model, a.mmproj, params), sampling, vp
@@ -489,8 +528,23 @@ def _vp_line(res) -> str | None:
     )
 
 
+def videos_from_args(a: argparse.Namespace, paths: Sequence[str] | None = None) -> list[Video]:
+    """The --video files (or ``paths``) with the --video-* sampling flags."""
+    return [
+        Video(
+            p,
+            fps=a.video_fps,
+            max_frames=a.video_max_frames,
+            timestamp_ms=a.video_timestamp_interval,
+            ffmpeg_dir=a.video_ffmpeg_dir,
+        )
+        for p in (a.video if paths is None else paths)
+    ]
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     model, sampling, vp = _open(a)
+    videos = videos_from_args(a)  # a bad --video-* value is refused before the model loads
     if a.escape:
         a.prompt = process_escapes(a.prompt)
     with model:
@@ -498,6 +552,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             res = model.generate(
                 a.prompt,
                 images=a.image,
+                videos=videos,
                 max_tokens=a.n_predict,
                 sampling=sampling,
                 chat_template=a.chat_template,
@@ -509,6 +564,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             for piece in model.stream(
                 a.prompt,
                 images=a.image,
+                videos=videos,
                 max_tokens=a.n_predict,
                 sampling=sampling,
                 chat_template=a.chat_template,
@@ -540,6 +596,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
         chat = Chat(model, system=a.system_prompt, sampling=sampling, visionpulse=vp, max_tokens=a.n_predict)
         for path in a.image:
             chat.attach(path)
+        for video in videos_from_args(a):
+            chat.attach_video(video)
         if interactive:
             print(f"vp-gguf chat with {model.model_path.name}. {CHAT_HELP}", file=sys.stderr)
         while True:
@@ -557,6 +615,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
                 if cmd == "/image":
                     chat.attach(arg.strip())
                     print(f"[image attached: {arg.strip()}]", file=sys.stderr)
+                elif cmd == "/video":
+                    chat.attach_video(videos_from_args(a, [arg.strip()])[0])
+                    print(f"[video attached: {arg.strip()}]", file=sys.stderr)
                 elif cmd == "/reset":
                     chat.reset()
                     print("[new conversation]", file=sys.stderr)

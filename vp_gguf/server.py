@@ -1,8 +1,12 @@
 """An OpenAI-compatible server: `vp-gguf serve` (FastAPI + uvicorn).
 
-    POST /v1/chat/completions   messages with text and image_url parts (data: or file: URLs),
-                                stream or not; extra body field "visionpulse": 5 | 10 | "off" |
-                                {"mode": ..., "ratio": ..., ...} (default: the server's --visionpulse)
+    POST /v1/chat/completions   messages with text, image_url and video_url parts (data: or
+                                file: URLs; a video_url may add "fps" and "max_frames", the latter
+                                at most the server's), stream or not; extra body fields
+                                "visionpulse": 5 | 10 | "off" | {"mode": ..., "ratio": ..., ...}
+                                (default: the server's --visionpulse) and "cache_prompt" (default
+                                true, as llama.cpp's server: the KV of the previous request's
+                                common prefix is kept, so a conversation's images are encoded once)
     GET  /v1/models
 
 One model serves one request at a time; others wait in a queue (bounded: beyond
@@ -26,9 +30,11 @@ from .errors import VPGGUFError
 from .model import VisionModel
 from .sampling import DEFAULTS as SAMPLING
 from .sampling import SamplingParams
+from .video import Video
 from .visionpulse import VisionPulse
 
 MAX_IMAGE_BYTES = 20 << 20
+MAX_VIDEO_BYTES = 200 << 20
 
 
 class RequestError(ValueError):
@@ -57,37 +63,57 @@ def _vp_from_body(v: Any, default: VisionPulse | None) -> VisionPulse | None:
     raise RequestError('"visionpulse" must be 5, 10, "off" or an object of VisionPulse settings')
 
 
-def _image_bytes(url: Any) -> bytes:
+def _media_bytes(url: Any, kind: str = "image", limit: int = MAX_IMAGE_BYTES) -> bytes:
     if not isinstance(url, str):
-        raise RequestError("image_url.url must be a string")
+        raise RequestError(f"{kind}_url.url must be a string")
     if url.startswith("data:"):
         head, _, data = url.partition(",")
         if ";base64" not in head:
-            raise RequestError("data: image URLs must be base64")
-        if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-            raise RequestError(f"image larger than {MAX_IMAGE_BYTES >> 20} MB")
+            raise RequestError(f"data: {kind} URLs must be base64")
+        if len(data) > limit * 4 // 3 + 4:
+            raise RequestError(f"{kind} larger than {limit >> 20} MB")
         try:
             return base64.b64decode(data, validate=True)
         except ValueError:
-            raise RequestError("data: image URL is not valid base64") from None
+            raise RequestError(f"data: {kind} URL is not valid base64") from None
     if url.startswith("file://"):
         path = unquote(urlparse(url).path)
         try:
             with open(path, "rb") as f:
-                b = f.read(MAX_IMAGE_BYTES + 1)
+                b = f.read(limit + 1)
         except OSError as e:
-            raise RequestError(f"cannot read image {path}: {e.strerror}") from None
-        if len(b) > MAX_IMAGE_BYTES:
-            raise RequestError(f"image larger than {MAX_IMAGE_BYTES >> 20} MB")
+            raise RequestError(f"cannot read {kind} {path}: {e.strerror}") from None
+        if len(b) > limit:
+            raise RequestError(f"{kind} larger than {limit >> 20} MB")
         return b
-    raise RequestError("image URLs must be data: (base64) or file:// URLs; this server fetches nothing remote")
+    raise RequestError(f"{kind} URLs must be data: (base64) or file:// URLs; this server fetches nothing remote")
 
 
-def parse_messages(model: VisionModel, messages: Any) -> tuple[str, list[bytes]]:
-    """OpenAI messages -> (prompt in the model's chat template, images in order)."""
+def _video(part: Any, defaults: Video) -> Video:
+    """A video_url part (vLLM's convention) -> a Video; "fps" and "max_frames" may refine the
+    server's settings, never raise its frame cap."""
+    vu = part.get("video_url")
+    url = vu.get("url") if isinstance(vu, dict) else vu
+    opts = vu if isinstance(vu, dict) else {}
+    fps = _num(opts, "fps", float, defaults.fps, 0.01, 120)
+    max_frames = _num(opts, "max_frames", int, defaults.max_frames, 1, defaults.max_frames)
+    return Video(
+        _media_bytes(url, "video", MAX_VIDEO_BYTES),
+        fps=fps,
+        max_frames=max_frames,
+        timestamp_ms=defaults.timestamp_ms,
+        ffmpeg_dir=defaults.ffmpeg_dir,
+    )
+
+
+def parse_messages(model: VisionModel, messages: Any, video: Video | None = None) -> tuple[str, list[Any]]:
+    """OpenAI messages -> (prompt in the model's chat template, images and videos in order);
+    ``video`` holds the server's video settings (its source is unused)."""
+    video = video or Video(b"-")
     if not isinstance(messages, list) or not messages:
         raise RequestError('"messages" must be a non-empty list')
-    out, images = [], []
+    out: list[dict[str, Any]] = []
+    images: list[Any] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a string role")
@@ -104,10 +130,13 @@ def parse_messages(model: VisionModel, messages: Any) -> tuple[str, list[bytes]]
                     parts.append(p["text"])
                 elif p.get("type") == "image_url":
                     iu = p.get("image_url")
-                    images.append(_image_bytes(iu.get("url") if isinstance(iu, dict) else iu))
+                    images.append(_media_bytes(iu.get("url") if isinstance(iu, dict) else iu))
+                    parts.append(IMAGE)
+                elif p.get("type") == "video_url":
+                    images.append(_video(p, video))
                     parts.append(IMAGE)
                 else:
-                    raise RequestError(f"messages[{i}].content[{j}]: parts are text or image_url")
+                    raise RequestError(f"messages[{i}].content[{j}]: parts are text, image_url or video_url")
             content = parts
         elif c is None:
             content = ""
@@ -133,6 +162,7 @@ def _usage(res) -> dict[str, Any]:
         "prompt_tokens": res.n_prompt_tokens,
         "completion_tokens": res.n_generated,
         "total_tokens": res.n_prompt_tokens + res.n_generated,
+        "prompt_tokens_details": {"cached_tokens": res.n_cached_tokens},
     }
     vp = res.visionpulse.usage() if res.visionpulse is not None else None
     if vp is not None:
@@ -140,7 +170,14 @@ def _usage(res) -> dict[str, Any]:
     return u
 
 
-def create_app(model: VisionModel, name: str, default_vp: VisionPulse | None = None, max_queue: int = 16):
+def create_app(
+    model: VisionModel,
+    name: str,
+    default_vp: VisionPulse | None = None,
+    max_queue: int = 16,
+    video: Video | None = None,
+):
+    """The app; ``video`` holds the video settings (fps, frame cap, timestamps, ffmpeg folder)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -165,7 +202,7 @@ def create_app(model: VisionModel, name: str, default_vp: VisionPulse | None = N
         if not isinstance(body, dict):
             return err(400, "the body must be a JSON object")
         try:
-            prompt, images = parse_messages(model, body.get("messages"))
+            prompt, images = parse_messages(model, body.get("messages"), video)
             max_tokens = _num(body, "max_tokens", int, 256, 1, model.n_ctx)
             if "max_completion_tokens" in body:
                 max_tokens = _num(body, "max_completion_tokens", int, max_tokens, 1, model.n_ctx)
@@ -180,6 +217,9 @@ def create_app(model: VisionModel, name: str, default_vp: VisionPulse | None = N
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise RequestError('"stream" must be true or false')
+            cache_prompt = body.get("cache_prompt", True)
+            if not isinstance(cache_prompt, bool):
+                raise RequestError('"cache_prompt" must be true or false')
         except RequestError as e:
             return err(400, str(e))
         except VPGGUFError as e:
@@ -205,6 +245,7 @@ def create_app(model: VisionModel, name: str, default_vp: VisionPulse | None = N
                         sampling=sampling,
                         chat_template=False,
                         visionpulse=vp,
+                        cache_prompt=cache_prompt,
                     )
                     for p in it:
                         if cancel.is_set():  # the client left: stop generating

@@ -12,11 +12,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _log
 from .errors import VideoError
 
 DEFAULT_FPS = 4.0  # llama.cpp's default (mtmd_helper_video_init_params_default)
@@ -81,6 +81,8 @@ def read_frames(mtmd_cpp: Any, mctx: Any, video: Video, media: int) -> list[Vide
     """The video's parts in order (text, and (bitmap, frame index) pairs whose bitmaps the caller
     frees). Each frame's id is "<sha256 of the file>+<frame>" (as llama.cpp's helper sets it) prefixed
     by the media index, so that a chunk names its frame and the same video is recognised across turns."""
+    from . import _log  # loads libllama: not at import time (the CLI's --help needs no library)
+
     M = mtmd_cpp
     data = _video_bytes(video)
     digest = hashlib.sha256(data).hexdigest()
@@ -104,8 +106,9 @@ def read_frames(mtmd_cpp: Any, mctx: Any, video: Video, media: int) -> list[Vide
 
     h = open_at(video.fps)
     info = M.mtmd_helper_video_get_info(h)
-    if info.n_frames > video.max_frames:  # spread max_frames over the whole video
-        duration = info.n_frames / info.fps
+    # the stream's own length, else the container's (Matroska keeps it there only)
+    duration = info.n_frames / info.fps if info.n_frames > 0 else _container_duration(folder, data)
+    if duration is not None and duration * video.fps > video.max_frames:  # spread the cap over all of it
         M.mtmd_helper_video_free(h)
         h = open_at(video.max_frames / duration)
     parts: list[VideoPart] = []
@@ -143,6 +146,17 @@ def read_frames(mtmd_cpp: Any, mctx: Any, video: Video, media: int) -> list[Vide
     finally:
         M.mtmd_helper_video_free(h)
     return parts
+
+
+def _container_duration(folder: str, data: bytes) -> float | None:
+    """The video's length in seconds as its container states it (None if it does not)."""
+    cmd = [str(Path(folder) / "ffprobe"), "-v", "quiet", "-show_entries", "format=duration", "-of", "csv=p=0", "-"]
+    try:
+        out = subprocess.run(cmd, input=data, capture_output=True, timeout=60).stdout.decode().strip()
+        seconds = float(out)
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return seconds if seconds > 0 else None
 
 
 def _video_bytes(video: Video) -> bytes:
