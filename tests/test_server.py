@@ -132,3 +132,35 @@ def test_client_disconnect_mid_stream(server, images):
     r.close()  # gone mid-stream
     ok = _client(server).chat.completions.create(model="tiny", messages=_msgs(images), max_tokens=3)
     assert ok.usage.completion_tokens == 3
+
+
+def test_a_video_url_part_and_the_kept_prefix(server, images, tmp_path):
+    import shutil
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    from test_video import make_video
+
+    video = make_video(tmp_path / "v", 8)
+    uri = "data:video/x-matroska;base64," + base64.b64encode(video.read_bytes()).decode()
+    msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": uri, "max_frames": 4}},
+                                         {"type": "text", "text": "What happens?"}]}]
+    c = _client(server)
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
+    again = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
+    assert again.choices[0].message.content == r.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    off = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0,
+                                    extra_body={"cache_prompt": False})
+    assert off.usage.prompt_tokens_details.cached_tokens == 0
+    assert off.choices[0].message.content == r.choices[0].message.content
+    # more frames than the server allows, a corrupt video: 400, and the server goes on
+    too_many = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": uri, "max_frames": 10**6}}]}]
+    status, body = _post(server, json.dumps({"messages": too_many}).encode())
+    assert status == 400 and "max_frames" in body["error"]["message"]
+    bad_uri = "data:video/mp4;base64," + base64.b64encode(b"not a video" * 50).decode()
+    bad = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": bad_uri}},
+                                        {"type": "text", "text": "Go."}]}]
+    status, body = _post(server, json.dumps({"messages": bad}).encode())
+    assert status == 400 and "cannot be read as a video" in body["error"]["message"]
+    assert c.chat.completions.create(model="tiny", messages=_msgs(images), max_tokens=2).usage.completion_tokens == 2

@@ -152,7 +152,7 @@ def _container_duration(folder: str, data: bytes) -> float | None:
     """The video's length in seconds as its container states it (None if it does not)."""
     cmd = [str(Path(folder) / "ffprobe"), "-v", "quiet", "-show_entries", "format=duration", "-of", "csv=p=0", "-"]
     try:
-        out = subprocess.run(cmd, input=data, capture_output=True, timeout=60).stdout.decode().strip()
+        out = subprocess.run(cmd, check=False, input=data, capture_output=True, timeout=60).stdout.decode().strip()
         seconds = float(out)
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return None
