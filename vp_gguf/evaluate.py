@@ -27,6 +27,7 @@ from typing import Any
 from .errors import VPGGUFError
 from .runs import jsonl
 from .runs import progress as progress_bar
+from .video import Video
 from .visionpulse import COMPARISON_MODES, comparison_spec, matched_mode
 
 MODES = COMPARISON_MODES
@@ -44,6 +45,7 @@ class EvalItem:
     max_tokens: int = 64
     task: str | None = None
     meta: dict = field(default_factory=dict)
+    videos: list[Video] = field(default_factory=list)  # after the images, in the markers' order
 
 
 def read_items(path: str | Path, where: dict[str, str] | None = None) -> list[EvalItem]:
@@ -52,6 +54,8 @@ def read_items(path: str | Path, where: dict[str, str] | None = None) -> list[Ev
     for n, d in jsonl(path):
         try:
             imgs = d.get("images") or ([d["image"]] if "image" in d else [])
+            sampling = d.get("video", {})  # optional: {"fps", "max_frames", "timestamp_ms"}
+            videos = [Video(path.parent / v, **sampling) for v in d.get("videos", [])]
             if where and any(str(d.get(k)) != v for k, v in where.items()):
                 continue
             choices = d.get("choices")
@@ -74,6 +78,7 @@ def read_items(path: str | Path, where: dict[str, str] | None = None) -> list[Ev
                     int(d.get("max_tokens", 16 if choices else 64)),
                     d.get("task"),
                     d.get("meta", {}),
+                    videos,
                 )
             )
         except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -99,10 +104,10 @@ def score(item: EvalItem, text: str) -> bool:
         if m:
             return LETTERS.index(m.group(1)) == want_i
         return want_i >= 0 and text.strip().lower().startswith(item.choices[want_i].strip().lower())
-    if item.task in ("copy", "second", "many", "lookup"):
-        from .testbed.tasks import Item
-        from .testbed.tasks import score as testbed_score
+    from .testbed.tasks import TASKS, Item
+    from .testbed.tasks import score as testbed_score
 
+    if item.task in TASKS:
         return testbed_score(Item(item.id, item.task, 0, [], item.prompt, item.answer, item.max_tokens), text)
     words = _words(item.answer)
     return bool(words) and _words(text)[: len(words)] == words
@@ -148,10 +153,13 @@ def evaluate_item(
 
     done = dict(done or {})
     ref_lp, dense = None, None
+    # every mode prefills the same dense prompt: the cache keeps it from one mode to the next
+    media: dict[str, Any] = {"images": item.images, "videos": item.videos}
+    tf_media: dict[str, Any] = {"videos": item.videos, "cache_prompt": True}
     if logits:  # the dense answer, its logits the reference (and the "dense" mode's own result)
-        dense = model.generate(item.prompt, images=item.images, max_tokens=item.max_tokens)
+        dense = model.generate(item.prompt, **media, max_tokens=item.max_tokens, cache_prompt=True)
         ref_tokens = dense.tokens or [0]
-        ref_lp = _log_softmax(model.teacher_forced(item.prompt, item.images, ref_tokens)[0])
+        ref_lp = _log_softmax(model.teacher_forced(item.prompt, item.images, ref_tokens, **tf_media)[0])
     for m in modes:
         base = matched_mode(m)
         ref = done.get(base) if base else None
@@ -165,7 +173,9 @@ def evaluate_item(
             r = (
                 dense
                 if spec is None and dense is not None
-                else model.generate(item.prompt, images=item.images, max_tokens=item.max_tokens, visionpulse=spec)
+                else model.generate(
+                    item.prompt, **media, max_tokens=item.max_tokens, visionpulse=spec, cache_prompt=True
+                )
             )
         except VPGGUFError as e:  # a bad image or a too small context: recorded, the run goes on
             row = _error_row(item, m, e)
@@ -190,7 +200,7 @@ def evaluate_item(
                 lp = (
                     ref_lp
                     if spec is None
-                    else _log_softmax(model.teacher_forced(item.prompt, item.images, ref_tokens, spec)[0])
+                    else _log_softmax(model.teacher_forced(item.prompt, item.images, ref_tokens, spec, **tf_media)[0])
                 )
                 row["top1_agree"] = float((lp.argmax(1) == ref_lp.argmax(1)).mean())
                 row["kl"] = float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean())

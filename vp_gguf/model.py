@@ -27,7 +27,6 @@ from typing_extensions import Self
 from . import _log
 from ._libs import llama_cpp as L
 from .decoding import check_decode, eval_prompt, make_sampler
-from .images import ImageInput
 from .loading import DEFAULT_MARKER, LoadedModel, ModelParams
 from .prompt import MediaInput, Prepared, free_prepared, image_spans, prepare
 from .prompt import apply_chat_template as _apply_chat_template
@@ -177,11 +176,13 @@ class VisionModel(LoadedModel):
     def teacher_forced(
         self,
         prompt: str,
-        images: Sequence[ImageInput],
+        images: Sequence[MediaInput],
         tokens: Sequence[int],
         visionpulse: VisionPulse | str | int | None = None,
         after_prefill=None,
         before_step=None,
+        videos: Sequence[VideoInput] = (),
+        cache_prompt: bool = False,
     ):
         """Logits at every step when ``tokens`` are fed as the answer (no sampling).
 
@@ -190,7 +191,7 @@ class VisionModel(LoadedModel):
         per-step VisionPulse selection (or None). ``after_prefill(model, image_spans)``, if
         given, runs between the prompt and the first forced token (tests use it to edit the cache);
         ``before_step(model, i)`` runs before decode step i (i = 1 for the first decoded token;
-        the replay oracle forces each step's set there)."""
+        the replay oracle forces each step's set there). ``videos`` and ``cache_prompt`` as in generate()."""
         import numpy as np
 
         vp = VisionPulse.parse(visionpulse)  # checked by C when applied, before any work
@@ -201,11 +202,11 @@ class VisionModel(LoadedModel):
         prep = None
         try:
             self._vp.apply(vp)
-            prep = prepare(self, prompt, _media(images, ()), False)
-            n_past, _ = eval_prompt(self, prep, Timings(), self._vp)
+            prep = prepare(self, prompt, _media(images, videos), False)
+            n_past, _ = eval_prompt(self, prep, Timings(), self._vp, reuse=cache_prompt)
             self.image_spans = image_spans(prep)
-            self._kv_units = []  # the forced tokens and the edits of after_prefill are not a prompt to keep
             if after_prefill is not None:
+                self._kv_units = []  # its edits make the cache no prompt's to keep
                 after_prefill(self, list(self.image_spans))
             report = self._start_vp()
             tok_arr = (L.llama_token * 1)()
@@ -219,6 +220,8 @@ class VisionModel(LoadedModel):
                 if before_step is not None:
                     before_step(self, i + 1)
                 check_decode(self, L.llama_decode(self._ctx, L.llama_batch_get_one(tok_arr, 1)), "a forced token")
+                if self._kv_units:
+                    self._kv_units.append((tok, n_past, 1))
                 n_past += 1
                 if report is not None:
                     report.record(self._ctx)

@@ -41,14 +41,22 @@ class Item:
     answer: str
     max_tokens: int
     meta: dict = field(default_factory=dict)
+    videos: list[str] = field(default_factory=list)  # after the images, one MARKER each (video_tasks.py)
 
     def image_paths(self, suite_dir: Path) -> list[Path]:
         return [Path(suite_dir) / p for p in self.images]
 
+    def video_paths(self, suite_dir: Path) -> list[Path]:
+        return [Path(suite_dir) / p for p in self.videos]
+
+
+READ_BACK_TASKS = ("copy", "second", "many", "vframe", "vspan", "vthen")  # the answer: digits read back
+TASKS = (*READ_BACK_TASKS, "lookup")
+
 
 def score(item: Item, text: str) -> bool:
     """Exact match on what the task asks for."""
-    if item.task in ("copy", "second", "many"):
+    if item.task in READ_BACK_TASKS:
         want = item.answer.split()
         return text.split()[: len(want)] == want
     if item.task == "lookup":
