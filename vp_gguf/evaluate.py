@@ -193,6 +193,7 @@ def evaluate_item(
                 "decode_tok_s": r.timings.decode_tok_s,
             }
             if steps:
+                row["tokens"] = r.tokens
                 row["retention"] = [st.retention for st in rep.steps] if rep is not None else []
                 row["mass"] = [st.mass for st in rep.steps] if rep is not None else []
                 row["kept"] = [st.kept for st in rep.steps] if rep is not None else []

@@ -16,6 +16,7 @@ import numpy as np
 from .. import VisionModel
 from ..evaluate import EvalItem, evaluate_item
 from ..runs import progress
+from ..video import Video
 from ..visionpulse import COMPARISON_MODES, matched_mode
 from . import assets
 from .tasks import Item
@@ -39,16 +40,21 @@ class Bench:
     """The testbed's items through the evaluation harness (evaluate.evaluate_item), one glyph projector
     per grid size, with per-step selections and teacher-forced agreement with the dense answer."""
 
-    def __init__(self, suite_dir: Path, n_threads: int | None = None, n_ctx: int = 8192) -> None:
+    def __init__(self, suite_dir: Path, n_threads: int | None = None, n_ctx: int = 8192, **params: Any) -> None:
         self.suite_dir = Path(suite_dir)
         self.model_path = assets.gemma_path()
         self.n_threads, self.n_ctx = n_threads, n_ctx
+        self.params = params  # more ModelParams (the video bench: swa_full, flash_attn)
         self._models: dict[int, VisionModel] = {}
 
     def model(self, grid: int) -> VisionModel:
         if grid not in self._models:
             self._models[grid] = VisionModel(
-                self.model_path, assets.glyph_mmproj(grid, self.model_path), n_ctx=self.n_ctx, n_threads=self.n_threads
+                self.model_path,
+                assets.glyph_mmproj(grid, self.model_path),
+                n_ctx=self.n_ctx,
+                n_threads=self.n_threads,
+                **self.params,
             )
         return self._models[grid]
 
@@ -58,10 +64,26 @@ class Bench:
 
     def run_item(self, item: Item, modes: list[str], anchor: int | None) -> dict[str, dict[str, Any]]:
         ev = EvalItem(
-            item.id, item.image_paths(self.suite_dir), item.prompt, item.answer, None, item.max_tokens, item.task
+            item.id,
+            item.image_paths(self.suite_dir),
+            item.prompt,
+            item.answer,
+            None,
+            item.max_tokens,
+            item.task,
+            videos=item_videos(item, self.suite_dir),
         )
         rows = evaluate_item(self.model(item.grid), ev, ordered(modes), anchor=anchor, steps=True, logits=True)
         return {r["mode"]: r for r in rows}
+
+
+def item_videos(item: Item, suite_dir: Path) -> list[Video]:
+    """An item's videos as its generator meant them to be sampled: every frame, no timestamps."""
+    m = item.meta
+    return [
+        Video(p, fps=m.get("fps", 1), max_frames=m.get("n_frames", 64), timestamp_ms=m.get("timestamp_ms", 0))
+        for p in item.video_paths(suite_dir)
+    ]
 
 
 def summarize(results: list[dict[str, Any]], modes: list[str]) -> dict[str, dict[str, float]]:
@@ -117,4 +139,4 @@ def by_task_table(results: list[dict[str, Any]], modes: list[str]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MODES", "Bench", "by_task_table", "markdown_table", "ordered", "progress", "summarize"]
+__all__ = ["MODES", "Bench", "by_task_table", "item_videos", "markdown_table", "ordered", "progress", "summarize"]
