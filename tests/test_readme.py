@@ -39,7 +39,10 @@ def world(tiny_paths, images, tmp_path_factory):
         items = tmp / "items.jsonl"
         items.write_text('{"id": "q1", "image": "%s", "question": "Describe.", "answer": "x", "max_tokens": 4}\n'
                          % images["a"])
-        subs = [("items.jsonl", str(items)), ("file:///path/to/photo.jpg", images["a"].resolve().as_uri()),
+        from test_video import make_video
+
+        clip = make_video(tmp / "clip", 12)
+        subs = [("clip.mp4", str(clip)), ("items.jsonl", str(items)), ("file:///path/to/photo.jpg", images["a"].resolve().as_uri()),
                 ("photo.jpg", str(images["a"])), ("mmproj.gguf", str(mmproj)), ("model.gguf", str(model))]
         yield env, subs, tmp
 

@@ -18,6 +18,7 @@ from .errors import (
     ModelFileError,
     ProjectorMismatchError,
     PromptError,
+    VideoError,
     VPGGUFError,
 )
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .model import ModelParams, VisionModel  # noqa: F401
     from .result import GenerationResult, ImageSpan, Timings, locate  # noqa: F401
     from .sampling import SamplingParams  # noqa: F401
+    from .video import Video  # noqa: F401
     from .visionpulse import StepStats, VisionPulse, VisionPulseReport  # noqa: F401
 
 __version__ = "0.1.0"
@@ -40,6 +42,7 @@ _LAZY = {
     "Timings": "result",
     "ImageSpan": "result",
     "locate": "result",
+    "Video": "video",
     "VisionPulse": "visionpulse",
     "VisionPulseReport": "visionpulse",
     "StepStats": "visionpulse",
@@ -56,6 +59,7 @@ __all__ = [  # noqa: PLE0604
     "ModelFileError",
     "ProjectorMismatchError",
     "ImageError",
+    "VideoError",
     "PromptError",
     "ContextOverflowError",
     "DecodeError",
