@@ -39,7 +39,7 @@ def make_suite(out: Path, sizes: list[int], per_task: list[int], seed: int) -> N
     (out / ".gitignore").write_text("*.mkv\n")  # made again from the seed
     rng = random.Random(seed)
     items = [make_video_item(rng, task, i, size // TOKENS_PER_FRAME, out)
-             for size, n in zip(sizes, per_task) for task in VIDEO_TASKS for i in range(n)]
+             for size, n in zip(sizes, per_task, strict=True) for task in VIDEO_TASKS for i in range(n)]
     write_items(out / "items.jsonl", items)
 
 
@@ -114,25 +114,28 @@ def main() -> int:
     bench = B.Bench(suite, **bench_args)
     model = bench.model(GRID)
     t0 = time.time()
-    results, cap = {}, preset_settings(5)[2]
-    for anchor in [None if x == "default" else int(x) for x in a.anchors.split(",")]:
-        layer = anchor if anchor is not None else model.generate(
-            items[0].prompt, videos=B.item_videos(items[0], suite), max_tokens=2, visionpulse=VisionPulse(),
-            cache_prompt=True).visionpulse.anchor_layer
-        label = f"default (layer {layer})" if anchor is None else f"layer {layer}"
-        rows = []
-        for k, it in enumerate(items):
-            B.progress(k, len(items), t0, f"{label[:12]} {it.id}")
-            rows.append({"id": it.id, "task": it.task, "n_visual": it.meta["n_frames"] * TOKENS_PER_FRAME,
-                         "image_steps": it.meta["image_steps"], "answer": it.answer,
-                         "modes": bench.run_item(it, modes, anchor)})
-        B.progress(len(items), len(items), t0, "done")
-        results[label] = {
-            "table": B.summarize(rows, modes),
-            "phases": {m: phase_retention(model, rows, m) for m in modes},
-            "visionpulse5_steps_at_cap": at_cap(rows, "visionpulse-5", cap) if "visionpulse-5" in modes else (0, 0),
-            "items": rows,
+    cap = preset_settings(5)[2]
+    anchors = [None if x == "default" else int(x) for x in a.anchors.split(",")]
+    default_layer = model.generate(items[0].prompt, videos=B.item_videos(items[0], suite), max_tokens=2,
+                                   visionpulse=VisionPulse(), cache_prompt=True).visionpulse.anchor_layer
+    labels = {x: f"default (layer {default_layer})" if x is None else f"layer {x}" for x in anchors}
+    rows: dict[str, list] = {label: [] for label in labels.values()}
+    for k, it in enumerate(items):  # every anchor on an item before the next: its prompt is prefilled once
+        B.progress(k, len(items), t0, it.id)
+        for anchor, label in labels.items():
+            rows[label].append({"id": it.id, "task": it.task, "n_visual": it.meta["n_frames"] * TOKENS_PER_FRAME,
+                                "image_steps": it.meta["image_steps"], "answer": it.answer,
+                                "modes": bench.run_item(it, modes, anchor)})
+    B.progress(len(items), len(items), t0, "done")
+    results = {
+        label: {
+            "table": B.summarize(rs, modes),
+            "phases": {m: phase_retention(model, rs, m) for m in modes},
+            "visionpulse5_steps_at_cap": at_cap(rs, "visionpulse-5", cap) if "visionpulse-5" in modes else (0, 0),
+            "items": rs,
         }
+        for label, rs in rows.items()
+    }
     bench.close()
     fidelity_s = time.time() - t0
     speed_rows = []
