@@ -172,3 +172,25 @@ def test_the_cli_reads_a_video(tiny_paths, video, tmp_path):
     bad = subprocess.run(cmd[:-1] + ["--video-max-frames", "0"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "max_frames must be an integer >= 1" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_chat_takes_a_video_and_keeps_it_across_turns(tiny_paths, video, tmp_path):
+    model, mmproj = tiny_paths("qwen2vl")
+    script = (f"/video {video}\nWhat happens?\n/video {tmp_path / 'missing.mp4'}\n"
+              "And then?\n/quit\n")
+    r = subprocess.run([sys.executable, "-m", "vp_gguf.cli", "chat", "-m", str(model), "--mmproj", str(mmproj),
+                        "-n", "4", "-c", "4096", "-t", "2", "--video-max-frames", "4"],
+                       input=script, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 2  # two replies
+    assert "missing.mp4: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_viz_cli_draws_a_video(tiny_paths, video, tmp_path):
+    model, mmproj = tiny_paths("llava")
+    r = subprocess.run([sys.executable, "-m", "vp_gguf.cli", "viz", "-m", str(model), "--mmproj", str(mmproj),
+                        "--video", str(video), "--video-max-frames", "4", "-c", "4096", "-p", "What happens?",
+                        "-n", "5", "--visionpulse", "5", "--vp-min-pruned-layers", "0", "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "frames.png").exists() and (tmp_path / "out" / "steps.gif").exists()
