@@ -67,3 +67,13 @@ def test_visionpulse_selects_in_a_turn_that_reuses_the_cache(load_model, images)
     r = chat.last_result
     assert r.n_cached_tokens > 0 and r.visionpulse is not None and r.visionpulse.steps
     assert all(0 < s.n_kept < s.n_visual for s in r.visionpulse.steps)
+
+
+def test_a_cache_changed_behind_the_record_is_not_trusted(load_model, images):
+    from vp_gguf._libs import llama_cpp as L
+
+    m = load_model("llava", n_ctx=4096)
+    ref = m.generate("Describe.", images=[images["a"]], max_tokens=4, cache_prompt=True)
+    L.llama_memory_seq_rm(L.llama_get_memory(m._ctx), 0, 3, -1)  # a tool of one's own cuts the cache
+    again = m.generate("Describe.", images=[images["a"]], max_tokens=4, cache_prompt=True)
+    assert again.n_cached_tokens == 0 and again.tokens == ref.tokens

@@ -88,12 +88,14 @@ def keep_cached_prefix(lm: LoadedModel, units: list[Unit]) -> int:
     sliding-window layer no longer holds the window the first new token needs (llama.cpp's
     server's rule; ``swa_full`` keeps it), or the cache refuses the cut."""
     cached = lm._kv_units
+    mem = L.llama_get_memory(lm._ctx)
+    if not cached or L.llama_memory_seq_pos_max(mem, 0) != cached[-1][1]:
+        return 0  # the cache was changed behind our record (a tool of one's own on the context): trust neither
     n = 0
     while n < min(len(cached), len(units) - 1) and cached[n][:2] == units[n][:2]:
         n += 1
     if n == 0:
         return 0
-    mem = L.llama_get_memory(lm._ctx)
     cut = units[n][1]
     if not L.llama_memory_seq_rm(mem, 0, cut, -1):
         return 0
