@@ -4,10 +4,11 @@
     python3 scripts/turn_bench.py            # -> docs/speed/TURNS.md, turns.json
 
 Gemma 3 270M reads a glyph image (32 x 32 tiles: 1024 visual tokens) through the testbed's
-projector. Each repetition holds a three-turn conversation (`vp_gguf.chat.Chat`, which keeps the
-cache) and, right after each later turn, asks the same prompt again with cache_prompt off (the
-whole prompt encoded and prefilled again: what a client without prompt caching costs). Time to
-first token is measured from the call to the first streamed piece.
+projector. It is a base model without a chat template, so a turn is the conversation so far as
+raw text (each reply kept, a new request appended), sent with cache_prompt on, as `Chat` and the
+server send theirs; right after each later turn the same prompt goes again with cache_prompt off
+(the image encoded and the whole prompt prefilled again: what a client without prompt caching
+costs). Time to first token is measured from the call to the first streamed piece.
 """
 from __future__ import annotations
 
@@ -25,12 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vp_gguf import VisionModel  # noqa: E402
-from vp_gguf.chat import Chat, render_messages  # noqa: E402
 from vp_gguf.testbed import assets  # noqa: E402
 from vp_gguf.testbed.glyphs import GlyphGrid  # noqa: E402
 
 GRID = 32
-QUESTIONS = ["Sequence again:", "Once more, the sequence:", "And the sequence again:"]
+QUESTIONS = ["\nSequence again:", "\nOnce more, the sequence:", "\nAnd the sequence again:"]
 
 
 def ttft(stream) -> tuple[float, str]:
@@ -55,21 +55,24 @@ def main() -> int:
     vm = VisionModel(model, assets.glyph_mmproj(GRID, model), n_ctx=4096, n_threads=a.threads, swa_full=True)
     rows = []
     for rep in range(a.reps):
-        chat = Chat(vm, max_tokens=16)
-        chat.attach(img)
+        history = f"Sequence:{vm.marker}"
+        vm.generate("Warm-up.", max_tokens=1)  # each repetition starts from a cache that holds none of it
         for turn, q in enumerate(QUESTIONS, 1):
-            dt, _ = ttft(chat.say(q))
-            res = chat.last_result
+            history += q
+            dt, reply = ttft(vm.stream(history, images=[img], max_tokens=16, cache_prompt=True))
+            res = vm.last_result
             rows.append({"rep": rep, "turn": turn, "cache": True, "ttft_ms": 1e3 * dt,
                          "n_prompt": res.n_prompt_tokens, "n_cached": res.n_cached_tokens,
                          "encode_ms": res.timings.image_encode_ms})
             if turn > 1:  # the same prompt, prefilled from scratch
-                prompt = render_messages(vm, chat.messages[:-1])
-                dt, _ = ttft(vm.stream(prompt, images=[img], max_tokens=16))
+                dt, _ = ttft(vm.stream(history, images=[img], max_tokens=16))
                 res = vm.last_result
                 rows.append({"rep": rep, "turn": turn, "cache": False, "ttft_ms": 1e3 * dt,
                              "n_prompt": res.n_prompt_tokens, "n_cached": res.n_cached_tokens,
                              "encode_ms": res.timings.image_encode_ms})
+                # the next turn continues from the conversation's own cache, as a client's would
+                vm.generate(history, images=[img], max_tokens=16)
+            history += reply
     vm.close()
 
     def med(turn: int, cache: bool, key: str = "ttft_ms") -> float:
@@ -82,7 +85,7 @@ def main() -> int:
     cmd = " ".join(["python3 scripts/turn_bench.py", *sys.argv[1:]])
     md = ["# Time to first token, turn by turn", "",
           f"Written by `{cmd}` on {platform.machine()} (CPU, {a.threads or 'all'} threads): Gemma 3 270M "
-          f"Q4_K_M reading a {GRID * GRID}-token glyph image, a three-turn `Chat` (the KV cache kept), "
+          f"Q4_K_M reading a {GRID * GRID}-token glyph image, a three-turn conversation (the KV cache kept), "
           f"{a.reps} repetitions, medians. \"Full prefill\" asks each later turn's prompt again with "
           "cache_prompt off: the image encoded and the whole prompt prefilled again.", "",
           "| turn | prompt tokens | kept from the cache | TTFT, cache kept (ms) | TTFT, full prefill (ms) | ratio |",
