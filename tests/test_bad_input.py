@@ -115,9 +115,9 @@ def test_bad_array_image(usable):
 
 
 def test_more_markers_than_images(usable, images):
-    with pytest.raises(PromptError, match="2 image marker"):
+    with pytest.raises(PromptError, match="2 media marker"):
         usable.generate(f"{usable.marker} and {usable.marker}", images=[images["a"]])
-    with pytest.raises(PromptError, match="1 image marker"):
+    with pytest.raises(PromptError, match="1 media marker"):
         usable.generate(f"{usable.marker} only", images=[images["a"], images["b"]])
 
 

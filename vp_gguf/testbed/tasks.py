@@ -64,7 +64,7 @@ def score(item: Item, text: str) -> bool:
     raise ValueError(f"unknown task {item.task!r}")
 
 
-def _digits(rng: random.Random, n: int) -> list[str]:
+def random_digits(rng: random.Random, n: int) -> list[str]:
     return [str(rng.randrange(10)) for _ in range(n)]
 
 
@@ -81,17 +81,17 @@ def _copy_prompt(prefix: str, digits: list[str]) -> str:
 def _sequence_image(rng: random.Random, grid: int, n_digits: int, fill: bool) -> tuple[list[str], Image]:
     """n_digits to read back; with fill the rest of the grid holds more digits (no blank runs)."""
     g = GlyphGrid(grid)
-    digits = _digits(rng, g.n_cells // 2 if fill else n_digits)
+    digits = random_digits(rng, g.n_cells // 2 if fill else n_digits)
     return digits, g.render((" " + " ".join(digits))[: g.n_cells])
 
 
-def _codes_image(rng: random.Random, grid: int, n_pairs: int) -> tuple[list[str], list[str], Image]:
+def codes_image(rng: random.Random, grid: int, n_pairs: int) -> tuple[list[str], list[str], Image]:
     keys: list[str] = []
     while len(keys) < n_pairs:
         k = rng.choice(KEY_LETTERS) + str(rng.randrange(10))
         if k not in keys:
             keys.append(k)
-    codes = ["".join(_digits(rng, 4)) for _ in keys]
+    codes = ["".join(random_digits(rng, 4)) for _ in keys]
     img = GlyphGrid(grid).render(" " + "|".join(f"{k}:{c}" for k, c in zip(keys, codes)))
     return keys, codes, img
 
@@ -116,7 +116,7 @@ def make_copy(rng: random.Random, idx: int, grid: int, n_digits: int, out: Path)
 
 
 def make_lookup(rng: random.Random, idx: int, grid: int, n_pairs: int, out: Path) -> Item:
-    keys, codes, img = _codes_image(rng, grid, n_pairs)
+    keys, codes, img = codes_image(rng, grid, n_pairs)
     q = rng.randrange(n_pairs)
     name = f"lookup-{grid * grid}-{idx}"
     img.save(out / f"{name}.png")
@@ -137,7 +137,7 @@ def _many(rng: random.Random, name: str, task: str, grid: int, n_images: int, n_
     files = []
     for j in range(n_images - 1):
         files.append(f"{name}-{j}.png")
-        _codes_image(rng, grid, 12)[2].save(out / files[-1])
+        codes_image(rng, grid, 12)[2].save(out / files[-1])
     digits, img = _sequence_image(rng, grid, n_digits, False)
     files.append(f"{name}-{n_images - 1}.png")
     img.save(out / files[-1])

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .glyphs import GlyphGrid
-from .tasks import MARKER, Item, _codes_image, _digits
+from .tasks import MARKER, Item, codes_image, random_digits
 
 GRID = 8  # tiles per side of a frame: 64 visual tokens
 FPS = 1
@@ -80,12 +80,12 @@ def make_video_item(rng: random.Random, task: str, idx: int, n_frames: int, out:
         if i in evidence:
             frames.append(None)
         else:
-            _keys, codes, img = _codes_image(rng, GRID, N_PAIRS)
+            _keys, codes, img = codes_image(rng, GRID, N_PAIRS)
             codes_text += " ".join(codes) + " "
             frames.append(img)
     while True:  # digits whose primed start is unique in the video
-        seq = _digits(rng, per * (2 if task == "vspan" else 1))
-        text_digits = _digits(rng, TEXT_DIGITS) if task == "vthen" else []
+        seq = random_digits(rng, per * (2 if task == "vspan" else 1))
+        text_digits = random_digits(rng, TEXT_DIGITS) if task == "vthen" else []
         full = seq + text_digits
         if _unique_prime(full, codes_text):
             break
