@@ -12,7 +12,7 @@ from ._libs import llama_cpp as L
 from ._libs import mtmd_cpp as M
 from .errors import ContextOverflowError, DecodeError, ImageError
 from .loading import LoadedModel
-from .prompt import Prepared
+from .prompt import Prepared, chunk_positions
 from .result import Timings
 from .sampling import SamplingParams
 from .visionpulse import VisionPulseControl
@@ -68,17 +68,13 @@ Unit = tuple[int | bytes, int, int]
 
 def prompt_units(prep: Prepared) -> list[Unit]:
     units: list[Unit] = []
-    pos = 0
-    for i in range(M.mtmd_input_chunks_size(prep.chunks)):
-        ch = M.mtmd_input_chunks_get(prep.chunks, i)
+    for ch, pos in chunk_positions(prep):
         if M.mtmd_input_chunk_get_type(ch) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
             n_tok = ctypes.c_size_t(0)
             ptr = M.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n_tok))
             units += [(ptr[j], pos + j, 1) for j in range(n_tok.value)]
-            pos += n_tok.value
         else:
             units.append((M.mtmd_input_chunk_get_id(ch) or b"?", pos, M.mtmd_input_chunk_get_n_tokens(ch)))
-            pos += M.mtmd_input_chunk_get_n_pos(ch)
     return units
 
 

@@ -20,7 +20,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 from typing_extensions import Self
 
@@ -28,23 +27,14 @@ from . import _log
 from ._libs import llama_cpp as L
 from .decoding import check_decode, eval_prompt, make_sampler
 from .loading import DEFAULT_MARKER, LoadedModel, ModelParams
-from .prompt import MediaInput, Prepared, free_prepared, image_spans, prepare
+from .prompt import MediaInput, Prepared, free_prepared, image_spans, media_list, prepare
 from .prompt import apply_chat_template as _apply_chat_template
 from .result import GenerationResult, ImageSpan, Timings
 from .sampling import SamplingParams
-from .video import Video, VideoInput, as_video
+from .video import VideoInput
 from .visionpulse import VisionPulse, VisionPulseControl, VisionPulseReport
 
 __all__ = ["DEFAULT_MARKER", "ModelParams", "VisionModel"]
-
-
-def _media(images: Sequence[MediaInput] | VideoInput, videos: Sequence[VideoInput] | VideoInput) -> list[MediaInput]:
-    """Images (a Video among them keeps its place), then videos, in the order their markers take them."""
-    if isinstance(images, (str, Path, bytes, Video)):
-        images = [images]
-    if isinstance(videos, (str, Path, bytes, Video)):
-        videos = [videos]
-    return list(images) + [as_video(v) for v in videos]
 
 
 class VisionModel(LoadedModel):
@@ -112,7 +102,7 @@ class VisionModel(LoadedModel):
         videos: Sequence[VideoInput] = (),
     ) -> Prepared:
         """The prompt and media as libmtmd chunks (a context manager that frees them), for tools of one's own."""
-        return prepare(self, prompt, _media(images, videos), chat_template)
+        return prepare(self, prompt, media_list(images, videos), chat_template)
 
     # -- generation ----------------------------------------------------------------------
     def generate(
@@ -158,7 +148,7 @@ class VisionModel(LoadedModel):
     ) -> Iterator[str]:
         """Like generate(), yielding text pieces as they are produced; the full result is
         in ``last_result`` afterwards."""
-        media = _media(images, videos)
+        media = media_list(images, videos)
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         sampling = sampling or SamplingParams()
@@ -202,7 +192,7 @@ class VisionModel(LoadedModel):
         prep = None
         try:
             self._vp.apply(vp)
-            prep = prepare(self, prompt, _media(images, videos), False)
+            prep = prepare(self, prompt, media_list(images, videos), False)
             n_past, _ = eval_prompt(self, prep, Timings(), self._vp, reuse=cache_prompt)
             self.image_spans = image_spans(prep)
             if after_prefill is not None:

@@ -8,7 +8,9 @@ import ctypes
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 from typing_extensions import Self
 
 from . import _log
@@ -18,9 +20,31 @@ from .errors import ContextOverflowError, ImageError, PromptError
 from .images import ImageInput, load_bitmap
 from .loading import NON_CAUSAL_IMAGE_PROJECTORS, LoadedModel
 from .result import ImageSpan
-from .video import Video, read_frames
+from .video import Video, VideoInput, as_video, read_frames
 
 MediaInput = ImageInput | Video
+
+
+def media_list(
+    images: Sequence[MediaInput] | MediaInput, videos: Sequence[VideoInput] | VideoInput
+) -> list[MediaInput]:
+    """Images (a Video among them keeps its place), then videos, in the order their markers take
+    them; a lone image or video stands for a list of one."""
+    from PIL.Image import Image
+
+    lone = (str, Path, bytes, bytearray, Video, Image, np.ndarray)
+    imgs = [images] if isinstance(images, lone) else list(images)
+    vids = [videos] if isinstance(videos, lone) else list(videos)
+    return imgs + [as_video(v) for v in vids]  # type: ignore[arg-type]
+
+
+def chunk_positions(prep: Prepared):
+    """Each chunk of the prompt with the position it starts at."""
+    pos = 0
+    for i in range(M.mtmd_input_chunks_size(prep.chunks)):
+        ch = M.mtmd_input_chunks_get(prep.chunks, i)
+        yield ch, pos
+        pos += M.mtmd_input_chunk_get_n_pos(ch)
 
 
 @dataclass
@@ -161,10 +185,7 @@ def chunk_media(chunk) -> tuple[int, int]:
 def image_spans(prep: Prepared) -> list[ImageSpan]:
     """Where each image chunk goes in the sequence, and which input (and frames) it holds."""
     spans: list[ImageSpan] = []
-    pos = 0
-    for i in range(M.mtmd_input_chunks_size(prep.chunks)):
-        ch = M.mtmd_input_chunks_get(prep.chunks, i)
-        n_pos = M.mtmd_input_chunk_get_n_pos(ch)
+    for ch, pos in chunk_positions(prep):
         if M.mtmd_input_chunk_get_type(ch) != M.MTMD_INPUT_CHUNK_TYPE_TEXT:
             img = M.mtmd_input_chunk_get_tokens_image(ch)
             media, frame = chunk_media(ch)
@@ -172,14 +193,13 @@ def image_spans(prep: Prepared) -> list[ImageSpan]:
                 ImageSpan(
                     pos=pos,
                     n_tokens=M.mtmd_input_chunk_get_n_tokens(ch),
-                    n_pos=n_pos,
+                    n_pos=M.mtmd_input_chunk_get_n_pos(ch),
                     nx=M.mtmd_image_tokens_get_nx(img),
                     ny=M.mtmd_image_tokens_get_ny(img),
                     media=media,
                     frame=frame,
                 )
             )
-        pos += n_pos
     for a, b in zip(spans, spans[1:] + [None]):  # a chunk of merged frames holds frames up to the next
         if a.frame >= 0:
             end = b.frame if b is not None and b.media == a.media else prep.n_frames.get(a.media, a.frame + 1)

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -97,13 +97,7 @@ def _video(part: Any, defaults: Video) -> Video:
     opts = vu if isinstance(vu, dict) else {}
     fps = _num(opts, "fps", float, defaults.fps, 0.01, 120)
     max_frames = _num(opts, "max_frames", int, defaults.max_frames, 1, defaults.max_frames)
-    return Video(
-        _media_bytes(url, "video", MAX_VIDEO_BYTES),
-        fps=fps,
-        max_frames=max_frames,
-        timestamp_ms=defaults.timestamp_ms,
-        ffmpeg_dir=defaults.ffmpeg_dir,
-    )
+    return replace(defaults, source=_media_bytes(url, "video", MAX_VIDEO_BYTES), fps=fps, max_frames=max_frames)
 
 
 def parse_messages(model: VisionModel, messages: Any, video: Video | None = None) -> tuple[str, list[Any]]:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from .result import ImageSpan, locate
-from .video import Video, as_video, read_frames
+from .video import as_video, read_frames
 
 _RED = (220, 30, 30)
 _GREY = (90, 90, 90)
@@ -78,16 +78,12 @@ def video_frames(model: Any, video: Any, media: int = 0) -> list[Image.Image]:
                 M.mtmd_bitmap_free(p[0])
 
 
-def _listed(items: Any) -> list[Any]:
-    """A lone image or video as a list of one (as generate takes them)."""
-    lone = (str, Path, bytes, bytearray, Video, Image.Image, np.ndarray)
-    return [items] if isinstance(items, lone) else list(items)
-
-
 def span_pictures(model: Any, spans: Sequence[ImageSpan], images: Any = (), videos: Any = ()) -> list[Any]:
     """One picture per image chunk: its still image, or the video frame the chunk starts with.
     Media are numbered as generate numbers them: images (a Video among them in its place), then videos."""
-    media = _listed(images) + _listed(videos)
+    from .prompt import media_list  # loads libllama: not at import time
+
+    media = media_list(images, videos)
     if all(sp.frame < 0 for sp in spans) and len(media) == len(spans):
         return media  # one image per chunk, in order: as before chunks named their media
     wanted = {sp.media for sp in spans if sp.frame >= 0}
