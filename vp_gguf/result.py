@@ -86,7 +86,7 @@ class GenerationResult:
     n_prompt_tokens: int  # every position in the prompt: text and image tokens
     n_image_tokens: int  # of which image tokens
     n_generated: int
-    stop_reason: str  # "eos" | "length" | "context"
+    stop_reason: str  # "eos" | "stop" (a stop string) | "length" | "context"
     timings: Timings
     visionpulse: VisionPulseReport | None = None  # when a selection mode was on
     images: list[ImageSpan] = field(default_factory=list)

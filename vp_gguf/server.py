@@ -1,154 +1,118 @@
 """An OpenAI-compatible server: `vp-gguf serve` (FastAPI + uvicorn).
 
-    POST /v1/chat/completions   messages with text, image_url and video_url parts (data: or
-                                file: URLs; a video_url may add "fps" and "max_frames", the latter
-                                at most the server's), stream or not; extra body fields
+    POST /v1/chat/completions   messages with text, image_url and video_url parts (data: URLs, or
+                                file:// URLs under the operator's --media-path), stream or not; also
+                                "stop", "seed", "max_completion_tokens", and extra fields
                                 "visionpulse": 5 | 10 | "off" | {"mode": ..., "ratio": ..., ...}
                                 (default: the server's --visionpulse) and "cache_prompt" (default
                                 true, as llama.cpp's server: the KV of the previous request's
                                 common prefix is kept, so a conversation's images are encoded once)
     GET  /v1/models
+    GET  /health                (no key needed)
 
-One model serves one request at a time; others wait in a queue (bounded: beyond
---max-queue they get 503). A request's settings never outlive it. Errors follow
-OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+Who may call: with an API key (--api-key or VP_GGUF_API_KEY) every route but /health wants
+"Authorization: Bearer <key>"; a server bound to loopback answers only requests whose Host header
+names loopback (DNS rebinding) and takes only application/json bodies (a browser page cannot post
+those cross-origin without a preflight this server never grants).
+
+One model serves one request at a time; others wait in a queue (bounded: beyond --max-queue they
+get 503). A request's settings never outlive it; a client that leaves is cancelled, waiting or
+generating. Errors follow OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
 import asyncio
-import base64
+import contextlib
+import hmac
+import ipaddress
 import json
-import queue
+import sys
 import threading
 import time
+import traceback
 import uuid
-from dataclasses import fields, replace
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlparse
 
-from .chat import IMAGE, render_messages
-from .errors import VPGGUFError
+from .errors import ImageError, VideoError, VPGGUFError
 from .model import VisionModel
-from .sampling import DEFAULTS as SAMPLING
-from .sampling import SamplingParams
+from .server_policy import RequestError, ServerLimits, media_root
+from .server_request import Defaults, Job, ModelFacts, parse_messages, parse_request
 from .video import Video
 from .visionpulse import VisionPulse
 
-MAX_IMAGE_BYTES = 20 << 20
-MAX_VIDEO_BYTES = 200 << 20
+__all__ = ["RequestError", "ServerLimits", "create_app", "is_loopback", "parse_messages"]
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
-class RequestError(ValueError):
-    """A bad request (HTTP 400) with a message that says what to fix."""
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port: "[::1]:8080" -> "::1", "localhost:80" -> "localhost"."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0].lower()
+    return header.rpartition(":")[0].lower() if ":" in header else header.lower()
 
 
-def _vp_from_body(v: Any, default: VisionPulse | None) -> VisionPulse | None:
-    if v is None:
-        return default
-    if isinstance(v, (int, str)) and not isinstance(v, bool):
-        try:
-            return VisionPulse.parse(v)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-    if isinstance(v, dict):
-        known = {f.name for f in fields(VisionPulse)} - {"forced"}
-        unknown = set(v) - known
-        if unknown:
-            raise RequestError(f"unknown visionpulse field(s) {sorted(unknown)}; known: {sorted(known)}")
-        try:
-            vp = VisionPulse(**v)
-            vp.check()
-        except (TypeError, ValueError) as e:
-            raise RequestError(f"visionpulse: {e}") from None
-        return vp
-    raise RequestError('"visionpulse" must be 5, 10, "off" or an object of VisionPulse settings')
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-def _media_bytes(url: Any, kind: str = "image", limit: int = MAX_IMAGE_BYTES) -> bytes:
-    if not isinstance(url, str):
-        raise RequestError(f"{kind}_url.url must be a string")
-    if url.startswith("data:"):
-        head, _, data = url.partition(",")
-        if ";base64" not in head:
-            raise RequestError(f"data: {kind} URLs must be base64")
-        if len(data) > limit * 4 // 3 + 4:
-            raise RequestError(f"{kind} larger than {limit >> 20} MB")
-        try:
-            return base64.b64decode(data, validate=True)
-        except ValueError:
-            raise RequestError(f"data: {kind} URL is not valid base64") from None
-    if url.startswith("file://"):
-        path = unquote(urlparse(url).path)
-        try:
-            with open(path, "rb") as f:
-                b = f.read(limit + 1)
-        except OSError as e:
-            raise RequestError(f"cannot read {kind} {path}: {e.strerror}") from None
-        if len(b) > limit:
-            raise RequestError(f"{kind} larger than {limit >> 20} MB")
-        return b
-    raise RequestError(f"{kind} URLs must be data: (base64) or file:// URLs; this server fetches nothing remote")
+@dataclass
+class Access:
+    """Who may call, and what they may read: `serve`'s --api-key, --host, --media-path and --docs."""
+
+    api_key: str | None = None
+    bind_host: str = "127.0.0.1"  # a loopback bind also checks the Host header
+    media_path: str | None = None  # file:// URLs read only below it; None: refused
+    docs: bool = False  # /docs and /openapi.json
 
 
-def _video(part: Any, defaults: Video) -> Video:
-    """A video_url part (vLLM's convention) -> a Video; "fps" and "max_frames" may refine the
-    server's settings, never raise its frame cap."""
-    vu = part.get("video_url")
-    url = vu.get("url") if isinstance(vu, dict) else vu
-    opts = vu if isinstance(vu, dict) else {}
-    fps = _num(opts, "fps", float, defaults.fps, 0.01, 120)
-    max_frames = _num(opts, "max_frames", int, defaults.max_frames, 1, defaults.max_frames)
-    return replace(defaults, source=_media_bytes(url, "video", MAX_VIDEO_BYTES), fps=fps, max_frames=max_frames)
+@dataclass
+class _Queue:
+    """One generation at a time; at most ``limit`` requests wait for it."""
+
+    limit: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    waiting: int = 0
+    guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def enter(self) -> bool:
+        with self.guard:
+            if self.waiting >= self.limit:
+                return False
+            self.waiting += 1
+            return True
+
+    def leave(self) -> None:
+        with self.guard:
+            self.waiting -= 1
 
 
-def parse_messages(model: VisionModel, messages: Any, video: Video | None = None) -> tuple[str, list[Any]]:
-    """OpenAI messages -> (prompt in the model's chat template, images and videos in order);
-    ``video`` holds the server's video settings (its source is unused)."""
-    video = video or Video(b"-")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError('"messages" must be a non-empty list')
-    out: list[dict[str, Any]] = []
-    images: list[Any] = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError(f"messages[{i}] must be an object with a string role")
-        c = m.get("content")
-        content: str | list[Any]
-        if isinstance(c, str):
-            content = c
-        elif isinstance(c, list):
-            parts = []
-            for j, p in enumerate(c):
-                if not isinstance(p, dict):
-                    raise RequestError(f"messages[{i}].content[{j}] must be an object")
-                if p.get("type") == "text" and isinstance(p.get("text"), str):
-                    parts.append(p["text"])
-                elif p.get("type") == "image_url":
-                    iu = p.get("image_url")
-                    images.append(_media_bytes(iu.get("url") if isinstance(iu, dict) else iu))
-                    parts.append(IMAGE)
-                elif p.get("type") == "video_url":
-                    images.append(_video(p, video))
-                    parts.append(IMAGE)
-                else:
-                    raise RequestError(f"messages[{i}].content[{j}]: parts are text, image_url or video_url")
-            content = parts
-        elif c is None:
-            content = ""
-        else:
-            raise RequestError(f"messages[{i}].content must be a string or a list of parts")
-        out.append({"role": m["role"], "content": content})
-    return render_messages(model, out), images
+def _error(status: int, msg: str, typ: str = "invalid_request_error"):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": msg, "type": typ, "param": None, "code": None}}, status_code=status)
 
 
-def _num(body: dict, key: str, typ, default, lo=None, hi=None):
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float) if typ is float else int):
-        raise RequestError(f'"{key}" must be a {"number" if typ is float else "integer"}')
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise RequestError(f'"{key}" must be in [{lo}, {hi}]')
-    return typ(v)
+def _public_message(e: BaseException) -> tuple[int, str]:
+    """A worker's exception as (status, text) for the client: a decoder's message can quote the
+    file it read, so image errors are told in our words; anything unexpected is not detailed."""
+    if isinstance(e, RequestError):
+        return e.status, str(e)
+    if isinstance(e, VideoError):
+        if "ffmpeg" in str(e) and "not found" in str(e):  # the operator's to fix, not the client's
+            return 501, "this server cannot read videos: ffmpeg is not installed on it"
+        return 400, "a video of the request cannot be read as a video (unsupported or corrupt)"
+    if isinstance(e, ImageError):
+        return 400, "an image of the request cannot be decoded (unsupported or corrupt)"
+    if isinstance(e, (VPGGUFError, ValueError)):
+        return 400, str(e)
+    traceback.print_exception(e, file=sys.stderr)  # for the operator; the client learns nothing of it
+    return 500, "internal error while generating (see the server's log)"
 
 
 def _usage(res) -> dict[str, Any]:
@@ -164,162 +128,260 @@ def _usage(res) -> dict[str, Any]:
     return u
 
 
+def _finish_reason(res) -> str:
+    return "length" if res is not None and res.stop_reason in ("length", "context") else "stop"
+
+
+class _Generation:
+    """One request's generation on a worker thread, its pieces handed to the event loop as they come
+    (no executor thread is held while a request waits: a finished reply is sent when it is finished)."""
+
+    def __init__(self, model: VisionModel, job: Job, queue: _Queue, stopping: threading.Event) -> None:
+        self.model, self.job, self.queue, self.stopping = model, job, queue, stopping
+        self.loop = asyncio.get_running_loop()
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.cancel = threading.Event()
+        self._pending: asyncio.Future | None = None
+        threading.Thread(target=self._work, daemon=True).start()
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    def _gone(self) -> bool:
+        return self.cancel.is_set() or self.stopping.is_set()
+
+    def _work(self) -> None:
+        job = self.job
+        try:
+            while not self.queue.lock.acquire(timeout=0.1):
+                if self._gone():  # left while waiting: never starts
+                    self.queue.leave()
+                    return
+            try:
+                self.queue.leave()
+                if self._gone():
+                    return
+                it = self.model.stream(
+                    job.prompt,
+                    images=job.media,
+                    max_tokens=job.max_tokens,
+                    sampling=job.sampling,
+                    chat_template=False,
+                    visionpulse=job.visionpulse,
+                    cache_prompt=job.cache_prompt,
+                    stop=job.stop,
+                )
+                for piece in it:
+                    if self._gone():
+                        it.close()
+                        return
+                    self._put(("piece", piece))
+                self._put(("done", self.model.last_result))
+            finally:
+                self.queue.lock.release()
+        except BaseException as e:  # noqa: BLE001 - whatever it is, the server lives and the client hears
+            self._put(("error", e))
+
+    async def next(self) -> tuple[str, Any]:
+        return await self.out.get()
+
+    async def next_or_leave(self, request) -> tuple[str, Any] | None:
+        """The next item, or None (and the generation cancelled) once the client has left: a client
+        that gives up on a non-streaming reply frees the model as a streaming one does."""
+        while True:
+            if self._pending is None:
+                self._pending = asyncio.ensure_future(self.out.get())
+            done, _ = await asyncio.wait({self._pending}, timeout=0.25)
+            if done:
+                item, self._pending = self._pending.result(), None
+                return item
+            if await request.is_disconnected():
+                self.cancel.set()
+                self._pending.cancel()
+                return None
+
+
 def create_app(
     model: VisionModel,
     name: str,
     default_vp: VisionPulse | None = None,
     max_queue: int = 16,
     video: Video | None = None,
+    *,
+    sampling=None,
+    max_tokens: int = 256,
+    limits: ServerLimits | None = None,
+    access: Access | None = None,
 ):
-    """The app; ``video`` holds the video settings (fps, frame cap, timestamps, ffmpeg folder)."""
+    """The app. ``sampling`` and ``max_tokens`` are the defaults a request may override (`serve`'s
+    flags); ``video`` the video settings (fps, frame cap, timestamps, ffmpeg folder); ``limits`` what a
+    request may ask; ``access`` who may call and which files file:// URLs may read."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
 
-    app = FastAPI(title="vp-gguf", version="1")
-    lock = threading.Lock()  # one generation at a time on the one model
-    waiting = {"n": 0}
-    waiting_lock = threading.Lock()
+    limits = limits or ServerLimits()
+    access = access or Access()
+    defaults = Defaults(max_tokens=max_tokens, visionpulse=default_vp, video=video or Video(b"-"))
+    if sampling is not None:
+        defaults.sampling = sampling
+    media = limits.media_access(media_root(access.media_path) if access.media_path else None)
+    facts = ModelFacts.of(model)
+    queue = _Queue(max_queue)
+    stopping = threading.Event()
+    hosts = LOOPBACK_NAMES if is_loopback(access.bind_host) else None
+    doc_urls = {"docs_url": "/docs", "openapi_url": "/openapi.json"} if access.docs else {}
 
-    def err(status: int, msg: str, typ: str = "invalid_request_error"):
-        return JSONResponse({"error": {"message": msg, "type": typ, "param": None, "code": None}}, status_code=status)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        stopping.set()  # shutting down: generations stop at their next token
+
+    app = FastAPI(
+        title="vp-gguf",
+        version="1",
+        redoc_url=None,
+        lifespan=lifespan,
+        **{"docs_url": None, "openapi_url": None, **doc_urls},
+    )
+    app.state.stopping = stopping
+
+    def refused(request: Request, public: bool = False):
+        """Host, key and body type, checked before anything is read."""
+        if hosts is not None and _host_name(request.headers.get("host") or "") not in hosts:
+            return _error(403, "this server answers only requests addressed to localhost (Host header)")
+        if access.api_key and not public:
+            auth = request.headers.get("authorization") or ""
+            given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key") or ""
+            if not hmac.compare_digest(given.encode(), access.api_key.encode()):
+                return _error(401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error")
+        if request.method == "POST":
+            ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return _error(415, "the body must be application/json")
+        return None
+
+    async def read_body(request: Request) -> bytes:
+        cap = limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            raise RequestError(f"the body is larger than the server's limit of {limits.max_body_mb:g} MB", 413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise RequestError(f"the body is larger than the server's limit of {limits.max_body_mb:g} MB", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.get("/health")
+    def health(request: Request):
+        return refused(request, public=True) or {"status": "ok"}
 
     @app.get("/v1/models")
-    def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "vp-gguf"}]}
+    def models(request: Request):
+        return refused(request) or {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "vp-gguf"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        bad = refused(request)
+        if bad is not None:
+            return bad
         try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            return err(400, "the body is not valid JSON")
-        if not isinstance(body, dict):
-            return err(400, "the body must be a JSON object")
-        try:
-            prompt, images = parse_messages(model, body.get("messages"), video)
-            max_tokens = _num(body, "max_tokens", int, 256, 1, model.n_ctx)
-            if "max_completion_tokens" in body:
-                max_tokens = _num(body, "max_completion_tokens", int, max_tokens, 1, model.n_ctx)
-            sampling = SamplingParams(
-                temperature=_num(body, "temperature", float, SAMPLING.temperature, 0, 5),
-                top_p=_num(body, "top_p", float, SAMPLING.top_p, 0, 1),
-                top_k=_num(body, "top_k", int, SAMPLING.top_k, 0, 10**6),
-                min_p=_num(body, "min_p", float, SAMPLING.min_p, 0, 1),
-                seed=_num(body, "seed", int, SAMPLING.seed, 0, 2**32 - 1),
-            )
-            vp = _vp_from_body(body.get("visionpulse"), default_vp)
-            stream = body.get("stream", False)
-            if not isinstance(stream, bool):
-                raise RequestError('"stream" must be true or false')
-            cache_prompt = body.get("cache_prompt", True)
-            if not isinstance(cache_prompt, bool):
-                raise RequestError('"cache_prompt" must be true or false')
+            raw = await read_body(request)
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise RequestError("the body is not valid JSON") from None
+            # reading files and image headers, the chat template: off the event loop
+            job = await asyncio.to_thread(parse_request, model, body, defaults, limits, media, facts)
         except RequestError as e:
-            return err(400, str(e))
-        except VPGGUFError as e:
-            return err(400, str(e))
-        with waiting_lock:
-            if waiting["n"] >= max_queue:
-                return err(503, f"{max_queue} requests already waiting; retry later", "server_busy")
-            waiting["n"] += 1
+            return _error(e.status, str(e))
+        except Exception as e:  # noqa: BLE001 - a VPGGUFError, or a bug: a JSON error either way
+            return _error(*_public_message(e))
+        if not queue.enter():
+            return _error(503, f"{queue.limit} requests already waiting; retry later", "server_busy")
+        gen = _Generation(model, job, queue, stopping)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        pieces: queue.Queue = queue.Queue()
-        cancel = threading.Event()
-
-        def work():
-            try:
-                with lock:
-                    with waiting_lock:
-                        waiting["n"] -= 1
-                    it = model.stream(
-                        prompt,
-                        images=images,
-                        max_tokens=max_tokens,
-                        sampling=sampling,
-                        chat_template=False,
-                        visionpulse=vp,
-                        cache_prompt=cache_prompt,
-                    )
-                    for p in it:
-                        if cancel.is_set():  # the client left: stop generating
-                            it.close()
-                            break
-                        pieces.put(("piece", p))
-                    pieces.put(("done", model.last_result))
-            except Exception as e:  # noqa: BLE001 - a VPGGUFError or anything else: never a dead server
-                pieces.put(("error", e))
-
-        threading.Thread(target=work, daemon=True).start()
-        loop = asyncio.get_running_loop()
-
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-            c = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            if usage is not None:
-                c["usage"] = usage
-            return f"data: {json.dumps(c)}\n\n"
-
-        def finish_reason(res) -> str:
-            return "length" if res is not None and res.stop_reason in ("length", "context") else "stop"
-
-        if not stream:
-            text = []
-            while True:
-                kind, val = await loop.run_in_executor(None, pieces.get)
-                if kind == "piece":
-                    text.append(val)
-                elif kind == "error":
-                    status = 400 if isinstance(val, VPGGUFError) else 500
-                    return err(status, str(val), "invalid_request_error" if status == 400 else "server_error")
-                else:
-                    res = val
-                    break
-            return {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "".join(text)},
-                        "finish_reason": finish_reason(res),
-                    }
-                ],
-                "usage": _usage(res),
-            }
-
-        first = await loop.run_in_executor(None, pieces.get)  # errors before any text are HTTP errors
+        if not job.stream:
+            return await _whole(request, gen, rid, created, name)
+        try:
+            first = await gen.next_or_leave(request)
+        except BaseException:
+            gen.cancel.set()
+            raise
+        if first is None:
+            return _error(499, "the client closed the request")
         if first[0] == "error":
-            status = 400 if isinstance(first[1], VPGGUFError) else 500
-            return err(status, str(first[1]), "invalid_request_error" if status == 400 else "server_error")
-
-        async def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                kind, val = first
-                while True:
-                    if kind is None:
-                        kind, val = await loop.run_in_executor(None, pieces.get)
-                    if kind == "piece":
-                        yield chunk({"content": val})
-                    elif kind == "error":
-                        yield f"data: {json.dumps({'error': {'message': str(val), 'type': 'server_error'}})}\n\n"
-                        break
-                    else:
-                        yield chunk({}, finish_reason(val), _usage(val))
-                        break
-                    kind = None
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel.set()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+            return _error(*_public_message(first[1]))
+        return StreamingResponse(_events(gen, first, rid, created, name), media_type="text/event-stream")
 
     return app
+
+
+async def _whole(request, gen: _Generation, rid: str, created: int, name: str):
+    text: list[str] = []
+    try:
+        while True:
+            item = await gen.next_or_leave(request)
+            if item is None:
+                return _error(499, "the client closed the request")
+            kind, val = item
+            if kind == "piece":
+                text.append(val)
+            elif kind == "error":
+                return _error(*_public_message(val))
+            else:
+                break
+    finally:
+        gen.cancel.set()  # a no-op once done; cancels if this handler is torn down
+    res = val
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(text)},
+                "finish_reason": _finish_reason(res),
+            }
+        ],
+        "usage": _usage(res),
+    }
+
+
+async def _events(gen: _Generation, first: tuple[str, Any], rid: str, created: int, name: str):
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        c: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if usage is not None:
+            c["usage"] = usage
+        return f"data: {json.dumps(c)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        kind, val = first
+        while True:
+            if kind == "piece":
+                yield chunk({"content": val})
+            elif kind == "error":
+                status, msg = _public_message(val)
+                yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error', 'code': status}})}\n\n"
+                break
+            else:
+                yield chunk({}, _finish_reason(val), _usage(val))
+                break
+            kind, val = await gen.next()
+        yield "data: [DONE]\n\n"
+    finally:
+        gen.cancel.set()  # the client left mid-stream, or the stream ended: either way, stop
