@@ -338,3 +338,20 @@ def test_a_public_bind_without_a_key_is_warned_about(tiny_paths):
     p.wait(timeout=15)
     err = p.stderr.read()
     assert "WARNING" in err and "without --api-key" in err, err
+
+
+def test_a_video_beyond_its_pixel_share_is_refused_before_decoding(srv, tmp_path):
+    import shutil
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    from test_video import make_video
+
+    port, _ = srv
+    uri = "data:video/x-matroska;base64," + base64.b64encode(make_video(tmp_path / "v", 8).read_bytes()).decode()
+    part = {"type": "video_url", "video_url": {"url": uri, "max_frames": 8}}
+    ok = _chat(port, [part, {"type": "text", "text": "What happens?"}])
+    assert ok[0] == 200, ok
+    big = "data:image/png;base64," + base64.b64encode(_png(1999, 1999)).decode()  # leaves ~4,000 pixels
+    s, b = _chat(port, [{"type": "image_url", "image_url": {"url": big}}, part, {"type": "text", "text": "Go."}])
+    assert s == 400 and "frames of" in _msg((s, b)) and "pixels" in _msg((s, b)), b

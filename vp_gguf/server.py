@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ImageError, VideoError, VPGGUFError
+from .errors import ImageError, MediaLimitError, VideoError, VPGGUFError
 from .model import VisionModel
 from .server_policy import RequestError, ServerLimits, media_root
 from .server_request import Defaults, Job, ModelFacts, parse_messages, parse_request
@@ -103,6 +103,8 @@ def _public_message(e: BaseException) -> tuple[int, str]:
     file it read, so image errors are told in our words; anything unexpected is not detailed."""
     if isinstance(e, RequestError):
         return e.status, str(e)
+    if isinstance(e, MediaLimitError):  # our own words, naming the limit
+        return 400, str(e)
     if isinstance(e, VideoError):
         if "ffmpeg" in str(e) and "not found" in str(e):  # the operator's to fix, not the client's
             return 501, "this server cannot read videos: ffmpeg is not installed on it"
@@ -145,7 +147,8 @@ class _Generation:
         threading.Thread(target=self._work, daemon=True).start()
 
     def _put(self, item: tuple[str, Any]) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone, nobody listens
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
     def _gone(self) -> bool:
         return self.cancel.is_set() or self.stopping.is_set()

@@ -47,7 +47,8 @@ class ServerLimits:
     max_body_mb: float = 64.0  # the request body (a base64 image is 4/3 of its file)
     max_messages: int = 512
     max_media: int = 16  # images and videos in one request
-    max_pixels: int = 64_000_000  # all of a request's images together, from their headers
+    max_image_pixels: int = 40_000_000  # one image, from its header (a 12000x12000 PNG can be 420 KB)
+    max_pixels: int = 160_000_000  # a request's images and video frames together (64 frames of 1080p fit)
     max_image_mb: float = 20.0
     max_video_mb: float = 200.0  # file:// videos (a data: video is bounded by the body)
 

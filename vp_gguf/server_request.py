@@ -207,9 +207,8 @@ def parse_messages(
                 if len(media) >= limits.max_media:
                     raise RequestError(f"more than the server's limit of {limits.max_media} images and videos")
                 if kind == "image_url":
-                    iu = p.get("image_url")
-                    data = media_bytes(iu.get("url") if isinstance(iu, dict) else iu, "image", access)
-                    pixels += image_pixels(data, len(media), limits.max_pixels)
+                    data, n = _image(p, len(media), access, limits)
+                    pixels += n
                     if pixels > limits.max_pixels:
                         raise RequestError(
                             f"the images hold more than the server's limit of {limits.max_pixels:,} pixels"
@@ -223,7 +222,26 @@ def parse_messages(
         else:
             raise RequestError(f"messages[{i}].content must be a string or a list of parts")
         out.append({"role": _text(m["role"], f"messages[{i}].role"), "content": content})
-    return render_messages(model, out), media
+    return render_messages(model, out), _share_pixels(media, limits.max_pixels - pixels)
+
+
+def _image(part: dict, index: int, access: MediaAccess, limits: ServerLimits) -> tuple[bytes, int]:
+    """An image_url part's bytes and pixel count (from the header: nothing is decoded here)."""
+    iu = part.get("image_url")
+    data = media_bytes(iu.get("url") if isinstance(iu, dict) else iu, "image", access)
+    n = image_pixels(data, index, limits.max_image_pixels)
+    if n > limits.max_image_pixels:
+        raise RequestError(f"image {index}: {n:,} pixels, more than the server's limit of {limits.max_image_pixels:,}")
+    return data, n
+
+
+def _share_pixels(media: list[Any], left: int) -> list[Any]:
+    """The videos share what the images left of the request's pixels: each is refused, before its
+    frames are decoded, if its frames would take more than its share."""
+    videos = [i for i, m in enumerate(media) if isinstance(m, Video)]
+    for i in videos:
+        media[i] = replace(media[i], max_pixels=max(1, left // len(videos)))
+    return media
 
 
 def check_text_fits(messages: list[dict[str, Any]], n_ctx: int, max_piece_bytes: int) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import VideoError
+from .errors import MediaLimitError, VideoError
 
 DEFAULT_FPS = 4.0  # llama.cpp's default (mtmd_helper_video_init_params_default)
 DEFAULT_MAX_FRAMES = 64
@@ -38,6 +38,9 @@ class Video:
     max_frames: int = DEFAULT_MAX_FRAMES
     timestamp_ms: int = DEFAULT_TIMESTAMP_MS
     ffmpeg_dir: str | Path | None = None
+    # the frames' pixels together (width x height x frames); a video beyond it is refused before its
+    # frames are decoded (None: no bound; the server sets its per-request budget here)
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, (str, Path, bytes, bytearray)):
@@ -111,6 +114,13 @@ def read_frames(mtmd_cpp: Any, mctx: Any, video: Video, media: int) -> list[Vide
     if duration is not None and duration * video.fps > video.max_frames:  # spread the cap over all of it
         M.mtmd_helper_video_free(h)
         h = open_at(video.max_frames / duration)
+    n_expected = video.max_frames if duration is None else min(video.max_frames, max(1, round(duration * video.fps)))
+    if video.max_pixels is not None and info.width * info.height * n_expected > video.max_pixels:
+        M.mtmd_helper_video_free(h)
+        raise MediaLimitError(
+            f"video {video.name}: {n_expected} frames of {info.width}x{info.height} are more than the limit of "
+            f"{video.max_pixels:,} pixels: lower max_frames or the resolution"
+        )
     parts: list[VideoPart] = []
     try:
         n_frames = 0
