@@ -73,9 +73,11 @@ class Chat:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(p) as im:
+            with Image.open(p) as im:  # reads the header: Pillow refuses a decompression bomb here
                 im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"image {p}: too many pixels to decode ({e})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"image {p}: cannot be read as an image ({e})") from None
         self.pending.append(p)
 
@@ -88,22 +90,29 @@ class Chat:
         self.pending.append(v)
 
     def say(self, text: str) -> Iterator[str]:
-        """Stream the reply to ``text``; the turn joins the history once the reply is complete."""
+        """Stream the reply to ``text``; the turn joins the history once the reply is complete.
+
+        A turn that fails (a media file that does not decode, a full context) leaves the history as
+        it was and drops the media attached to it, so that the next turn does not fail the same way."""
         user = {"role": "user", "content": [IMAGE] * len(self.pending) + [text]}
         images = self.images + self.pending
-        prompt = render_messages(self.model, self.messages + [user])
         reply = []
-        for piece in self.model.stream(
-            prompt,
-            images=images,
-            max_tokens=self.max_tokens,
-            sampling=self.sampling,
-            chat_template=False,
-            visionpulse=self.visionpulse,
-            cache_prompt=True,
-        ):
-            reply.append(piece)
-            yield piece
+        try:
+            prompt = render_messages(self.model, self.messages + [user])
+            for piece in self.model.stream(
+                prompt,
+                images=images,
+                max_tokens=self.max_tokens,
+                sampling=self.sampling,
+                chat_template=False,
+                visionpulse=self.visionpulse,
+                cache_prompt=True,
+            ):
+                reply.append(piece)
+                yield piece
+        except Exception:
+            self.pending = []
+            raise
         self.last_result = self.model.last_result
         self.messages += [user, {"role": "assistant", "content": "".join(reply)}]
         self.images, self.pending = images, []

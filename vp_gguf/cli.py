@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import VPGGUFError
 from .sampling import DEFAULTS as SAMPLING
@@ -27,6 +30,61 @@ EXAMPLE = """example:
 """
 
 
+INT32_MAX = 2**31 - 1  # llama.cpp takes int32: a larger count would wrap silently in C
+UINT32_MAX = 2**32 - 1  # seeds are uint32
+MAX_THREADS = 512  # GGML_MAX_N_THREADS: ggml's thread pool has no more slots
+
+
+def _range_text(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+    """``in [lo, hi]``, ``>= lo`` or ``<= hi``, the bounds written in full (2147483647, not 2.1e+09)."""
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}]"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"<= {hi}" if hi is not None else "finite"
+
+
+def _int_in(lo: int | None = None, hi: int | None = INT32_MAX) -> Callable[[str], int]:
+    """An argparse ``type=``: a base-10 integer in [lo, hi], refused at parse time with the range named."""
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {_range_text(lo, hi)}, got {s}")
+        return v
+
+    return parse
+
+
+def _float_in(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type=``: a finite number in [lo, hi] ((lo, hi] when ``lo_open``); NaN and inf are refused."""
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+        low_ok = lo is None or (v > lo if lo_open else v >= lo)
+        if not math.isfinite(v) or not low_ok or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number {_range_text(lo, hi, lo_open)}, got {s}")
+        return v
+
+    return parse
+
+
+_FRACTION = _float_in(0, 1, lo_open=True)  # a kept fraction of the visual tokens
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the usage block is what --help is for."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """Model, context, sampling and VisionPulse flags shared by run and chat (llama.cpp's names)."""
     p.add_argument("-m", "--model", help="language model GGUF")
@@ -43,22 +101,32 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not process escapes (\\n, \\t, ...) in the prompt (llama.cpp does by default)",
     )
-    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-n", "--n-predict", type=_int_in(0), default=128, help="tokens to generate, >= 0 (default 128)")
     p.add_argument(
         "--temp",
-        type=float,
+        type=_float_in(0),
         default=SAMPLING.temperature,
         help=f"temperature; 0 is greedy (default {SAMPLING.temperature:g})",
     )
-    p.add_argument("--top-k", type=int, default=SAMPLING.top_k, help=f"(default {SAMPLING.top_k}; 0: off)")
-    p.add_argument("--top-p", type=float, default=SAMPLING.top_p, help=f"(default {SAMPLING.top_p:g}; 1: off)")
-    p.add_argument("--min-p", type=float, default=SAMPLING.min_p, help=f"(default {SAMPLING.min_p:g}; 0: off)")
-    p.add_argument("--seed", type=int, default=SAMPLING.seed, help="sampling seed (default random)")
-    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size (default 4096)")
-    p.add_argument("-b", "--batch-size", type=int, default=2048, help="logical batch size (default 2048)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--top-k", type=_int_in(0), default=SAMPLING.top_k, help=f"(default {SAMPLING.top_k}; 0: off)")
     p.add_argument(
-        "-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (default 0; -1 for all)"
+        "--top-p", type=_float_in(0, 1), default=SAMPLING.top_p, help=f"(default {SAMPLING.top_p:g}; 1: off)"
+    )
+    p.add_argument(
+        "--min-p", type=_float_in(0, 1), default=SAMPLING.min_p, help=f"(default {SAMPLING.min_p:g}; 0: off)"
+    )
+    p.add_argument("--seed", type=_int_in(0, UINT32_MAX), default=SAMPLING.seed, help="sampling seed (default random)")
+    p.add_argument("-c", "--ctx-size", type=_int_in(16), default=4096, help="context size, >= 16 (default 4096)")
+    p.add_argument("-b", "--batch-size", type=_int_in(1), default=2048, help="logical batch size (default 2048)")
+    p.add_argument(
+        "-t", "--threads", type=_int_in(1, MAX_THREADS), default=None, help="CPU threads, 1 to 512 (default: all cores)"
+    )
+    p.add_argument(
+        "-ngl",
+        "--n-gpu-layers",
+        type=_int_in(-1),
+        default=0,
+        help="layers to offload to the GPU (default 0; -1 for all)",
     )
     p.add_argument(
         "-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto", help="flash attention (default auto)"
@@ -70,17 +138,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     v = p.add_argument_group("video (read by ffmpeg)")
     v.add_argument(
-        "--video-fps", type=float, default=DEFAULT_FPS, help=f"frames per second to sample (default {DEFAULT_FPS:g})"
+        "--video-fps",
+        type=_float_in(0, lo_open=True),
+        default=DEFAULT_FPS,
+        help=f"frames per second to sample (default {DEFAULT_FPS:g})",
     )
     v.add_argument(
         "--video-max-frames",
-        type=int,
+        type=_int_in(1),
         default=DEFAULT_MAX_FRAMES,
         help=f"at most this many frames, spread over the whole video (default {DEFAULT_MAX_FRAMES})",
     )
     v.add_argument(
         "--video-timestamp-interval",
-        type=int,
+        type=_int_in(0),
         default=DEFAULT_TIMESTAMP_MS,
         metavar="MS",
         help=f"a text timestamp every MS milliseconds of video (default {DEFAULT_TIMESTAMP_MS}; 0: none)",
@@ -101,12 +172,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["visionpulse", "dense", "fixed", "random", "static"],
         help="selection mode to compare with (default visionpulse when a preset is on)",
     )
-    g.add_argument("--vp-tau", type=float, default=None, help="temperature of the visual-mass softmax")
-    g.add_argument("--vp-budget-min", type=float, default=None, help="lower clamp of the kept fraction")
-    g.add_argument("--vp-budget-max", type=float, default=None, help="upper clamp of the kept fraction")
-    g.add_argument("--vp-ratio", type=float, default=None, help="kept fraction for --mode fixed/static")
-    g.add_argument("--vp-anchor", type=int, default=None, help="anchor layer (default: nearest 47%% of depth)")
-    g.add_argument("--vp-seed", type=int, default=0, help="seed of --mode random")
+    g.add_argument(
+        "--vp-tau", type=_float_in(0, lo_open=True), default=None, help="temperature of the visual-mass softmax"
+    )
+    g.add_argument("--vp-budget-min", type=_FRACTION, default=None, help="lower clamp of the kept fraction")
+    g.add_argument("--vp-budget-max", type=_FRACTION, default=None, help="upper clamp of the kept fraction")
+    g.add_argument("--vp-ratio", type=_FRACTION, default=None, help="kept fraction for --mode fixed/static")
+    g.add_argument("--vp-anchor", type=_int_in(0), default=None, help="anchor layer (default: nearest 47%% of depth)")
+    g.add_argument("--vp-seed", type=_int_in(0, UINT32_MAX), default=0, help="seed of --mode random")
     g.add_argument(
         "--vp-attn",
         choices=["auto", "mask", "gather"],
@@ -125,7 +198,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--vp-min-pruned-layers",
-        type=int,
+        type=_int_in(0),
         default=None,
         metavar="N",
         help="skip the selection (dense steps, reported) where fewer full-attention layers than N would be "
@@ -203,8 +276,8 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--chat-template", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("-o", "--out", default="vp-viz", help="output folder (default ./vp-viz)")
-    p.add_argument("--frames", type=int, default=8, help="frames in the strip, early to late (default 8)")
-    p.add_argument("--every", type=int, default=None, help="a frame every k steps instead (strip and GIF)")
+    p.add_argument("--frames", type=_int_in(1), default=8, help="frames in the strip, early to late (default 8)")
+    p.add_argument("--every", type=_int_in(1), default=None, help="a frame every k steps instead (strip and GIF)")
     p.add_argument("--no-gif", dest="gif", action="store_false", help="skip the animated GIF")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the mass/budget/K plot")
     p.add_argument("--crop-blank", action="store_true", help="cut empty rows at the bottom of the images")
@@ -256,10 +329,54 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=_int_in(1, 65535), default=8080)
     p.add_argument("-a", "--alias", default=None, help="model name the API reports (default: the file name)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model (default 16)")
+    p.add_argument("--max-queue", type=_int_in(1), default=16, help="requests that may wait for the model (default 16)")
+    s = p.add_argument_group("access (who may call, what file:// URLs may read)")
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("VP_GGUF_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' (default: $VP_GGUF_API_KEY; none)",
+    )
+    s.add_argument(
+        "--media-path",
+        default=None,
+        metavar="DIR",
+        help="file:// URLs may read files below DIR (default: file:// refused)",
+    )
+    s.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
+    from .server_policy import ServerLimits
+
+    d = ServerLimits()
+    lim = p.add_argument_group("limits of one request (each a 400 or 413 naming it)")
+    lim.add_argument(
+        "--max-body-mb", type=_float_in(0, lo_open=True), default=d.max_body_mb, help=f"(default {d.max_body_mb:g})"
+    )
+    lim.add_argument(
+        "--max-messages", type=_int_in(1, None), default=d.max_messages, help=f"(default {d.max_messages})"
+    )
+    lim.add_argument(
+        "--max-media", type=_int_in(1, None), default=d.max_media, help=f"images and videos (default {d.max_media})"
+    )
+    lim.add_argument(
+        "--max-image-pixels",
+        type=_int_in(1, None),
+        default=d.max_image_pixels,
+        help=f"one image (default {d.max_image_pixels:,})",
+    )
+    lim.add_argument(
+        "--max-pixels",
+        type=_int_in(1, None),
+        default=d.max_pixels,
+        help=f"images and video frames (default {d.max_pixels:,})",
+    )
+    lim.add_argument(
+        "--max-image-mb", type=_float_in(0, lo_open=True), default=d.max_image_mb, help=f"(default {d.max_image_mb:g})"
+    )
+    lim.add_argument(
+        "--max-video-mb", type=_float_in(0, lo_open=True), default=d.max_video_mb, help=f"(default {d.max_video_mb:g})"
+    )
     _add_model_args(p)
 
 
@@ -267,19 +384,50 @@ def cmd_serve(a: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .server import create_app
+        from .server import Access, create_app, is_loopback
+        from .server_policy import ServerLimits, media_root
     except ImportError:
         raise UsageError("the server needs FastAPI and uvicorn: pip install 'vp-gguf[server]'") from None
-    model, _sampling, vp = _open(a)
-    with model:
-        video = videos_from_args(a, ["-"])[0]  # the settings of every request's videos
-        app = create_app(model, a.alias or model.model_path.stem, vp, a.max_queue, video)
+    try:
+        limits = ServerLimits(**{f.name: getattr(a, f.name) for f in dataclasses.fields(ServerLimits)})
+        limits.check()
+        if a.media_path:
+            media_root(a.media_path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not is_loopback(a.host) and not a.api_key:
         print(
-            f"vp-gguf serve: http://{a.host}:{a.port}/v1 (model {a.alias or model.model_path.stem}, "
-            f"visionpulse {a.visionpulse})",
+            f"vp-gguf serve: WARNING: listening on {a.host} without --api-key: anyone who can reach "
+            "this address can use the model" + (" and read --media-path" if a.media_path else ""),
             file=sys.stderr,
         )
-        uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if not a.verbose else "info")
+    model, sampling, vp = _open(a)
+    with model:
+        video = videos_from_args(a, ["-"])[0]  # the settings of every request's videos
+        access = Access(api_key=a.api_key, bind_host=a.host, media_path=a.media_path, docs=a.docs)
+        name = a.alias or model.model_path.stem
+        app = create_app(
+            model,
+            name,
+            vp,
+            a.max_queue,
+            video,
+            sampling=sampling,
+            max_tokens=a.n_predict if a.n_predict > 0 else model.n_ctx,
+            limits=limits,
+            access=access,
+        )
+        print(
+            f"vp-gguf serve: http://{a.host}:{a.port}/v1 (model {name}, visionpulse {a.visionpulse})", file=sys.stderr
+        )
+        # a generation stops at its next token on shutdown; SIGTERM never waits on a slow client
+        uvicorn.run(
+            app,
+            host=a.host,
+            port=a.port,
+            log_level="warning" if not a.verbose else "info",
+            timeout_graceful_shutdown=3,
+        )
     return 0
 
 
@@ -304,13 +452,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="only items whose field KEY equals VALUE (e.g. grid=16)",
     )
-    p.add_argument("--limit", type=int, default=None, help="the first N items")
+    p.add_argument("--limit", type=_int_in(1), default=None, help="the first N items")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over instead of resuming")
     _add_model_args(p)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .evaluate import markdown, read_items, run_eval, summarize
+    from .evaluate import check_modes, markdown, read_items, run_eval, summarize
+    from .runs import lock_folder
 
     try:
         where = dict(w.split("=", 1) for w in a.where)
@@ -323,25 +472,27 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if not items:
         raise UsageError(f"no items in {a.items}" + (f" with {a.where}" if a.where else ""))
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-    model, _sampling, _vp = _open(a)
-    with model:
-        try:
-            rows = run_eval(model, items, modes, a.out, resume=a.resume)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    table = summarize(rows, modes, {it.id for it in items})
-    out = Path(a.out)
-    title = f"{Path(a.items).name} on {Path(a.model).name}: {len(items)} items"
-    cmd = "vp-gguf " + " ".join(_portable_arg(x) for x in sys.argv[1:])
-    (out / "RESULTS.md").write_text(markdown(table, title) + f"\nWritten by `{cmd}`; per-item rows in results.jsonl.\n")
-    (out / "summary.json").write_text(json.dumps(table, indent=1))
+    try:
+        check_modes(modes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    with lock_folder(a.out, "eval") as out:  # before the model loads: a busy folder fails at once
+        model, _sampling, _vp = _open(a)
+        with model:
+            rows = run_eval(model, items, modes, out, resume=a.resume)
+        table = summarize(rows, modes, {it.id for it in items})
+        title = f"{Path(a.items).name} on {Path(a.model).name}: {len(items)} items"
+        cmd = "vp-gguf " + " ".join(_portable_arg(x) for x in sys.argv[1:])
+        (out / "RESULTS.md").write_text(
+            markdown(table, title) + f"\nWritten by `{cmd}`; per-item rows in results.jsonl.\n"
+        )
+        (out / "summary.json").write_text(json.dumps(table, indent=1))
     print(markdown(table, title))
     return 0
 
 
 def _portable_arg(arg: str) -> str:
     """A command-line word for a results file: no machine's home folder in it (written as ~)."""
-    import os
     import shlex
 
     home = str(Path.home())
@@ -431,9 +582,10 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="vp-gguf",
-        description="Run GGUF vision-language models locally with VisionPulse.",
+        description="Run GGUF vision-language models locally with VisionPulse. An error is one line on "
+        f"stderr (exit 1; 2 for bad usage); -v or {TRACEBACK_ENV}=1 adds its traceback.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -626,47 +778,91 @@ def cmd_chat(a: argparse.Namespace) -> int:
                 elif cmd.startswith("/"):
                     print(f"[unknown command {cmd}] {CHAT_HELP}", file=sys.stderr)
                 elif line.strip():
-                    text = process_escapes(line) if a.escape else line
-                    for piece in chat.say(text):
-                        sys.stdout.write(piece)
-                        sys.stdout.flush()
-                    sys.stdout.write("\n")
-                    sys.stdout.flush()
-            except VPGGUFError as e:  # a bad image or a full context: say so, keep the session
-                print(f"vp-gguf: error: {e}", file=sys.stderr)
+                    _chat_turn(chat, process_escapes(line) if a.escape else line)
+            except (VPGGUFError, ValueError, OSError) as e:  # a bad image or video, a full context
+                _report(e, a.verbose)
+            except Exception as e:  # noqa: BLE001 - unexpected, yet the model is intact: keep the session
+                _report(e, a.verbose, expected=False)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+def _chat_turn(chat: Any, text: str) -> None:
+    """One message and its streamed reply; a failed turn says what it dropped (Chat.say drops it)."""
+    n_media, wrote = len(chat.pending), False
     try:
-        if a.command == "run":
-            return cmd_run(a)
-        if a.command == "chat":
-            return cmd_chat(a)
-        if a.command == "viz":
-            return cmd_viz(a)
-        if a.command == "serve":
-            return cmd_serve(a)
-        if a.command == "eval":
-            return cmd_eval(a)
-        if a.command == "fetch":
-            return cmd_fetch(a)
-        if a.command == "models":
-            return cmd_models(a)
-        if a.command == "demo":
-            from .demo import run as cmd_demo
+        for piece in chat.say(text):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            wrote = True
+    except Exception:
+        if wrote:
+            sys.stdout.write("\n")
+        if n_media:
+            print(f"[turn dropped with its {n_media} attachment(s): attach again to retry]", file=sys.stderr)
+        raise
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
-            return cmd_demo(a)
+
+TRACEBACK_ENV = "VP_GGUF_TRACEBACK"  # set (to anything but 0) to see the traceback of any error
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: what it says, its lines joined (an OSError: the file and the reason)."""
+    if isinstance(e, OSError) and e.strerror:
+        msg = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        msg = str(e) or e.__class__.__name__
+    return " ".join(line.strip() for line in msg.splitlines() if line.strip())
+
+
+def _report(e: BaseException, verbose: bool, expected: bool = True) -> None:
+    """Print ``vp-gguf: error: ...`` on stderr; the traceback only with -v or $VP_GGUF_TRACEBACK."""
+    import traceback
+
+    show = verbose or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0")
+    if show:
+        traceback.print_exception(e)
+    what = _one_line(e) if expected else f"{e.__class__.__name__}: {_one_line(e)}"
+    hint = "" if expected or show else f" (run with -v or {TRACEBACK_ENV}=1 for the traceback)"
+    print(f"vp-gguf: error: {what}{hint}", file=sys.stderr)
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(a)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "chat": cmd_chat,
+    "viz": cmd_viz,
+    "serve": cmd_serve,
+    "eval": cmd_eval,
+    "fetch": cmd_fetch,
+    "models": cmd_models,
+    "demo": _demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: 0 done, 1 an error (one line on stderr), 2 bad usage, 130 interrupted."""
+    a = build_parser().parse_args(argv)
+    verbose = bool(getattr(a, "verbose", False))
+    try:
+        return COMMANDS[a.command](a)
     except UsageError as e:
-        print(f"vp-gguf: error: {e}", file=sys.stderr)
+        _report(e, verbose)
         return 2
-    except VPGGUFError as e:
-        print(f"vp-gguf: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
-    return 2
+    except (VPGGUFError, ValueError, OSError) as e:  # bad input or a file: the message says what to do
+        _report(e, verbose)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug: still one line, the traceback on request
+        _report(e, verbose, expected=False)
+        return 1
 
 
 if __name__ == "__main__":

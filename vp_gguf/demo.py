@@ -27,9 +27,11 @@ def add_parser(sub) -> None:
     p.add_argument("--mmproj")
     p.add_argument("--image")
     p.add_argument("-p", "--prompt")
-    p.add_argument("-n", type=int, default=82)
+    from .cli import _int_in  # the CLI's range checks (imported here: cli imports this module)
+
+    p.add_argument("-n", type=_int_in(1), default=82)
     p.add_argument("--visionpulse", default="5")
-    p.add_argument("--seed", type=int, default=7, help="which digit sequence to draw")
+    p.add_argument("--seed", type=_int_in(0), default=7, help="which digit sequence to draw")
     p.add_argument(
         "-o",
         "--out",

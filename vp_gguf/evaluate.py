@@ -10,7 +10,8 @@ are relative to the file. The glyph testbed's ``items.jsonl`` is read as it is.
 Scoring: multiple choice when ``choices`` are given (the first option letter in the
 reply, or the choice's text), else the reply's first words must equal the answer's
 (the testbed's own rule for its tasks). Results are appended per (item, mode) to
-``results.jsonl`` in the output folder, so an interrupted run resumes where it stopped.
+``results.jsonl`` in the output folder, so an interrupted run resumes where it stopped (a row
+torn by the interruption runs again). One run at a time writes to a folder: it is locked (flock).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import VPGGUFError
-from .runs import jsonl
+from .runs import jsonl, lock_folder, read_log
 from .runs import progress as progress_bar
 from .video import Video
 from .visionpulse import COMPARISON_MODES, comparison_spec, matched_mode
@@ -209,7 +210,8 @@ def evaluate_item(
         yield row
 
 
-def _check_modes(modes: Sequence[str]) -> None:
+def check_modes(modes: Sequence[str]) -> None:
+    """ValueError for an unknown mode or a control listed before the mode it is matched to."""
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}: one of {', '.join(MODES)}")
@@ -226,14 +228,31 @@ def run_eval(
     resume: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every (item, mode) not done yet; returns all rows of results.jsonl."""
-    _check_modes(modes)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    res_path = out / "results.jsonl"
+    """Run every (item, mode) not done yet; returns all rows of results.jsonl.
+
+    The output folder is locked while it runs (FolderBusyError for a second run on it); a torn last
+    row of an interrupted run is dropped and run again."""
+    check_modes(modes)
+    with lock_folder(out_dir, "eval") as out:
+        return _run_locked(model, items, modes, out / "results.jsonl", resume, progress)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n, row in read_log(path):
+        if not (isinstance(row, dict) and isinstance(row.get("id"), str) and isinstance(row.get("mode"), str)):
+            msg = f'{path}:{n}: not a result row (need "id" and "mode"); fix or delete that line'
+            raise ValueError(msg)  # noqa: TRY004 - the file's content is wrong, not the caller's argument
+        rows.append(row)
+    return rows
+
+
+def _run_locked(
+    model: Any, items: Sequence[EvalItem], modes: Sequence[str], res_path: Path, resume: bool, progress: bool
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if resume and res_path.exists():
-        rows = [json.loads(line) for line in res_path.read_text().splitlines() if line.strip()]
+        rows = _read_rows(res_path)
     elif res_path.exists():
         res_path.unlink()
     n_todo = sum(1 for it in items for m in modes if not any(r["id"] == it.id and r["mode"] == m for r in rows))

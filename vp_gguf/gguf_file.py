@@ -20,6 +20,9 @@ DEFAULT_ALIGNMENT = 32
 # GGUF value types -> struct format (scalars only)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+# arrays of arrays: llama.cpp's own files use none; a deep nesting is a crafted file (and would
+# otherwise recurse without bound)
+MAX_ARRAY_DEPTH = 4
 
 # ggml type id -> (elements per block, bytes per block), for the data-size check
 _GGML_TYPE_SIZE = {
@@ -111,12 +114,16 @@ class _Reader:
             raise ModelFileError(f"{self.path}: corrupt GGUF header (string of {n} bytes)")
         return self.read(n).decode("utf-8", errors="replace")
 
-    def value(self, t: int) -> Any:
+    def value(self, t: int, depth: int = 0) -> Any:
         if t in _SCALARS:
             return self.scalar(t)
         if t == _STRING:
             return self.string()
         if t == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise ModelFileError(
+                    f"{self.path}: corrupt GGUF header (arrays nested more than {MAX_ARRAY_DEPTH} deep)"
+                )
             it, n = self.scalar(4), self.scalar(10)
             if n > self.size:
                 raise ModelFileError(f"{self.path}: corrupt GGUF header (array of {n} items)")
@@ -124,7 +131,9 @@ class _Reader:
                 fmt = _SCALARS[it]
                 sz = struct.calcsize(fmt)
                 return list(struct.unpack(f"<{n}{fmt[1]}", self.read(sz * n)))
-            return [self.value(it) for _ in range(n)]
+            if it not in (_STRING, _ARRAY):  # refuse before reading n items of it
+                raise ModelFileError(f"{self.path}: corrupt GGUF header (array item type {it})")
+            return [self.value(it, depth + 1) for _ in range(n)]
         raise ModelFileError(f"{self.path}: corrupt GGUF header (value type {t})")
 
 
@@ -149,12 +158,16 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
         info = GGUFInfo(path=path, version=version)
         for _ in range(n_kv):
             key = r.string()
+            if key in info.metadata:  # llama.cpp's gguf reader refuses these too
+                raise ModelFileError(f"{path}: corrupt GGUF header (key {key!r} appears twice)")
             info.metadata[key] = r.value(r.scalar(4))
         for _ in range(n_tensors):
             name = r.string()
             nd = r.scalar(4)
-            if nd > 8:
-                raise ModelFileError(f"{path}: corrupt tensor table ({name}: {nd} dims)")
+            if nd > 4:  # GGML_MAX_DIMS
+                raise ModelFileError(f"{path}: corrupt tensor table ({name!r}: {nd} dims)")
+            if name in info.tensors:
+                raise ModelFileError(f"{path}: corrupt tensor table (tensor {name!r} appears twice)")
             shape = tuple(r.scalar(10) for _ in range(nd))
             info.tensors[name] = GGUFTensorInfo(name, shape, r.scalar(4), r.scalar(10))
         align = int(info.metadata.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT

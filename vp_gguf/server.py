@@ -30,8 +30,9 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .errors import ImageError, MediaLimitError, VideoError, VPGGUFError
 from .model import VisionModel
@@ -164,15 +165,18 @@ class _Generation:
                 self.queue.leave()
                 if self._gone():
                     return
-                it = self.model.stream(
-                    job.prompt,
-                    images=job.media,
-                    max_tokens=job.max_tokens,
-                    sampling=job.sampling,
-                    chat_template=False,
-                    visionpulse=job.visionpulse,
-                    cache_prompt=job.cache_prompt,
-                    stop=job.stop,
+                it = cast(
+                    Generator[str, None, None],
+                    self.model.stream(
+                        job.prompt,
+                        images=job.media,
+                        max_tokens=job.max_tokens,
+                        sampling=job.sampling,
+                        chat_template=False,
+                        visionpulse=job.visionpulse,
+                        cache_prompt=job.cache_prompt,
+                        stop=job.stop,
+                    ),
                 )
                 for piece in it:
                     if self._gone():
@@ -232,7 +236,6 @@ def create_app(
     queue = _Queue(max_queue)
     stopping = threading.Event()
     hosts = LOOPBACK_NAMES if is_loopback(access.bind_host) else None
-    doc_urls = {"docs_url": "/docs", "openapi_url": "/openapi.json"} if access.docs else {}
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -244,7 +247,8 @@ def create_app(
         version="1",
         redoc_url=None,
         lifespan=lifespan,
-        **{"docs_url": None, "openapi_url": None, **doc_urls},
+        docs_url="/docs" if access.docs else None,
+        openapi_url="/openapi.json" if access.docs else None,
     )
     app.state.stopping = stopping
 
