@@ -15,9 +15,14 @@ from .errors import (
     ContextOverflowError,
     DecodeError,
     ImageError,
+    InvalidArgumentError,
+    MediaLimitError,
+    ModelBusyError,
+    ModelClosedError,
     ModelFileError,
     ProjectorMismatchError,
     PromptError,
+    ResourceLimitError,
     VideoError,
     VPGGUFError,
 )
@@ -63,6 +68,11 @@ __all__ = [  # noqa: PLE0604
     "PromptError",
     "ContextOverflowError",
     "DecodeError",
+    "InvalidArgumentError",
+    "ResourceLimitError",
+    "MediaLimitError",
+    "ModelClosedError",
+    "ModelBusyError",
 ]
 
 _libdir.try_point_llama_cpp()

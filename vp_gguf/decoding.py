@@ -21,9 +21,10 @@ _NO_POST_DECODE = M.mtmd_helper_post_decode_callback()  # a NULL function pointe
 
 
 def make_sampler(s: SamplingParams):
-    """llama.cpp's sampler chain for these settings (greedy at temperature 0); free it with llama_sampler_free."""
+    """llama.cpp's sampler chain for these settings (greedy at temperature 0, and below MIN_TEMPERATURE
+    where llama.cpp's division by the temperature would overflow); free it with llama_sampler_free."""
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-    if s.temperature <= 0:
+    if s.greedy:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
     else:
         if s.top_k > 0:

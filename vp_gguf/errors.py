@@ -23,6 +23,10 @@ class VideoError(ImageError):
     """A video could not be read, or ffmpeg is missing."""
 
 
+class MediaLimitError(ImageError):
+    """An image or video is larger than the limit set for it (pixels, frames or bytes)."""
+
+
 class PromptError(VPGGUFError, ValueError):
     """The prompt does not fit the images given (e.g. more markers than images)."""
 
@@ -33,3 +37,19 @@ class ContextOverflowError(VPGGUFError, ValueError):
 
 class DecodeError(VPGGUFError):
     """llama.cpp failed to evaluate a batch."""
+
+
+class InvalidArgumentError(VPGGUFError, ValueError):
+    """An argument is out of range or of the wrong type: a model, sampling or VisionPulse setting, a token id."""
+
+
+class ResourceLimitError(VPGGUFError, ValueError):
+    """A setting asks for more than this machine has (e.g. a KV cache larger than the available memory)."""
+
+
+class ModelClosedError(VPGGUFError):
+    """The model was closed: its native handles are freed; load it again to use it."""
+
+
+class ModelBusyError(VPGGUFError):
+    """The model is already generating (one generation at a time per model)."""

@@ -22,6 +22,12 @@ from .errors import ImageError
 ImageInput = Union[str, Path, bytes, "Image.Image", np.ndarray]
 
 _STB_FORMATS = {"PNG", "JPEG", "BMP", "GIF", "TGA", "PSD", "PPM"}
+# The most pixels (width x height) an image may have, read from its header before it is decoded: a
+# small file can declare a huge image (a 420 KB PNG of 12000x12000 cost 1.4 GB and 13 s). The default is
+# Pillow's own bound (Image.MAX_IMAGE_PIXELS' default, about 0.25 GB of RGB); load_bitmap's max_pixels
+# overrides it per call (the server's per-request limit); None: no bound of ours. Pillow's global is left
+# as it is: Pillow still refuses images over twice its own bound while opening them (an ImageError here).
+MAX_IMAGE_PIXELS: int | None = 89_478_485
 
 
 def _rgb_bytes(img: Image.Image) -> tuple[int, int, bytes]:
@@ -36,8 +42,35 @@ def describe(src: ImageInput) -> str:
     return f"<{type(src).__name__}>"
 
 
-def load_bitmap(mtmd_cpp: Any, mctx: Any, src: ImageInput) -> Any:
-    """Return an mtmd_bitmap pointer (caller frees it with mtmd_bitmap_free)."""
+def check_pixels(name: str, width: int, height: int, max_pixels: int | None = None) -> None:
+    """Refuse an image over ``max_pixels`` (default: MAX_IMAGE_PIXELS) before its pixels are decoded."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit is not None and width * height > limit:
+        raise ImageError(
+            f"image {name}: {width}x{height} is {width * height} pixels, over the limit of {limit} "
+            "pixels per image: use a smaller image"
+        )
+
+
+def _open_checked(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
+    """The image, opened (its header read, nothing decoded yet) and its size checked against the bound."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow's own bound (a warning when the caller's filters turn it into an error): its message
+        # names the size and the limit, never the file's bytes
+        raise ImageError(f"image {name}: too many pixels to decode ({e})") from None
+    try:
+        check_pixels(name, im.width, im.height, max_pixels)
+    except ImageError:
+        im.close()
+        raise
+    return im
+
+
+def load_bitmap(mtmd_cpp: Any, mctx: Any, src: ImageInput, max_pixels: int | None = None) -> Any:
+    """Return an mtmd_bitmap pointer (caller frees it with mtmd_bitmap_free). An image of more than
+    ``max_pixels`` (default: MAX_IMAGE_PIXELS) is refused from its header, before it is decoded."""
     data: bytes | None = None
     rgb: tuple[int, int, bytes] | None = None
     name = describe(src)
@@ -49,6 +82,7 @@ def load_bitmap(mtmd_cpp: Any, mctx: Any, src: ImageInput) -> Any:
     elif isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
     elif isinstance(src, Image.Image):
+        check_pixels(name, src.width, src.height, max_pixels)
         rgb = _rgb_bytes(src)
     elif isinstance(src, np.ndarray):
         a = src
@@ -56,6 +90,7 @@ def load_bitmap(mtmd_cpp: Any, mctx: Any, src: ImageInput) -> Any:
             a = np.stack([a] * 3, axis=-1)
         if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype != np.uint8:
             raise ImageError(f"image array must be uint8 HxWx3 (or HxWx4 / HxW), got {a.dtype} {a.shape}")
+        check_pixels(name, a.shape[1], a.shape[0], max_pixels)
         rgb = (a.shape[1], a.shape[0], np.ascontiguousarray(a[:, :, :3]).tobytes())
     else:
         raise ImageError(
@@ -64,14 +99,20 @@ def load_bitmap(mtmd_cpp: Any, mctx: Any, src: ImageInput) -> Any:
 
     if data is not None:
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            with _open_checked(data, name, max_pixels) as im:
                 fmt = im.format
                 im.load()  # decodes the whole image: catches truncated files
-                if fmt not in _STB_FORMATS or getattr(im, "n_frames", 1) > 1 and fmt != "GIF":
+                # (GIF first: its frame count would read every frame)
+                if fmt not in _STB_FORMATS or fmt != "GIF" and getattr(im, "n_frames", 1) > 1:
                     rgb = _rgb_bytes(im)
                 w, h = im.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"image {name}: cannot be read as an image ({e})") from None
+        except ImageError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            # Pillow's own message is left out: some quote the file's first bytes
+            raise ImageError(
+                f"image {name}: cannot be read as an image (an unknown format, or a truncated or corrupt file)"
+            ) from None
         if w < 1 or h < 1:
             raise ImageError(f"image {name}: empty image")
 

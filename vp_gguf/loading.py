@@ -6,16 +6,18 @@ loaders still refuse comes back as a ModelFileError with llama.cpp's own message
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _log
+from . import _log, gguf_check
 from ._libs import llama_cpp as L
 from ._libs import mtmd_cpp as M
-from .errors import ModelFileError, ProjectorMismatchError
+from .errors import InvalidArgumentError, ModelFileError, ProjectorMismatchError, ResourceLimitError
 from .gguf_file import read_gguf_info
+from .sampling import INT32_MAX, int_arg
 
 DEFAULT_MARKER = "<__media__>"
 FLASH_ATTN = {
@@ -24,6 +26,18 @@ FLASH_ATTN = {
     "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
 KV_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type ids
+# llama.cpp pads n_ctx up to a multiple of 256 in a uint32 and counts positions in an int32: the largest
+# n_ctx whose padded size still fits a position (2**32 + 300 would wrap to 300, 2**32 - 1 pad to 0)
+MAX_N_CTX = 2**31 - 256
+LLAMA_MAX_SEQ = 256  # llama-cparams.h: a context holds at most this many sequences
+GGML_MAX_N_THREADS = 512  # ggml.h: more threads overrun ggml's fixed per-thread arrays (a segfault)
+
+
+def max_threads() -> int:
+    """The most threads a model may use: 4x the CPUs (more only thrash; 20000 hung thread creation), within ggml's cap."""
+    return min(GGML_MAX_N_THREADS, 4 * (os.cpu_count() or 1))
+
+
 # projectors whose image tokens attend to each other (non-causally): an image must fit one ubatch
 NON_CAUSAL_IMAGE_PROJECTORS = {"gemma3", "gemma4v", "gemma4uv", "deepseek4v"}
 
@@ -53,18 +67,85 @@ class ModelParams:
     cb_eval: Any = None
 
     def check(self) -> None:
-        if self.n_ctx < 16:
-            raise ValueError(f"n_ctx must be at least 16, got {self.n_ctx}")
-        if self.n_batch < 1 or self.n_ubatch < 1:
-            raise ValueError("n_batch and n_ubatch must be positive")
-        if self.n_threads is not None and self.n_threads < 1:
-            raise ValueError(f"n_threads must be positive, got {self.n_threads}")
-        if self.type_k not in KV_TYPES or self.type_v not in KV_TYPES:
-            raise ValueError(f"type_k/type_v must be one of {sorted(KV_TYPES)}")
-        if self.n_seq_max < 1:
-            raise ValueError("n_seq_max must be >= 1")
-        if self.flash_attn not in FLASH_ATTN:
-            raise ValueError(f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {self.flash_attn!r}")
+        """Refuse (InvalidArgumentError, a ValueError) settings the C side would wrap, crash or hang on;
+        the KV cache's size against the machine's memory is checked at load (check_kv_fits)."""
+        int_arg("n_ctx", self.n_ctx, 16, MAX_N_CTX)
+        int_arg("n_batch", self.n_batch, 1, INT32_MAX)
+        int_arg("n_ubatch", self.n_ubatch, 1, INT32_MAX)
+        if self.n_threads is not None:
+            int_arg("n_threads", self.n_threads, 1, max_threads(), f"at most 4x the {os.cpu_count() or 1} CPUs")
+        int_arg("n_gpu_layers", self.n_gpu_layers, -1, INT32_MAX, "-1: all")
+        int_arg("n_seq_max", self.n_seq_max, 1, LLAMA_MAX_SEQ)
+        for name in ("type_k", "type_v"):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in KV_TYPES:
+                raise InvalidArgumentError(f"{name} must be one of {sorted(KV_TYPES)}")
+        if not isinstance(self.flash_attn, str) or self.flash_attn not in FLASH_ATTN:
+            raise InvalidArgumentError(f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {self.flash_attn!r}")
+
+
+KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: blocks of 32 int8 and one f16 scale
+
+
+def _meta_int(model: Any, key: str) -> int | None:
+    buf = ctypes.create_string_buffer(64)
+    if L.llama_model_meta_val_str(model, key.encode(), buf, len(buf)) < 0:
+        return None
+    try:
+        return int(buf.value)
+    except ValueError:
+        return None
+
+
+def kv_cache_bytes(model: Any, p: ModelParams) -> int:
+    """The host memory a context of these settings takes for its KV cache, as an upper bound: every
+    layer left on the CPU at the full padded context. llama.cpp gives sliding-window layers less
+    (n_swa + n_ubatch cells), but which layers slide is set per architecture in its code and no API
+    says it: they are counted in full, on the safe side (Gemma 3 at 128K: about 6x its real cache)."""
+    n_layer = int(L.llama_model_n_layer(model))
+    head_dim = int(L.llama_model_n_embd(model)) // max(1, int(L.llama_model_n_head(model)))
+    buf = ctypes.create_string_buffer(64)
+    L.llama_model_meta_val_str(model, b"general.architecture", buf, len(buf))
+    arch = buf.value.decode(errors="replace")
+    k_len = _meta_int(model, f"{arch}.attention.key_length") or head_dim
+    v_len = _meta_int(model, f"{arch}.attention.value_length") or head_dim
+    pad = 256  # llama_context pads n_ctx (each sequence's share when not unified) to 256 cells
+    n_cells = -(-p.n_ctx // pad) * pad
+    if not p.kv_unified:
+        n_cells = -(-(p.n_ctx // p.n_seq_max) // pad) * pad * p.n_seq_max
+    n_cpu = n_layer
+    if p.n_gpu_layers != 0 and L.llama_supports_gpu_offload():
+        n_gpu = n_layer + 1 if p.n_gpu_layers < 0 else p.n_gpu_layers  # the output layer counts as one
+        n_cpu = max(0, min(n_layer, n_layer + 1 - n_gpu))  # the last layers go to the GPU, their KV with them
+    per_cell = int(L.llama_model_n_head_kv(model)) * (
+        k_len * KV_BYTES_PER_ELEMENT[p.type_k] + v_len * KV_BYTES_PER_ELEMENT[p.type_v]
+    )
+    return int(n_cells * n_cpu * per_cell)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give without swapping (Linux's MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_kv_fits(model: Any, p: ModelParams, path: Path) -> None:
+    """Refuse a context whose KV cache would not fit in memory, before llama.cpp allocates and clears it
+    (n_ctx=2e9 grew a process to 20 GB and woke the out-of-memory killer)."""
+    need, have = kv_cache_bytes(model, p), available_memory()
+    if have is not None and need > have:
+        raise ResourceLimitError(
+            f"n_ctx={p.n_ctx} needs a KV cache of {need / 2**30:.2f} GiB for {path.name} but only "
+            f"{have / 2**30:.2f} GiB of memory is available: lower n_ctx (or use type_k/type_v='q8_0')"
+        )
 
 
 class LoadedModel:
@@ -102,6 +183,9 @@ class LoadedModel:
             )
         if not proj.get("clip.has_vision_encoder", True):
             raise ModelFileError(f"{self.mmproj_path} has no vision encoder (audio-only projector)")
+        # what llama.cpp's loaders assert or dereference, refused here instead of crashing there
+        gguf_check.check_language_model(info)
+        gguf_check.check_projector(proj)
         self.architecture = info.architecture
         self.projector_type = proj.get("clip.projector_type") or proj.get("clip.vision.projector_type")
         n_embd = info.get(f"{info.architecture}.embedding_length")
@@ -116,13 +200,14 @@ class LoadedModel:
     def _load(self) -> None:
         p = self.params
         _log.clear()
-        n_threads = p.n_threads or os.cpu_count() or 1
+        n_threads = p.n_threads or min(os.cpu_count() or 1, GGML_MAX_N_THREADS)
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = p.n_gpu_layers if p.n_gpu_layers >= 0 else 999
         self._model = L.llama_model_load_from_file(str(self.model_path).encode(), mp)
         if not self._model:
             raise ModelFileError(f"llama.cpp could not load {self.model_path}: {_log.last_error() or 'unknown error'}")
         self._vocab: Any = L.llama_model_get_vocab(self._model)
+        check_kv_fits(self._model, p, self.model_path)
 
         cp = L.llama_context_default_params()
         cp.n_ctx = p.n_ctx
@@ -179,6 +264,7 @@ class LoadedModel:
         if getattr(self, "_model", None):
             L.llama_model_free(self._model)
             self._model = None
+            self._vocab = None  # the model owned it
 
     @property
     def context(self):

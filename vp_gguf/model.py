@@ -26,11 +26,13 @@ from typing_extensions import Self
 from . import _log
 from ._libs import llama_cpp as L
 from .decoding import check_decode, eval_prompt, make_sampler
+from .errors import ModelBusyError, ModelClosedError
 from .loading import DEFAULT_MARKER, LoadedModel, ModelParams
 from .prompt import MediaInput, Prepared, free_prepared, image_spans, media_list, prepare
 from .prompt import apply_chat_template as _apply_chat_template
 from .result import GenerationResult, ImageSpan, Timings
-from .sampling import SamplingParams
+from .sampling import INT32_MAX, SamplingParams, int_arg
+from .stops import StopScanner
 from .video import VideoInput
 from .visionpulse import VisionPulse, VisionPulseControl, VisionPulseReport
 
@@ -56,11 +58,21 @@ class VisionModel(LoadedModel):
             if not hasattr(params, k):
                 raise TypeError(f"unknown model parameter {k!r}")
             setattr(params, k, v)
-        self._lock = threading.Lock()
+        # Who uses the native handles, so that close() never frees them under a call (guarded by _state):
+        # _users counts the calls under way (a generation is one until it ends, a suspended stream too),
+        # _generating says one of them is a generation (one at a time: one context, one KV cache).
+        self._state = threading.Lock()
+        self._closed = False
+        self._generating = False
+        self._users = 0
         self.last_result: GenerationResult | None = None
         self.image_spans: list[ImageSpan] = []  # where the last prompt's images went in the KV cache
         super().__init__(model_path, mmproj_path, params)
         self._vp = VisionPulseControl(self._ctx)
+        # read once: token ids are checked against it on every call, and it must answer after close()
+        self._n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
+        self._n_embd = int(L.llama_model_n_embd(self._model))
+        self.n_layer: int = int(L.llama_model_n_layer(self._model))
 
     def __enter__(self) -> Self:
         return self
@@ -73,26 +85,88 @@ class VisionModel(LoadedModel):
         with contextlib.suppress(Exception):
             self.close()
 
+    # -- the native handles' life ----------------------------------------------------------
+    def close(self) -> None:
+        """Free the native model, context and projector; safe from any thread, at any time.
+
+        A call using them meanwhile (a generation in another thread, a stream not run to its end) keeps
+        them until it ends, and the last one out frees them; a generation stops at its next step with
+        ModelClosedError. Why not wait for it instead: a stream is a generator that its consumer may
+        resume late or never (or only after close() returns, in the same thread): waiting would hang."""
+        state = getattr(self, "_state", None)
+        if state is None:  # __init__ failed before the guard existed (nothing was loaded then)
+            super().close()
+            return
+        with state:
+            self._closed = True
+            if self._users == 0:
+                super().close()
+
+    @contextlib.contextmanager
+    def _native(self, generation: bool = False) -> Iterator[None]:
+        """Hold the native handles for one call: refused once closed, never freed under it. A
+        generation (anything that decodes into the context or encodes with the projector) is
+        exclusive; reading the model or its vocabulary can run beside one."""
+        with self._state:
+            self._check_open()
+            if generation:
+                if self._generating:
+                    raise ModelBusyError("this VisionModel is already generating (one generation at a time)")
+                self._generating = True
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._users -= 1
+                if generation:
+                    self._generating = False
+                if self._closed and self._users == 0:
+                    super().close()  # close() came meanwhile: the last user frees
+
+    def _check_open(self, doing: str = "") -> None:
+        if self._closed:
+            raise ModelClosedError(f"this VisionModel was closed{doing}: load the model again to use it")
+
     # -- tokens --------------------------------------------------------------------------
     @property
     def n_embd(self) -> int:
-        return L.llama_model_n_embd(self._model)
+        self._check_open()
+        return self._n_embd
+
+    @property
+    def n_vocab(self) -> int:
+        self._check_open()
+        return self._n_vocab
+
+    def token_id(self, token: object) -> int:
+        """``token`` as a token id of this model; an id outside its vocabulary is refused here
+        (llama.cpp would abort the process on it)."""
+        return int_arg("token id", token, 0, self._n_vocab - 1, "the ids of this model's vocabulary")
 
     def token_to_bytes(self, token: int, special: bool = True) -> bytes:
+        tok = self.token_id(token)
+        with self._native():
+            return self._piece(tok, special)
+
+    def _piece(self, tok: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
-        n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        n = L.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            n = L.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, special)
         return buf.raw[: max(n, 0)]
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
-        return b"".join(self.token_to_bytes(t, special) for t in tokens).decode("utf-8", errors="replace")
+        toks = [self.token_id(t) for t in tokens]
+        with self._native():
+            return b"".join(self._piece(t, special) for t in toks).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, prompt: str | Sequence[dict[str, str]]) -> str:
         """A prompt as one user turn, or a list of {"role", "content"} messages, in the model's own
         chat template, ending with the assistant's turn to speak."""
-        return _apply_chat_template(self, prompt)
+        with self._native():
+            return _apply_chat_template(self, prompt)
 
     def prepare(
         self,
@@ -102,7 +176,9 @@ class VisionModel(LoadedModel):
         videos: Sequence[VideoInput] = (),
     ) -> Prepared:
         """The prompt and media as libmtmd chunks (a context manager that frees them), for tools of one's own."""
-        return prepare(self, prompt, media_list(images, videos), chat_template)
+        media = media_list(images, videos)
+        with self._native(generation=True):  # the projector's context: the one a generation encodes with
+            return prepare(self, prompt, media, chat_template)
 
     # -- generation ----------------------------------------------------------------------
     def generate(
@@ -115,6 +191,7 @@ class VisionModel(LoadedModel):
         visionpulse: VisionPulse | str | int | None = None,
         videos: Sequence[VideoInput] = (),
         cache_prompt: bool = False,
+        stop: Sequence[str] = (),
     ) -> GenerationResult:
         """Generate text from images, videos and a prompt; returns the text, token ids, counts and timings.
 
@@ -127,9 +204,18 @@ class VisionModel(LoadedModel):
         ``cache_prompt``: keep what the KV cache holds of this prompt from the previous request
         (a conversation's earlier turns, their images included) and prefill only the rest, as
         llama.cpp's server does; ``result.n_cached_tokens`` says how much was kept.
+        ``stop``: strings that end the generation where they appear (not shown; stop_reason "stop").
         """
         for _ in self.stream(
-            prompt, images, max_tokens, sampling, chat_template, visionpulse, videos=videos, cache_prompt=cache_prompt
+            prompt,
+            images,
+            max_tokens,
+            sampling,
+            chat_template,
+            visionpulse,
+            videos=videos,
+            cache_prompt=cache_prompt,
+            stop=stop,
         ):
             pass
         assert self.last_result is not None
@@ -145,23 +231,24 @@ class VisionModel(LoadedModel):
         visionpulse: VisionPulse | str | int | None = None,
         videos: Sequence[VideoInput] = (),
         cache_prompt: bool = False,
+        stop: Sequence[str] = (),
     ) -> Iterator[str]:
         """Like generate(), yielding text pieces as they are produced; the full result is
         in ``last_result`` afterwards."""
         media = media_list(images, videos)
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        max_tokens = int_arg("max_tokens", max_tokens, 0, INT32_MAX)
         sampling = sampling or SamplingParams()
         sampling.check()
-        vp = VisionPulse.parse(visionpulse)  # checked by C when applied, before any work
-        if self._ctx is None:
-            raise RuntimeError("this VisionModel was closed")
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("this VisionModel is already generating (one generation at a time)")
-        try:
-            yield from self._run(prompt, media, max_tokens, sampling, chat_template, vp, cache_prompt)
-        finally:
-            self._lock.release()
+        vp = self._parse_vp(visionpulse)
+        with self._native(generation=True):
+            yield from self._run(prompt, media, max_tokens, sampling, chat_template, vp, cache_prompt, stop)
+
+    def _parse_vp(self, spec: VisionPulse | str | int | None) -> VisionPulse | None:
+        """The settings, checked against this model's layers (C checks the rest when they are applied)."""
+        vp = VisionPulse.parse(spec)
+        if vp is not None:
+            vp.check(self.n_layer)
+        return vp
 
     def teacher_forced(
         self,
@@ -182,17 +269,21 @@ class VisionModel(LoadedModel):
         given, runs between the prompt and the first forced token (tests use it to edit the cache);
         ``before_step(model, i)`` runs before decode step i (i = 1 for the first decoded token;
         the replay oracle forces each step's set there). ``videos`` and ``cache_prompt`` as in generate()."""
+        vp = self._parse_vp(visionpulse)
+        forced = [self.token_id(t) for t in tokens]  # each one reaches llama_decode
+        media = media_list(images, videos)
+        with self._native(generation=True):
+            return self._forced(prompt, media, forced, vp, after_prefill, before_step, cache_prompt)
+
+    def _forced(self, prompt, media, tokens, vp, after_prefill, before_step, cache_prompt):
         import numpy as np
 
-        vp = VisionPulse.parse(visionpulse)  # checked by C when applied, before any work
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("this VisionModel is already generating (one generation at a time)")
-        n_vocab = self.n_vocab
+        n_vocab = self._n_vocab
         out = np.zeros((len(tokens), n_vocab), dtype=np.float32)
         prep = None
         try:
             self._vp.apply(vp)
-            prep = prepare(self, prompt, media_list(images, videos), False)
+            prep = prepare(self, prompt, media, False)
             n_past, _ = eval_prompt(self, prep, Timings(), self._vp, reuse=cache_prompt)
             self.image_spans = image_spans(prep)
             if after_prefill is not None:
@@ -209,6 +300,7 @@ class VisionModel(LoadedModel):
                 self._vp.before_step(i + 1)
                 if before_step is not None:
                     before_step(self, i + 1)
+                self._check_open(" while generating")  # perhaps by before_step: its handles live until we return
                 check_decode(self, L.llama_decode(self._ctx, L.llama_batch_get_one(tok_arr, 1)), "a forced token")
                 if self._kv_units:
                     self._kv_units.append((tok, n_past, 1))
@@ -219,7 +311,6 @@ class VisionModel(LoadedModel):
         finally:
             if prep is not None:
                 free_prepared(prep)
-            self._lock.release()
 
     def _start_vp(self) -> VisionPulseReport | None:
         """The prompt is in: from the next decode on, each one is a VisionPulse step."""
@@ -235,6 +326,7 @@ class VisionModel(LoadedModel):
         chat_template: bool,
         vp: VisionPulse | None,
         cache_prompt: bool,
+        stop_strings: Sequence[str] = (),
     ) -> Iterator[str]:
         self.last_result = None
         _log.clear()
@@ -245,6 +337,7 @@ class VisionModel(LoadedModel):
         tokens: list[int] = []
         text_parts: list[str] = []
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopScanner(stop_strings)
         stop = "length"
         tok_arr = (L.llama_token * 1)()
         try:
@@ -253,35 +346,50 @@ class VisionModel(LoadedModel):
             self.image_spans = image_spans(prep)
             report = self._start_vp()
             t_dec = None
+            # KV cells in use: with M-RoPE (Qwen2-VL) an image takes fewer positions than cells, so the
+            # next position (n_past) says nothing of the room left; the cells do, on every family
+            n_cells = prep.n_tokens
             while len(tokens) < max_tokens:
+                self._check_open(" while generating")  # close() came (from another thread, or while we yielded)
                 tok = L.llama_sampler_sample(sampler, self._ctx, -1)
                 if L.llama_vocab_is_eog(self._vocab, tok):
                     stop = "eos"
                     break
                 tokens.append(tok)
-                piece = utf8.decode(self.token_to_bytes(tok, special=True))
+                piece = stops.feed(utf8.decode(self._piece(tok, True)))
                 if piece:
                     text_parts.append(piece)
                     yield piece
+                if stops.stopped:
+                    stop = "stop"
+                    break
                 if len(tokens) >= max_tokens:
                     break
-                if n_past >= self.n_ctx:
-                    stop = "context"
+                if n_cells >= self.n_ctx:
+                    stop = "context"  # the text so far is the answer, as llama.cpp's server ends it
                     break
                 if t_dec is None:
                     t_dec = time.perf_counter()
                 tok_arr[0] = tok
                 self._vp.before_step(t.n_decode + 1)
                 rc = L.llama_decode(self._ctx, L.llama_batch_get_one(tok_arr, 1))
+                if rc == 1:  # no KV slot for it (the cache's own count of room): a full context all the same
+                    stop = "context"
+                    break
                 check_decode(self, rc, "a generated token")
                 self._kv_units.append((tok, n_past, 1))
                 n_past += 1
+                n_cells += 1
                 t.n_decode += 1
                 if report is not None:
                     report.record(self._ctx)
             if t_dec is not None:
                 t.decode_ms = (time.perf_counter() - t_dec) * 1e3
-            tail = utf8.decode(b"", final=True)
+            tail = "" if stops.stopped else stops.feed(utf8.decode(b"", final=True))
+            if stops.stopped:
+                stop = "stop"
+            else:
+                tail += stops.flush()
             if tail:
                 text_parts.append(tail)
                 yield tail

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import _vp_ctypes as V
+from .errors import InvalidArgumentError
+from .sampling import INT32_MAX, UINT32_MAX, float_arg, int_arg
 
 MODES = {
     "dense": V.LLAMA_VP_MODE_DENSE,  # nothing dropped; stats only
@@ -70,9 +72,10 @@ def comparison_spec(
 
 def preset_settings(n: int | None) -> tuple[float, float, float]:
     """(tau, budget_min, budget_max) of preset 5 or 10, as the C library defines them (the one table)."""
-    p = V.llama_vp_preset_params(-1 if n is None else int(n))
+    k = -1 if n is None else int_arg("VisionPulse preset", n, 0, INT32_MAX, "5 or 10")  # C's int32 would wrap
+    p = V.llama_vp_preset_params(k)
     if p.mode == V.LLAMA_VP_MODE_NONE:
-        raise ValueError(f"unknown VisionPulse preset {n!r}: use 5 or 10")
+        raise InvalidArgumentError(f"unknown VisionPulse preset {n!r}: use 5 or 10")
     # C holds floats: 0.1f reads back as 0.10000000149; six digits give the number it was written as
     return round(p.tau, 6), round(p.budget_min, 6), round(p.budget_max, 6)
 
@@ -118,7 +121,7 @@ class VisionPulse:
         if s in ("off", "none", ""):
             return None
         if s not in ("5", "10"):
-            raise ValueError(f"unknown VisionPulse preset {spec!r}: use 5, 10 or off")
+            raise InvalidArgumentError(f"unknown VisionPulse preset {spec!r}: use 5, 10 or off")
         return cls(preset=int(s), mode=mode or "visionpulse")
 
     def resolved(self) -> dict[str, Any]:
@@ -131,37 +134,73 @@ class VisionPulse:
         d["ratio"] = self.ratio if self.ratio is not None else d["budget_max"]
         return d
 
-    def check(self) -> None:
-        """Refuse impossible settings (ValueError) before a model is at hand; the rules are the C library's."""
+    def check(self, n_layer: int | None = None) -> None:
+        """Refuse impossible settings (InvalidArgumentError, a ValueError) before any work; the rules are
+        the C library's. With the model's ``n_layer``, the layers named must be among its layers (whether
+        the anchor is a full-attention layer only C knows: it says so when the settings are applied)."""
         params = self.to_c()
         if V.llama_vp_check_params(ctypes.byref(params)) != 0:
-            raise ValueError(f"VisionPulse: {V.last_error()}")
+            raise InvalidArgumentError(f"VisionPulse: {V.last_error()}")
+        if n_layer is not None:
+            if self.anchor_layer is not None:
+                int_arg(
+                    "VisionPulse anchor_layer", self.anchor_layer, 0, n_layer - 1, f"the model has {n_layer} layers"
+                )
+            if self.first_pruned_layer is not None:
+                int_arg(
+                    "VisionPulse first_pruned_layer",
+                    self.first_pruned_layer,
+                    0,
+                    n_layer,
+                    f"the model has {n_layer} layers",
+                )
 
     def enable(self, ctx) -> None:
-        """Switch these settings on for a llama_context; C validates them (ValueError with its message)."""
+        """Switch these settings on for a llama_context; C validates them (InvalidArgumentError with its message)."""
         params = self.to_c()
         if V.llama_vp_enable(ctx, ctypes.byref(params)) != 0:
-            raise ValueError(f"VisionPulse: {V.last_error()}")
+            raise InvalidArgumentError(f"VisionPulse: {V.last_error()}")
+
+    def _check_fields(self) -> None:
+        """Each field of the right type and within its C type: a C int32 would wrap 2**32 + 1 to 1, and
+        a non-number must be a clear error here, not a TypeError deep in ctypes."""
+        for name in ("anchor_layer", "first_pruned_layer"):
+            if getattr(self, name) is not None:  # None: the library's choice; below 0 is refused, not "auto"
+                int_arg(f"VisionPulse {name}", getattr(self, name), 0, INT32_MAX)
+        if self.min_pruned_layers is not None:
+            int_arg("VisionPulse min_pruned_layers", self.min_pruned_layers, 0, INT32_MAX)
+        int_arg("VisionPulse seed", self.seed, 0, UINT32_MAX)
+        for name in ("tau", "budget_min", "budget_max", "ratio"):
+            if getattr(self, name) is not None:
+                float_arg(f"VisionPulse {name}", getattr(self, name))
+        for name in ("forced", "k_per_step"):
+            seq = getattr(self, name)
+            if seq is not None:
+                if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+                    raise InvalidArgumentError(f"VisionPulse {name} must be a list of integers")
+                for k in seq:
+                    int_arg(f"VisionPulse {name} entries", k, 0 if name == "forced" else 1, INT32_MAX)
 
     def to_c(self) -> V.llama_vp_params:
         """The C struct; names that C has no number for (mode, attn, forced's set) are checked here."""
-        if self.mode not in MODES:
-            raise ValueError(f"unknown VisionPulse mode {self.mode!r}: one of {', '.join(MODES)}")
-        if self.attn not in ATTN:
-            raise ValueError(f"unknown VisionPulse attention path {self.attn!r}: one of {', '.join(ATTN)}")
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise InvalidArgumentError(f"unknown VisionPulse mode {self.mode!r}: one of {', '.join(MODES)}")
+        if not isinstance(self.attn, str) or self.attn not in ATTN:
+            raise InvalidArgumentError(f"unknown VisionPulse attention path {self.attn!r}: one of {', '.join(ATTN)}")
         if self.mode == "forced" and self.forced is None:
-            raise ValueError("VisionPulse mode 'forced' needs the kept ordinals (forced=[...])")
+            raise InvalidArgumentError("VisionPulse mode 'forced' needs the kept ordinals (forced=[...])")
+        self._check_fields()
         if self.k_per_step is not None:
             if self.mode not in ("visionpulse", "fixed", "random"):
-                raise ValueError("VisionPulse k_per_step needs mode visionpulse, fixed or random")
-            if not self.k_per_step or any(int(k) < 1 for k in self.k_per_step):
-                raise ValueError("VisionPulse k_per_step must be a non-empty list of counts >= 1")
+                raise InvalidArgumentError("VisionPulse k_per_step needs mode visionpulse, fixed or random")
+            if not self.k_per_step:
+                raise InvalidArgumentError("VisionPulse k_per_step must be a non-empty list of counts >= 1")
         r = self.resolved()
         p = V.llama_vp_default_params()  # the library's defaults for what these settings leave open
         p.mode = MODES[self.mode]
         p.anchor_layer = -1 if self.anchor_layer is None else int(self.anchor_layer)
         p.tau, p.budget_min, p.budget_max, p.ratio = r["tau"], r["budget_min"], r["budget_max"], r["ratio"]
-        p.seed = self.seed & 0xFFFFFFFF
+        p.seed = self.seed  # in [0, 2**32 - 1]: checked, never masked
         if self.prune_anchor is not None:
             p.prune_anchor = bool(self.prune_anchor)
         p.first_pruned_layer = -1 if self.first_pruned_layer is None else int(self.first_pruned_layer)
