@@ -12,7 +12,7 @@ SOURCES := $(shell find cpp vp_gguf -type f -not -path '*/__pycache__/*' -not -p
 READY     = $(VENV)/.vp-ready
 INSTALLED = $(VENV)/.vp-installed
 
-.PHONY: install demo test test-quick test-archs format dist bench bench-speed gpu-check patches patches-check fetch clean
+.PHONY: install demo test test-quick test-archs sanitize format dist bench bench-speed gpu-check patches patches-check fetch clean
 
 # machine checks, the venv, the pinned llama.cpp tree, the build requirements
 $(READY): scripts/bootstrap.py pyproject.toml third_party/llama.cpp.lock.json
@@ -44,6 +44,13 @@ test-quick: $(INSTALLED)
 # upstream's test-llama-archs on the patched libllama (every architecture; part of `make test`)
 test-archs: $(INSTALLED)
 	$(PY) -m pytest -q tests/test_upstream_archs.py
+
+# AddressSanitizer + UBSan build of our C++ and the patched tree (build/sanitize), running the C-level
+# tests on it: the flash-attention kernel test, llama-mtmd-cli on the tiny models, the bad-input tests
+# (not part of `make test`: on 2 cores the first build takes about 40 minutes with a cold ccache,
+# a rebuild after a cpp/src change about 1, the checks about 5)
+sanitize: $(INSTALLED)
+	$(PY) scripts/sanitize.py
 
 # ruff's and clang-format's layout, applied (make test checks it)
 format: $(INSTALLED)

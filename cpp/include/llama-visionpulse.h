@@ -66,6 +66,10 @@ LLAMA_API struct llama_vp_params llama_vp_preset_params(int32_t preset); // 5 or
 
 // Returns 0, or a negative code with a message in llama_vp_last_error():
 //  -1 invalid parameter, -2 unsupported model (no usable full-attention layer, ALiBi, ...)
+// Every function checks its arguments and never aborts on them: a null ctx, a seq outside the
+// context's own [0, llama_n_seq_max(ctx)) (not LLAMA_MAX_SEQ), a negative count or a null array
+// with a non-zero count is -1 (void functions do nothing and set llama_vp_last_error()); where
+// documented, seq < 0 means every sequence.
 // llama_vp_check_params: what can be checked without a model (llama_vp_enable checks it too).
 LLAMA_API int32_t      llama_vp_check_params(const struct llama_vp_params * params);
 LLAMA_API int32_t      llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params * params);
@@ -81,21 +85,22 @@ LLAMA_API int32_t llama_vp_last_probe(const struct llama_context * ctx);
 // Why the enabled settings skip the selection on this model (min_pruned_layers), or NULL when they do not.
 LLAMA_API const char * llama_vp_skip_reason(const struct llama_context * ctx);
 
-// Explicit marks: the cells of seq with positions in [p0, p1) are visual. Once a
+// Explicit marks: the cells of seq with positions in [p0, p1) are visual (0 <= p0 < p1, else -1). Once a
 // sequence has explicit marks, only those count for it (auto marks are ignored).
 LLAMA_API int32_t llama_vp_mark_visual(struct llama_context * ctx, llama_seq_id seq, llama_pos p0, llama_pos p1);
 LLAMA_API int32_t llama_vp_clear_marks(struct llama_context * ctx, llama_seq_id seq); // seq < 0: all
-// Number of visual cells of seq now in the KV cache (either kind of mark).
+// Number of visual cells of seq now in the KV cache (either kind of mark); -1 bad seq, -2 no KV cache.
 LLAMA_API int32_t llama_vp_n_visual(struct llama_context * ctx, llama_seq_id seq);
 
 // FORCED mode: keep exactly these visual ordinals of seq (ordinals number the seq's
-// visual cells in (pos, y, x) order, i.e. images in prompt order, row-major).
+// visual cells in (pos, y, x) order, i.e. images in prompt order, row-major). A negative ordinal
+// is -1; ordinals at or past the step's N_v (unknown before the images are in) are ignored.
 LLAMA_API int32_t llama_vp_set_forced(struct llama_context * ctx, llama_seq_id seq, const int32_t * ordinals,
                                       int32_t n);
 
 // DYNAMIC, FIXED, RANDOM: keep k visual cells of seq at its next steps instead of the budget
-// rule's K (k <= 0: the rule again; llama_vp_reset clears it). Applies to a ubatch only when every
-// sequence in it has one. A random selection at another run's per-step K is a budget-matched control.
+// rule's K (k = 0: the rule again, k < 0: -1; llama_vp_reset clears it; K is clamped to [1, N_v]). Applies to a ubatch
+// only when every sequence in it has one. A random selection at another run's per-step K is a budget-matched control.
 LLAMA_API int32_t llama_vp_set_k(struct llama_context * ctx, llama_seq_id seq, int32_t k);
 
 struct llama_vp_stats {
@@ -108,9 +113,11 @@ struct llama_vp_stats {
     int32_t skipped;   // 1: the selection was skipped (min_pruned_layers), the step ran dense; mass is 0
 };
 
-// Stats of the last decode step that involved seq; returns 0, or -1 if there is none.
+// Stats of the last decode step that involved seq; returns 0, or -1 if there is none (or bad arguments).
 LLAMA_API int32_t llama_vp_get_stats(const struct llama_context * ctx, llama_seq_id seq, struct llama_vp_stats * out);
-// Visual ordinals kept at the last step (ascending); returns their count (may exceed cap).
+// Visual ordinals kept at the last step (ascending); returns their count (may exceed cap; writes
+// min(count, cap)). ordinals = NULL with cap = 0 asks for the count alone; NULL with cap > 0, cap < 0
+// or a bad seq is -1.
 LLAMA_API int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, int32_t * ordinals,
                                     int32_t cap);
 // Before a new prompt: reset the per-seq step counters, stats, STATIC rankings and FORCED sets, and

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 
 static thread_local std::string g_vp_error;
@@ -24,6 +25,25 @@ void llama_vp_free(llama_vp_context * vp) {
 
 static llama_vp_context * vp_of(const llama_context * ctx) {
     return ctx ? ctx->get_cparams().vp : nullptr;
+}
+
+// A sequence of this context: [0, n_seq_max), the context's own limit. LLAMA_MAX_SEQ is only
+// the library's: the KV cache has one stream per context sequence and asserts on any other.
+static bool vp_seq_ok(const llama_context * ctx, llama_seq_id seq) {
+    return ctx && seq >= 0 && (uint32_t) seq < ctx->n_seq_max();
+}
+
+// 0, or -1 with the reason in llama_vp_last_error(): a null context or seq not one of its sequences
+static int32_t vp_check_seq(const llama_context * ctx, llama_seq_id seq) {
+    if (!ctx) return vp_fail(-1, "null context");
+    if (vp_seq_ok(ctx, seq)) return 0;
+    return vp_fail(-1, "sequence id " + std::to_string(seq) + " out of range [0, " + std::to_string(ctx->n_seq_max()) +
+                           ") (the context's n_seq_max)");
+}
+
+// The documented "seq < 0: all" functions: any negative seq, or one of the context's sequences.
+static int32_t vp_check_seq_or_all(const llama_context * ctx, llama_seq_id seq) {
+    return seq < 0 && ctx ? 0 : vp_check_seq(ctx, seq);
 }
 
 struct llama_vp_params llama_vp_default_params(void) {
@@ -101,11 +121,22 @@ const char * llama_vp_skip_reason(const struct llama_context * ctx) {
     return vp && vp->enabled && vp->skip ? vp->skip_reason.c_str() : nullptr;
 }
 
+// An enum field as the int a C caller stored: reading a value outside the enumerators through the
+// enum type is undefined behaviour in C++ (UBSan reports mode = 99 from ctypes), so check the bytes.
+template <typename E> static int32_t vp_raw_enum(const E & e) {
+    static_assert(sizeof(E) == sizeof(int32_t), "C enums are int-sized");
+    int32_t v;
+    std::memcpy(&v, &e, sizeof v);
+    return v;
+}
+
 int32_t llama_vp_check_params(const struct llama_vp_params * params) {
     if (!params) return vp_fail(-1, "null parameters");
-    const llama_vp_params & p = *params;
-    if (p.mode < LLAMA_VP_MODE_DENSE || p.mode > LLAMA_VP_MODE_FORCED) {
-        return vp_fail(-1, "unknown mode " + std::to_string(p.mode));
+    const llama_vp_params & p    = *params;
+    const int32_t           mode = vp_raw_enum(p.mode);
+    const int32_t           attn = vp_raw_enum(p.attn);
+    if (mode < LLAMA_VP_MODE_DENSE || mode > LLAMA_VP_MODE_FORCED) {
+        return vp_fail(-1, "unknown mode " + std::to_string(mode));
     }
     if (!std::isfinite(p.tau) || p.tau <= 0.0f) return vp_fail(-1, "tau must be a finite number > 0");
     if (!vp_frac_ok(p.budget_min) || !vp_frac_ok(p.budget_max))
@@ -113,8 +144,8 @@ int32_t llama_vp_check_params(const struct llama_vp_params * params) {
     if (p.budget_min > p.budget_max) return vp_fail(-1, "budget_min exceeds budget_max");
     if (!vp_frac_ok(p.ratio)) return vp_fail(-1, "ratio must be finite and in (0, 1]");
     if (p.min_pruned_layers < 0) return vp_fail(-1, "min_pruned_layers must be >= 0");
-    if (p.attn < LLAMA_VP_ATTN_AUTO || p.attn > LLAMA_VP_ATTN_GATHER) {
-        return vp_fail(-1, "unknown attention path " + std::to_string(p.attn) + " (0 auto, 1 mask, 2 gather)");
+    if (attn < LLAMA_VP_ATTN_AUTO || attn > LLAMA_VP_ATTN_GATHER) {
+        return vp_fail(-1, "unknown attention path " + std::to_string(attn) + " (0 auto, 1 mask, 2 gather)");
     }
     return 0;
 }
@@ -195,7 +226,7 @@ static llama_vp_context * vp_state(struct llama_context * ctx) {
 }
 
 int32_t llama_vp_mark_visual(struct llama_context * ctx, llama_seq_id seq, llama_pos p0, llama_pos p1) {
-    if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
+    if (vp_check_seq(ctx, seq) != 0) return -1;
     if (p1 <= p0 || p0 < 0) return vp_fail(-1, "empty or negative position range");
     llama_vp_context * vp = vp_state(ctx);
     vp->seqs[seq].marks.emplace_back(p0, p1);
@@ -203,7 +234,7 @@ int32_t llama_vp_mark_visual(struct llama_context * ctx, llama_seq_id seq, llama
 }
 
 int32_t llama_vp_clear_marks(struct llama_context * ctx, llama_seq_id seq) {
-    if (!ctx) return vp_fail(-1, "null context");
+    if (vp_check_seq_or_all(ctx, seq) != 0) return -1;
     llama_vp_context * vp = vp_of(ctx);
     if (!vp) return 0;
     for (auto & [s, st] : vp->seqs) {
@@ -213,7 +244,7 @@ int32_t llama_vp_clear_marks(struct llama_context * ctx, llama_seq_id seq) {
 }
 
 int32_t llama_vp_n_visual(struct llama_context * ctx, llama_seq_id seq) {
-    if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
+    if (vp_check_seq(ctx, seq) != 0) return -1;
     llama_vp_context *     vp  = vp_state(ctx);
     auto *                 mem = ctx->get_memory();
     const llama_kv_cache * kv  = dynamic_cast<const llama_kv_cache *>(mem);
@@ -226,8 +257,11 @@ int32_t llama_vp_n_visual(struct llama_context * ctx, llama_seq_id seq) {
 }
 
 int32_t llama_vp_set_forced(struct llama_context * ctx, llama_seq_id seq, const int32_t * ordinals, int32_t n) {
-    if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
-    if (n < 0 || (n > 0 && !ordinals)) return vp_fail(-1, "invalid ordinals");
+    if (vp_check_seq(ctx, seq) != 0) return -1;
+    if (n < 0 || (n > 0 && !ordinals)) return vp_fail(-1, "invalid ordinals: n < 0, or a null array with n > 0");
+    if (std::any_of(ordinals, ordinals + n, [](int32_t o) { return o < 0; })) {
+        return vp_fail(-1, "invalid ordinals: negative ordinal");
+    }
     auto & st = vp_state(ctx)->seqs[seq];
     st.forced.assign(ordinals, ordinals + n);
     std::sort(st.forced.begin(), st.forced.end());
@@ -237,8 +271,10 @@ int32_t llama_vp_set_forced(struct llama_context * ctx, llama_seq_id seq, const 
 }
 
 int32_t llama_vp_get_stats(const struct llama_context * ctx, llama_seq_id seq, struct llama_vp_stats * out) {
+    if (vp_check_seq(ctx, seq) != 0) return -1;
+    if (!out) return vp_fail(-1, "null stats pointer");
     const llama_vp_context * vp = vp_of(ctx);
-    if (!vp || !out) return -1;
+    if (!vp) return -1;
     auto it = vp->seqs.find(seq);
     if (it == vp->seqs.end() || !it->second.has_stats) return -1;
     *out = it->second.stats;
@@ -246,6 +282,8 @@ int32_t llama_vp_get_stats(const struct llama_context * ctx, llama_seq_id seq, s
 }
 
 int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, int32_t * ordinals, int32_t cap) {
+    if (vp_check_seq(ctx, seq) != 0) return -1;
+    if (cap < 0 || (cap > 0 && !ordinals)) return vp_fail(-1, "invalid buffer: cap < 0, or a null array with cap > 0");
     const llama_vp_context * vp = vp_of(ctx);
     if (!vp) return 0;
     auto it = vp->seqs.find(seq);
@@ -257,8 +295,7 @@ int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, in
 }
 
 void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq) {
-    if (!ctx) return;
-    if (seq >= LLAMA_MAX_SEQ) return;
+    if (vp_check_seq_or_all(ctx, seq) != 0) return;
     llama_vp_context * vp = seq >= 0 ? vp_state(ctx) : vp_of(ctx);
     if (!vp) return;
     if (seq >= 0) vp->seqs[seq]; // a seq reset before its first decode starts in the prompt phase too
@@ -278,6 +315,7 @@ void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq) {
 }
 
 void llama_vp_begin_generation(struct llama_context * ctx, llama_seq_id seq) {
+    if (vp_check_seq_or_all(ctx, seq) != 0) return;
     llama_vp_context * vp = vp_of(ctx);
     if (!vp) return;
     for (auto & [s, st] : vp->seqs) {
@@ -286,7 +324,8 @@ void llama_vp_begin_generation(struct llama_context * ctx, llama_seq_id seq) {
 }
 
 int32_t llama_vp_set_k(struct llama_context * ctx, llama_seq_id seq, int32_t k) {
-    if (!ctx || seq < 0 || seq >= LLAMA_MAX_SEQ) return vp_fail(-1, "invalid sequence id");
-    vp_state(ctx)->seqs[seq].k_given = std::max(0, k);
+    if (vp_check_seq(ctx, seq) != 0) return -1;
+    if (k < 0) return vp_fail(-1, "k must be >= 0 (0: the budget rule's K)");
+    vp_state(ctx)->seqs[seq].k_given = k;
     return 0;
 }
