@@ -10,7 +10,8 @@ C-level test programs with -fsanitize=address,undefined at -O1 -g, then runs:
 
 1. vp-test-vp-fattn (tests/cpp/test-vp-fattn.cpp): our kernel against upstream's;
 2. llama-mtmd-cli on each tiny model family, flash attention off and on;
-3. the Python bad-input tests (tests/test_bad_input.py, tests/test_c_api.py) on the
+3. the Python bad-input tests (PY_TESTS: bad input, the C API's bad arguments, the API's
+   guards, crafted and fuzzed GGUF files: what our checks let through loads clean) on the
    sanitized libraries (VP_GGUF_LIB_DIR, libasan preloaded into Python).
 
 Any sanitizer report stops the program that made it (halt_on_error / abort_on_error), so
@@ -41,7 +42,13 @@ FLAGS = "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-reco
 # bad-input tests expect that error), instead of ASan's own abort
 ASAN_OPTIONS = "detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1"
 UBSAN_OPTIONS = "print_stacktrace=1:halt_on_error=1"
-PY_TESTS = ("tests/test_bad_input.py", "tests/test_c_api.py")
+PY_TESTS = (
+    "tests/test_bad_input.py",
+    "tests/test_c_api.py",
+    "tests/test_api_safety.py",
+    "tests/test_gguf_hardening.py",
+    "tests/test_gguf_fuzz.py",
+)
 
 
 def configure(env: dict[str, str]) -> None:

@@ -237,6 +237,7 @@ VARIANTS = [
     ("mmproj-norm-q8_0", "qwen2vl", "mmproj", _retype("v.blk.0.ln1.weight", 8), "v.blk.0.ln1.weight.*F32"),
     ("mmproj-pos-embd-q8_0", "gemma3", "mmproj", _retype("v.position_embd.weight", 8), "v.position_embd.weight"),
     ("block-count-0", "llava", "model", _kv("llama.block_count", 0), "block_count is 0"),
+    ("file-type-2^32-1", "qwen2vl", "model", _kv("general.file_type", 2**32 - 1), "file_type is 4294967295"),
     ("block-count-100000", "llava", "model", _kv("llama.block_count", 100000), "block_count is 100000"),
     ("block-count-2^32-1", "llava", "model", _kv("llama.block_count", 2**32 - 1), "block_count is 4294967295"),
     ("rope-dims-0", "llava", "model", _kv("llama.rope.dimension_count", 0), "rope.dimension_count is 0"),

@@ -355,3 +355,15 @@ def test_a_video_beyond_its_pixel_share_is_refused_before_decoding(srv, tmp_path
     big = "data:image/png;base64," + base64.b64encode(_png(1999, 1999)).decode()  # leaves ~4,000 pixels
     s, b = _chat(port, [{"type": "image_url", "image_url": {"url": big}}, part, {"type": "text", "text": "Go."}])
     assert s == 400 and "frames of" in _msg((s, b)) and "pixels" in _msg((s, b)), b
+
+
+def test_a_full_context_ends_with_length_and_the_text_so_far(srv, images):
+    port, vm = srv  # Qwen2-VL: M-RoPE, an image takes fewer positions than KV cells
+    uri = "data:image/png;base64," + base64.b64encode(images["a"].read_bytes()).decode()
+    s, b = _req(port, "POST", "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": _img(uri)}], "max_tokens": 5000, "temperature": 1,
+                 "seed": 5, "stop": None})
+    assert s == 200, b
+    u = b["usage"]
+    assert b["choices"][0]["finish_reason"] == "length" and b["choices"][0]["message"]["content"]
+    assert u["completion_tokens"] < 5000 and u["prompt_tokens"] + u["completion_tokens"] >= vm.n_ctx - 1, u

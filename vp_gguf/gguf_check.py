@@ -164,6 +164,8 @@ def check_language_model(info: GGUFInfo) -> None:
         c.float_value(key, 0.0)
     c.float_value(f"{arch}.rope.freq_base", 0.0)
     c.int_value(f"{arch}.attention.sliding_window", 1, 1 << 31, required=False)
+    # read into the llama_ftype enum when the loader prints the model's info (undefined beyond its range)
+    c.int_value("general.file_type", 0, 1024, required=False)
 
 
 def _check_vocab(c: _Checker) -> None:
