@@ -245,22 +245,32 @@ def test_stop_sequences(srv):
 # -- nobody stalls the others ------------------------------------------------------------------
 
 
-def test_a_client_that_leaves_a_non_streaming_request_is_cancelled(srv):
+def test_a_client_that_leaves_a_non_streaming_request_is_cancelled(srv, monkeypatch):
     port, vm = srv
+    made = []  # every generated token's piece, each slowed so a whole reply takes seconds on any machine
+    piece = vm._piece
+
+    def slow_piece(tok, special):
+        made.append(tok)
+        time.sleep(0.004)
+        return piece(tok, special)
+
+    monkeypatch.setattr(vm, "_piece", slow_piece)
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 900,
             "temperature": 1, "seed": 1}
-    t = time.perf_counter()
     full = _req(port, "POST", "/v1/chat/completions", body)
-    t_full = time.perf_counter() - t
-    assert full[0] == 200 and full[1]["usage"]["completion_tokens"] > 300
+    n_full = full[1]["usage"]["completion_tokens"]
+    assert full[0] == 200 and n_full > 300, full
+    before = len(made)
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     c.request("POST", "/v1/chat/completions", json.dumps(body),
               {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     time.sleep(0.3)
-    c.close()  # gone before the reply
-    t = time.perf_counter()
-    s, _ = _chat(port, "hi")
-    assert s == 200 and time.perf_counter() - t < t_full / 2, (time.perf_counter() - t, t_full)
+    c.close()  # gone before the reply: its generation stops, the next request does not wait for it
+    s, b = _chat(port, "hi")
+    assert s == 200, b
+    n_left = len(made) - before - b["usage"]["completion_tokens"]
+    assert n_left < n_full / 2, (n_left, n_full)
 
 
 def test_replies_arrive_as_they_finish(srv):
@@ -357,8 +367,10 @@ def test_a_video_beyond_its_pixel_share_is_refused_before_decoding(srv, tmp_path
     assert s == 400 and "frames of" in _msg((s, b)) and "pixels" in _msg((s, b)), b
 
 
-def test_a_full_context_ends_with_length_and_the_text_so_far(srv, images):
+def test_a_full_context_ends_with_length_and_the_text_so_far(srv, images, monkeypatch):
     port, vm = srv  # Qwen2-VL: M-RoPE, an image takes fewer positions than KV cells
+    # the random tiny model may sample its end-of-generation token on another CPU's arithmetic: ignored here
+    monkeypatch.setattr(vp_gguf.model.L, "llama_vocab_is_eog", lambda vocab, tok: False)
     uri = "data:image/png;base64," + base64.b64encode(images["a"].read_bytes()).decode()
     s, b = _req(port, "POST", "/v1/chat/completions",
                 {"messages": [{"role": "user", "content": _img(uri)}], "max_tokens": 5000, "temperature": 1,

@@ -44,6 +44,7 @@ from .visionpulse import VisionPulse
 __all__ = ["RequestError", "ServerLimits", "create_app", "is_loopback", "parse_messages"]
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+LEAVE_CHECK_S = 0.1  # how often a waiting handler asks whether its client is still there
 
 
 def _host_name(header: str) -> str:
@@ -145,6 +146,7 @@ class _Generation:
         self.out: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
         self._pending: asyncio.Future | None = None
+        self._next_check = self.loop.time() + LEAVE_CHECK_S
         threading.Thread(target=self._work, daemon=True).start()
 
     def _put(self, item: tuple[str, Any]) -> None:
@@ -194,18 +196,26 @@ class _Generation:
 
     async def next_or_leave(self, request) -> tuple[str, Any] | None:
         """The next item, or None (and the generation cancelled) once the client has left: a client
-        that gives up on a non-streaming reply frees the model as a streaming one does."""
+        that gives up on a non-streaming reply frees the model as a streaming one does. The client is
+        looked at every LEAVE_CHECK_S whether pieces keep coming or not (they come every few ms)."""
         while True:
             if self._pending is None:
                 self._pending = asyncio.ensure_future(self.out.get())
-            done, _ = await asyncio.wait({self._pending}, timeout=0.25)
+            wait = max(0.0, self._next_check - self.loop.time())
+            done, _ = await asyncio.wait({self._pending}, timeout=wait)
+            item: tuple[str, Any] | None = None
             if done:
                 item, self._pending = self._pending.result(), None
-                return item
+                if item[0] != "piece" or self.loop.time() < self._next_check:
+                    return item
+            self._next_check = self.loop.time() + LEAVE_CHECK_S
             if await request.is_disconnected():
                 self.cancel.set()
-                self._pending.cancel()
+                if self._pending is not None:
+                    self._pending.cancel()
                 return None
+            if item is not None:
+                return item
 
 
 def create_app(
