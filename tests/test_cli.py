@@ -79,7 +79,7 @@ def test_run_rejects_bad_visionpulse_settings(tiny_paths, images):
 def test_prompt_escapes_like_llama_cpp(tiny_paths, images, load_model):
     model, mmproj = tiny_paths("llava")
     common = ["run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-n", 6, "-c", 1024, "-t", 2,
-              "--json"]
+              "--json", "--raw"]
     esc = json.loads(vp(*common, "-p", r"Line one\nLine two").stdout)
     raw = json.loads(vp(*common, "-p", r"Line one\nLine two", "--no-escape").stdout)
     ref = load_model("llava").generate("Line one\nLine two", images=[images["a"]], max_tokens=6)

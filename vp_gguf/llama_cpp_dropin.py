@@ -110,6 +110,11 @@ def enable_visionpulse(
             "enable_visionpulse needs a preset (5 or 10) or a VisionPulse; to switch it off, "
             "call .disable() on the session it returned"
         )
+    from . import _log
+
+    # llama-cpp-python routes libllama's logs by its verbose flag but leaves libmtmd printing its
+    # per-image debug lines: ours route both, quiet unless the Llama is verbose
+    _log.install(bool(getattr(llm, "verbose", False)))
     old = getattr(llm, "visionpulse", None)
     if isinstance(old, VisionPulseSession):
         old.disable()

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _log, gguf_check
+from . import _log, gguf_check, gpu
 from ._libs import llama_cpp as L
 from ._libs import mtmd_cpp as M
 from .errors import InvalidArgumentError, ModelFileError, ProjectorMismatchError, ResourceLimitError
 from .gguf_file import read_gguf_info
+from .gpu import GpuLayers
 from .sampling import INT32_MAX, int_arg
 
 DEFAULT_MARKER = "<__media__>"
@@ -50,7 +51,8 @@ class ModelParams:
     n_batch: int = 2048  # logical batch; image chunks are decoded in pieces of this size
     n_ubatch: int = 512  # physical batch (llama.cpp's default); raised for non-causal images
     n_threads: int | None = None  # None: all cores
-    n_gpu_layers: int = 0  # -1 offloads every layer
+    # layers on the GPU: a count (-1: all), "all", or "auto" (all that fit: vp_gguf.gpu); 0 on a CPU build
+    n_gpu_layers: GpuLayers = 0
     flash_attn: str = "auto"  # "on" | "off" | "auto"
     mmproj_use_gpu: bool = True  # the projector follows n_gpu_layers != 0 unless this is False
     warmup: bool = True  # run the projector once at load, as llama.cpp's tools do
@@ -65,6 +67,9 @@ class ModelParams:
     # llama.cpp's cb_eval: a ggml_backend_sched_eval_callback called for graph nodes (tests read tensors
     # with it: tests/support/capture.py; profilers time nodes); the model keeps it alive
     cb_eval: Any = None
+    # the chat template of chat_template=True, chat and the server: one of llama.cpp's names
+    # ("chatml", "gemma", ...) or a Jinja file (llama.cpp's --chat-template); None: the model's own
+    chat_template: str | None = None
 
     def check(self) -> None:
         """Refuse (InvalidArgumentError, a ValueError) settings the C side would wrap, crash or hang on;
@@ -74,11 +79,14 @@ class ModelParams:
         int_arg("n_ubatch", self.n_ubatch, 1, INT32_MAX)
         if self.n_threads is not None:
             int_arg("n_threads", self.n_threads, 1, max_threads(), f"at most 4x the {os.cpu_count() or 1} CPUs")
-        int_arg("n_gpu_layers", self.n_gpu_layers, -1, INT32_MAX, "-1: all")
+        if self.n_gpu_layers not in (gpu.AUTO, gpu.ALL):
+            int_arg("n_gpu_layers", self.n_gpu_layers, -1, INT32_MAX, '-1 or "all": all; "auto": what fits')
         int_arg("n_seq_max", self.n_seq_max, 1, LLAMA_MAX_SEQ)
         for name in ("type_k", "type_v"):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in KV_TYPES:
                 raise InvalidArgumentError(f"{name} must be one of {sorted(KV_TYPES)}")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise InvalidArgumentError("chat_template must be a template's name or file, or None")
         if not isinstance(self.flash_attn, str) or self.flash_attn not in FLASH_ATTN:
             raise InvalidArgumentError(f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {self.flash_attn!r}")
 
@@ -96,7 +104,7 @@ def _meta_int(model: Any, key: str) -> int | None:
         return None
 
 
-def kv_cache_bytes(model: Any, p: ModelParams) -> int:
+def kv_cache_bytes(model: Any, p: ModelParams, n_gpu: int = 0) -> int:
     """The host memory a context of these settings takes for its KV cache, as an upper bound: every
     layer left on the CPU at the full padded context. llama.cpp gives sliding-window layers less
     (n_swa + n_ubatch cells), but which layers slide is set per architecture in its code and no API
@@ -112,10 +120,8 @@ def kv_cache_bytes(model: Any, p: ModelParams) -> int:
     n_cells = -(-p.n_ctx // pad) * pad
     if not p.kv_unified:
         n_cells = -(-(p.n_ctx // p.n_seq_max) // pad) * pad * p.n_seq_max
-    n_cpu = n_layer
-    if p.n_gpu_layers != 0 and L.llama_supports_gpu_offload():
-        n_gpu = n_layer + 1 if p.n_gpu_layers < 0 else p.n_gpu_layers  # the output layer counts as one
-        n_cpu = max(0, min(n_layer, n_layer + 1 - n_gpu))  # the last layers go to the GPU, their KV with them
+    # n_gpu counts the output layer as one; the last layers go to the GPU, their KV with them
+    n_cpu = max(0, min(n_layer, n_layer + 1 - n_gpu))
     per_cell = int(L.llama_model_n_head_kv(model)) * (
         k_len * KV_BYTES_PER_ELEMENT[p.type_k] + v_len * KV_BYTES_PER_ELEMENT[p.type_v]
     )
@@ -137,10 +143,10 @@ def available_memory() -> int | None:
         return None
 
 
-def check_kv_fits(model: Any, p: ModelParams, path: Path) -> None:
+def check_kv_fits(model: Any, p: ModelParams, path: Path, n_gpu: int = 0) -> None:
     """Refuse a context whose KV cache would not fit in memory, before llama.cpp allocates and clears it
     (n_ctx=2e9 grew a process to 20 GB and woke the out-of-memory killer)."""
-    need, have = kv_cache_bytes(model, p), available_memory()
+    need, have = kv_cache_bytes(model, p, n_gpu), available_memory()
     if have is not None and need > have:
         raise ResourceLimitError(
             f"n_ctx={p.n_ctx} needs a KV cache of {need / 2**30:.2f} GiB for {path.name} but only "
@@ -187,6 +193,7 @@ class LoadedModel:
         gguf_check.check_language_model(info)
         gguf_check.check_projector(proj)
         self.architecture = info.architecture
+        self._n_layer = int(info.get(f"{info.architecture}.block_count", 0))  # checked above
         self.projector_type = proj.get("clip.projector_type") or proj.get("clip.vision.projector_type")
         n_embd = info.get(f"{info.architecture}.embedding_length")
         n_proj = proj.get("clip.vision.projection_dim")
@@ -202,12 +209,14 @@ class LoadedModel:
         _log.clear()
         n_threads = p.n_threads or min(os.cpu_count() or 1, GGML_MAX_N_THREADS)
         mp = L.llama_model_default_params()
-        mp.n_gpu_layers = p.n_gpu_layers if p.n_gpu_layers >= 0 else 999
+        weights = self.model_path.stat().st_size + (self.mmproj_path.stat().st_size if p.mmproj_use_gpu else 0)
+        self.n_gpu_layers = gpu.layers_to_offload(p.n_gpu_layers, self._n_layer, weights)
+        mp.n_gpu_layers = self.n_gpu_layers
         self._model = L.llama_model_load_from_file(str(self.model_path).encode(), mp)
         if not self._model:
             raise ModelFileError(f"llama.cpp could not load {self.model_path}: {_log.last_error() or 'unknown error'}")
         self._vocab: Any = L.llama_model_get_vocab(self._model)
-        check_kv_fits(self._model, p, self.model_path)
+        check_kv_fits(self._model, p, self.model_path, self.n_gpu_layers)
 
         cp = L.llama_context_default_params()
         cp.n_ctx = p.n_ctx
@@ -236,7 +245,7 @@ class LoadedModel:
         self.n_ubatch: int = int(L.llama_n_ubatch(self._ctx))
 
         mparams = M.mtmd_context_params_default()
-        mparams.use_gpu = bool(p.mmproj_use_gpu and p.n_gpu_layers != 0)
+        mparams.use_gpu = bool(p.mmproj_use_gpu and self.n_gpu_layers != 0)
         mparams.n_threads = n_threads
         mparams.print_timings = False
         mparams.flash_attn_type = FLASH_ATTN[p.flash_attn]

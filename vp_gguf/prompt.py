@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from typing_extensions import Self
 
-from . import _log
+from . import _log, templates
 from ._libs import llama_cpp as L
 from ._libs import mtmd_cpp as M
-from .errors import ContextOverflowError, ImageError, PromptError
+from .errors import ContextOverflowError, ImageError, InvalidArgumentError, PromptError
 from .images import ImageInput, load_bitmap
 from .loading import NON_CAUSAL_IMAGE_PROJECTORS, LoadedModel
 from .result import ImageSpan
@@ -65,48 +65,72 @@ class Prepared:
         free_prepared(self)
 
 
-def apply_chat_template(lm: LoadedModel, prompt: str | Sequence[dict[str, str]]) -> str:
-    """A prompt as one user turn, or a list of {"role", "content"} messages, in the model's own
-    chat template, ending with the assistant's turn to speak."""
-    tmpl = L.llama_model_chat_template(lm._model, None)
-    if not tmpl:
-        raise PromptError(
-            f"{lm.model_path.name} has no chat template; pass the prompt raw "
-            "(chat_template=False) in the format the model expects"
-        )
+ChatTemplateChoice = bool | str  # False: raw; True: the model's (or ModelParams.chat_template); str: a name or file
+
+
+def chat_template_of(lm: LoadedModel, spec: str | None = None) -> templates.ChatTemplate:
+    """The template ``spec`` names (None: the one the model was loaded with, else its own), chosen
+    once per model: a model without one warns once."""
+    spec = lm.params.chat_template if spec is None else spec
+    cache: dict[str, templates.ChatTemplate] = lm.__dict__.setdefault("_chat_templates", {})
+    key = spec or ""
+    if key not in cache:
+        src = L.llama_model_chat_template(lm._model, None)
+        cache[key] = templates.choose(lm.model_path.name, src.decode("utf-8", errors="replace") if src else None, spec)
+    return cache[key]
+
+
+def apply_chat_template(lm: LoadedModel, prompt: str | Sequence[dict[str, str]], template: str | None = None) -> str:
+    """A prompt as one user turn, or a list of {"role", "content"} messages, in the chat template
+    (``template``: a llama.cpp name or a Jinja file; default the model's), ending with the assistant's
+    turn to speak."""
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    enc = [(m["role"].encode(), m["content"].encode()) for m in msgs]  # kept alive during the call
-    arr = (L.llama_chat_message * len(enc))(*[L.llama_chat_message(role=r, content=c) for r, c in enc])
-    size = max(4096, 2 * sum(len(c) for _, c in enc) + 1024)
-    for _ in range(2):
-        buf = ctypes.create_string_buffer(size)
-        n = L.llama_chat_apply_template(tmpl, arr, len(enc), True, buf, size)
-        if n < 0:
-            raise PromptError(
-                "llama.cpp does not support this model's chat template; pass the prompt raw (chat_template=False)"
-            )
-        if n <= size:
-            return buf.raw[:n].decode("utf-8", errors="replace")
-        size = n + 1
-    raise PromptError("chat template output too long")
+    for m in msgs:
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise PromptError("each message needs a string 'role' and a string 'content'")
+    vocab = lm._vocab
+    return templates.render(
+        chat_template_of(lm, template),
+        msgs,
+        bos=_token_text(vocab, L.llama_vocab_bos(vocab)),
+        eos=_token_text(vocab, L.llama_vocab_eos(vocab)),
+        adds_bos=bool(L.llama_vocab_get_add_bos(vocab)),
+    )
 
 
-def prompt_text(lm: LoadedModel, prompt: str, n_media: int, chat_template: bool) -> str:
-    """The prompt with one marker per image or video (all in front when it has none), in the chat
-    template if asked."""
+def _token_text(vocab, tok: int) -> str:
+    if tok < 0:  # LLAMA_TOKEN_NULL: the vocabulary has no such token
+        return ""
+    return (L.llama_vocab_get_text(vocab, tok) or b"").decode("utf-8", errors="replace")
+
+
+def place_markers(lm: LoadedModel, prompt: str, n_media: int) -> str:
+    """The prompt with one media marker per image or video: as written, or all in front when it has none."""
     n_markers = prompt.count(lm.marker)
     if n_markers == 0 and n_media:
-        prompt = lm.marker * n_media + prompt
-    elif n_markers != n_media:
+        return lm.marker * n_media + prompt
+    if n_markers != n_media:
         raise PromptError(
             f"the prompt has {n_markers} media marker(s) {lm.marker!r} but "
             f"{n_media} image(s) and video(s) were given: use one marker per image or video, "
             "or none to put them all before the prompt"
         )
-    return apply_chat_template(lm, prompt) if chat_template else prompt
+    return prompt
 
 
-def prepare(lm: LoadedModel, prompt: str, media: Sequence[MediaInput], chat_template: bool) -> Prepared:
+def prompt_text(lm: LoadedModel, prompt: str, n_media: int, chat_template: ChatTemplateChoice) -> str:
+    """The prompt with its media markers, in the chat template if asked (a name or file: that one)."""
+    prompt = place_markers(lm, prompt, n_media)
+    if chat_template is False or chat_template is None:
+        return prompt
+    if not isinstance(chat_template, (bool, str)):
+        raise InvalidArgumentError(
+            f"chat_template must be True, False or a template's name or file, got {type(chat_template).__name__}"
+        )
+    return apply_chat_template(lm, prompt, chat_template if isinstance(chat_template, str) else None)
+
+
+def prepare(lm: LoadedModel, prompt: str, media: Sequence[MediaInput], chat_template: ChatTemplateChoice) -> Prepared:
     """Images and videos loaded and the prompt tokenized into chunks, checked against the context.
 
     Every bitmap is named "<media index>:<sha256>" ("+<frame>" for a video's frames), so that each
