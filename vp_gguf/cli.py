@@ -87,16 +87,25 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=_int_in(1), default=None, help="a frame every k steps instead (strip and GIF)")
     p.add_argument("--no-gif", dest="gif", action="store_false", help="skip the animated GIF")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the mass/budget/K plot")
-    p.add_argument("--crop-blank", action="store_true", help="cut empty rows at the bottom of the images")
+    p.add_argument(
+        "--no-crop",
+        dest="crop_blank",
+        action="store_false",
+        help="draw the whole images (default: blank rows and columns at their bottom and right are cut)",
+    )
+    # cutting became the default: the old opt-in stays accepted so that scripts keep working
+    p.add_argument("--crop-blank", dest="crop_blank", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(crop_blank=True)
     _add_model_args(p)
 
 
 def cmd_viz(a: argparse.Namespace) -> int:
-    from .viz import visualize
+    from .viz import plot_missing, visualize
 
     if a.visionpulse == "off" and a.mode is None:
         raise UsageError("viz draws VisionPulse's choices: pass --visionpulse 5 (or 10, or --mode ...)")
     model, sampling, vp = _open(a)
+    missing = plot_missing() if a.plot else None  # the pictures are still worth drawing without the plot
     if a.escape:
         a.prompt = process_escapes(a.prompt)
     with model:
@@ -119,13 +128,16 @@ def cmd_viz(a: argparse.Namespace) -> int:
             n_frames=a.frames,
             every=a.every,
             gif=a.gif,
-            plot=a.plot,
+            plot=a.plot and missing is None,
             crop_blank=a.crop_blank,
+            setting=vp,
         )
     if _vp_line(res):
         print(_vp_line(res), file=sys.stderr)
     for k, v in paths.items():
         print(f"{k}: {v}", file=sys.stderr)
+    if missing:
+        print(f"stats.png skipped: {missing}", file=sys.stderr)
     return 0
 
 

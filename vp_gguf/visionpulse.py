@@ -134,6 +134,36 @@ class VisionPulse:
         d["ratio"] = self.ratio if self.ratio is not None else d["budget_max"]
         return d
 
+    def label(self) -> str:
+        """These settings as a person would write them, for titles and captions: "VisionPulse 5",
+        "VisionPulse 2-8%, tau 0.2", "fixed 5%", "static 5%", "random 1-5%" (its budget, as
+        VisionPulse's), "dense"; then what departs from the method (", lagged", ...)."""
+
+        def pct(f: float) -> str:
+            return f"{100 * f:.3g}"
+
+        r = self.resolved()
+        span = pct(r["budget_min"]) + ("" if r["budget_min"] == r["budget_max"] else "-" + pct(r["budget_max"]))
+        if self.k_per_step is not None and self.mode in ("visionpulse", "fixed", "random"):
+            name = ("VisionPulse" if self.mode == "visionpulse" else self.mode) + ", K given per step"
+        elif self.mode in ("fixed", "static"):
+            name = f"{self.mode} {pct(r['ratio'])}%"
+        elif self.mode == "random":
+            name = f"random {span}%"
+        elif self.mode == "visionpulse":
+            own = (r["tau"], r["budget_min"], r["budget_max"]) != preset_settings(self.preset)
+            name = f"VisionPulse {span}%, tau {r['tau']:g}" if own else f"VisionPulse {self.preset}"
+        elif self.mode == "forced":
+            name = f"forced, {len(self.forced or ())} tokens"
+        else:
+            name = str(self.mode)
+        extras = [
+            (bool(self.prune_anchor), "anchor pruned"),
+            (self.lagged, "lagged"),
+            (self.prune_swa, "sliding-window layers pruned"),
+        ]
+        return ", ".join([name] + [text for on, text in extras if on])
+
     def check(self, n_layer: int | None = None) -> None:
         """Refuse impossible settings (InvalidArgumentError, a ValueError) before any work; the rules are
         the C library's. With the model's ``n_layer``, the layers named must be among its layers (whether
