@@ -9,9 +9,10 @@ if given, selects at every step of every reply.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+from collections.abc import Generator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .errors import ImageError, VideoError
 from .model import VisionModel
@@ -54,9 +55,10 @@ class Chat:
         sampling: SamplingParams | None = None,
         visionpulse: VisionPulse | int | str | None = None,
         max_tokens: int = 256,
+        stop: Sequence[str] = (),
     ) -> None:
         self.model, self.system, self.sampling = model, system, sampling
-        self.visionpulse, self.max_tokens = visionpulse, max_tokens
+        self.visionpulse, self.max_tokens, self.stop = visionpulse, max_tokens, list(stop)
         self.last_result: GenerationResult | None = None
         self.reset()
 
@@ -89,17 +91,20 @@ class Chat:
         ffmpeg_folder(v.ffmpeg_dir)
         self.pending.append(v)
 
-    def say(self, text: str) -> Iterator[str]:
-        """Stream the reply to ``text``; the turn joins the history once the reply is complete.
+    def say(self, text: str) -> Generator[str, None, None]:
+        """Stream the reply to ``text``; the turn joins the history when the reply ends.
 
-        A turn that fails (a media file that does not decode, a full context) leaves the history as
-        it was and drops the media attached to it, so that the next turn does not fail the same way."""
+        A reply stopped early (the caller closes this generator: Ctrl-C in ``vp-gguf chat``) joins
+        with what it said so far, as llama-mtmd-cli keeps it: that is the text the user saw and may
+        refer to, and the KV cache already holds its tokens, so the next turn reuses them. A turn that
+        fails (a media file that does not decode, a full context) leaves the history as it was and
+        drops the media attached to it, so that the next turn does not fail the same way."""
         user = {"role": "user", "content": [IMAGE] * len(self.pending) + [text]}
         images = self.images + self.pending
-        reply = []
+        reply: list[str] = []
         try:
             prompt = render_messages(self.model, self.messages + [user])
-            for piece in self.model.stream(
+            stream = self.model.stream(
                 prompt,
                 images=images,
                 max_tokens=self.max_tokens,
@@ -107,12 +112,26 @@ class Chat:
                 chat_template=False,
                 visionpulse=self.visionpulse,
                 cache_prompt=True,
-            ):
-                reply.append(piece)
-                yield piece
+                stop=self.stop,
+            )
+            # closed on every way out, at once rather than whenever it is collected: the model is free
+            # for the next turn, and its record of the KV cache ends at the last token it decoded
+            with contextlib.closing(cast(Generator[str, None, None], stream)):
+                for piece in stream:
+                    reply.append(piece)
+                    yield piece
+        except GeneratorExit:
+            self._record(user, images, "".join(reply), None)
+            raise
         except Exception:
             self.pending = []
             raise
-        self.last_result = self.model.last_result
-        self.messages += [user, {"role": "assistant", "content": "".join(reply)}]
+        self._record(user, images, "".join(reply), self.model.last_result)
+
+    def _record(
+        self, user: dict[str, Any], images: list[MediaInput], reply: str, result: GenerationResult | None
+    ) -> None:
+        """The turn joins the history; a stopped reply has no result (no counts, no VisionPulse report)."""
+        self.last_result = result
+        self.messages += [user, {"role": "assistant", "content": reply}]
         self.images, self.pending = images, []
