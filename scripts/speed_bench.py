@@ -47,7 +47,7 @@ from vp_gguf import VisionPulse  # noqa: E402
 from vp_gguf import _vp_ctypes as V  # noqa: E402
 from vp_gguf.visionpulse import ATTN_NAMES, comparison_spec  # noqa: E402
 from vp_gguf._libs import llama_cpp as L  # noqa: E402
-from vp_gguf.runs import progress  # noqa: E402
+from vp_gguf.runs import Progress  # noqa: E402
 from support import kv_state  # noqa: E402
 
 # the speed bench's short names for modes of the one comparison table, and its variants of them:
@@ -332,7 +332,7 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
            "configs": {c: vars(CONFIGS[c]) for c in dict.fromkeys(c for c, _ in runs)},
            "default_config": a.config, "sizes": {}, "prefill": {}}
     n_work = len(sizes) * a.reps * len(runs)
-    k, t0 = 0, time.time()
+    k, bar = 0, Progress(n_work)
     for nv in sizes:
         states = {(ctx, floor): r.make_state(0 if floor else nv, a.text)
                   for ctx, r in runners.items() for floor in (False, True)}
@@ -341,7 +341,7 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
         paths: dict = {}
         for _ in range(a.reps):
             for c, m in runs:  # interleaved: drift on a shared machine hits every run alike
-                progress(k, n_work, t0, f"{name} N_v={nv} {m}@{c}")
+                bar.at(k, f"{name} N_v={nv} {m}@{c}")
                 cfg, floor = CONFIGS[c], m == "floor"
                 r = runners[cfg.context]
                 set_fattn_kernel(cfg.upstream_kernel)
@@ -360,7 +360,7 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
                 k += 1
         out["sizes"][nv] = summarise(times, rets, paths)
         del states
-    progress(n_work, n_work, t0, "done")
+    bar.at(n_work, "done")
     set_fattn_kernel(False)
     first.set_mode(None, 0)
     for n in [int(x) for x in a.prefill_sizes.split(",") if x]:

@@ -80,6 +80,7 @@ def main() -> int:
     tables: dict[str, dict] = {}
     t0 = time.time()
     n_total = len(items) * len(anchors)
+    bar = B.Progress(n_total)
     k = 0
     strip_src = None
     for anchor in anchors:
@@ -91,7 +92,7 @@ def main() -> int:
             label = f"default (layer {probe.visionpulse.anchor_layer})"
         rows = []
         for it in items:
-            B.progress(k, n_total, t0, f"{label[:12]} {it.id}")
+            bar.at(k, f"{label[:12]} {it.id}")
             r = bench.run_item(it, modes, anchor)
             rows.append({"id": it.id, "task": it.task, "grid": it.grid, "answer": it.answer,
                          "n_visual": it.grid * it.grid * len(it.images),
@@ -99,7 +100,7 @@ def main() -> int:
             if strip_src is None and it.task == "copy" and anchor is not None:
                 strip_src = (it, anchor)
             k += 1
-        B.progress(k, n_total, t0, "done")
+        bar.at(k, "done")
         results[label] = rows
         tables[label] = B.summarize(rows, modes)
     elapsed = time.time() - t0

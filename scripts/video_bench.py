@@ -155,13 +155,14 @@ def main() -> int:
                                    visionpulse=VisionPulse(), cache_prompt=True).visionpulse.anchor_layer
     labels = {x: f"default (layer {default_layer})" if x is None else f"layer {x}" for x in anchors}
     rows: dict[str, list] = {label: [] for label in labels.values()}
+    bar = B.Progress(len(items))
     for k, it in enumerate(items):  # every anchor on an item before the next: its prompt is prefilled once
-        B.progress(k, len(items), t0, it.id)
+        bar.at(k, it.id)
         for anchor, label in labels.items():
             rows[label].append({"id": it.id, "task": it.task, "n_visual": it.meta["n_frames"] * TOKENS_PER_FRAME,
                                 "image_steps": it.meta["image_steps"], "answer": it.answer,
                                 "modes": bench.run_item(it, modes, anchor)})
-    B.progress(len(items), len(items), t0, "done")
+    bar.at(len(items), "done")
     results = {
         label: {
             "table": B.summarize(rs, modes),

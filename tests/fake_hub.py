@@ -4,7 +4,10 @@ Serves ``GET /api/models/{repo}/revision/{rev}`` (model info with file sizes and
 LFS sha256) and ``HEAD``/``GET /{repo}/resolve/{rev}/{file}`` (ETag / X-Linked-Etag,
 X-Repo-Commit, sizes, HTTP ranges for resumed downloads). Faults on demand:
 ``cut[file] = n`` ends the next download of a file after n bytes; ``lie[file] =
-data`` serves other bytes than the advertised sha256.
+data`` serves other bytes than the advertised sha256; ``stop_after[file] = n`` sends n bytes of
+the file, then the whole server goes away (a hub that stopped answering mid-download);
+``gone_at.add(file)``: the next request for the file is not answered and the server goes away;
+``status = 503``: every request is answered with that HTTP error (a hub that is down).
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ class FakeHub:
         self.repos = repos
         self.cut: dict[str, int] = {}
         self.lie: dict[str, bytes] = {}
+        self.stop_after: dict[str, int] = {}
+        self.gone_at: set[str] = set()
+        self.status: int | None = None
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         hub = self
 
@@ -44,6 +50,8 @@ class FakeHub:
             def _route(self, head: bool) -> None:
                 path = self.path.split("?")[0]
                 hub.requests.append((self.command, path, self.headers.get("Range")))
+                if hub.status is not None:
+                    return self._error(hub.status, "ServiceUnavailable")
                 m = re.match(r"^/api/models/([^/]+/[^/]+)/revision/([^/]+)$", path)
                 if m:
                     return self._info(m.group(1))
@@ -73,6 +81,11 @@ class FakeHub:
                     return self._error(404, "RepoNotFound")
                 if name not in files:
                     return self._error(404, "EntryNotFound")
+                if name in hub.gone_at:
+                    hub.gone_at.discard(name)
+                    self.close_connection = True
+                    threading.Thread(target=hub.stop).start()
+                    return
                 data = files[name]
                 sha = hashlib.sha256(data).hexdigest()
                 served = hub.lie.get(name, data)
@@ -93,6 +106,13 @@ class FakeHub:
                 if head:
                     return
                 body = served[start:]
+                n = hub.stop_after.pop(name, None)
+                if n is not None:  # the server goes away, this connection with it
+                    self.wfile.write(body[:n])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    threading.Thread(target=hub.stop).start()  # shutdown() waits for the serving loop
+                    return
                 n = hub.cut.pop(name, None)
                 if n is not None:  # a dropped connection mid-file
                     self.wfile.write(body[:n])
@@ -115,6 +135,10 @@ class FakeHub:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
+        """No more answers: the listening socket is closed (new connections are refused)."""
         self.server.shutdown()
         self.server.server_close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -79,3 +79,21 @@ def test_controls_are_budget_matched(load_model, images, tmp_path):
     assert vp5 and rows["random-5-matched"]["n_kept"][:len(vp5)] == vp5
     mean_k = set(rows["random-5-mean"]["n_kept"])
     assert len(mean_k) == 1  # one fixed ratio of one image: the same K at every step
+
+
+def test_eval_n_predict_overrides_the_items(tiny_paths, images, tmp_path):
+    """-n given wins over every item's max_tokens (either way); without it each item keeps its own."""
+    model, mmproj = tiny_paths("qwen2vl")
+    f = tmp_path / "items.jsonl"
+    f.write_text("\n".join(json.dumps({"id": f"q{i}", "images": [str(images["a"])], "question": "Describe.",
+                                       "answer": "x", "max_tokens": 4}) for i in range(2)) + "\n")
+
+    def generated(out, *n):
+        r = vp("eval", f, "-m", model, "--mmproj", mmproj, "-t", 2, "--modes", "dense", "-o", tmp_path / out,
+               *n)
+        assert r.returncode == 0, r.stderr
+        return [json.loads(x)["n_generated"] for x in (tmp_path / out / "results.jsonl").read_text().splitlines()]
+
+    assert generated("more", "-n", 7) == [7, 7]  # the tiny model never ends a reply early
+    assert generated("fewer", "--n-predict", 2) == [2, 2]
+    assert generated("own") == [4, 4]

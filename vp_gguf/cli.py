@@ -274,6 +274,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=_int_in(1), default=None, help="the first N items")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over instead of resuming")
     _add_model_args(p)
+    # without -n each item keeps its own max_tokens (its "max_tokens", else 16 for choices, 64 otherwise)
+    p.set_defaults(n_predict=None)
+    p._option_string_actions["-n"].help = "tokens to generate per item, >= 0 (default: each item's max_tokens)"
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -288,6 +291,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         items = read_items(a.items, where)[: a.limit]
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
+    if a.n_predict is not None:  # given on the command line: it wins over the items' own
+        items = [dataclasses.replace(it, max_tokens=a.n_predict) for it in items]
     if not items:
         raise UsageError(f"no items in {a.items}" + (f" with {a.where}" if a.where else ""))
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
@@ -320,6 +325,25 @@ def _portable_arg(arg: str) -> str:
     return shlex.quote(arg)
 
 
+def _version_text() -> str:
+    """vp-gguf's version and the llama.cpp its native libraries were built from (read, not loaded)."""
+    from . import __version__
+    from ._build_info import read
+    from ._libdir import lib_dir
+
+    try:
+        d = lib_dir()
+    except ImportError:
+        return f"vp-gguf {__version__}\nllama.cpp: native libraries not found (build them with `make install`)"
+    info = read(d) or {}
+    build = (
+        f"llama.cpp {info['llama_cpp_commit']} (vendored in llama-cpp-python {info['llama_cpp_python']})"
+        if "llama_cpp_commit" in info
+        else "llama.cpp: unknown build (no build info beside the libraries)"
+    )
+    return f"vp-gguf {__version__}\n{build}, libraries in {d}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="vp-gguf",
@@ -328,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    ap.add_argument("--version", action="version", version=_version_text())
     sub = ap.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_chat(sub)

@@ -19,15 +19,13 @@ from __future__ import annotations
 import json
 import re
 import string
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import VPGGUFError
-from .runs import jsonl, lock_folder, read_log
-from .runs import progress as progress_bar
+from .runs import Progress, jsonl, lock_folder, read_log
 from .video import Video
 from .visionpulse import COMPARISON_MODES, comparison_spec, matched_mode
 
@@ -256,22 +254,20 @@ def _run_locked(
     elif res_path.exists():
         res_path.unlink()
     n_todo = sum(1 for it in items for m in modes if not any(r["id"] == it.id and r["mode"] == m for r in rows))
-    t0, k = time.time(), 0
-    with open(res_path, "a") as f:
+    k = 0
+    with open(res_path, "a") as f, Progress(n_todo, enabled=progress and n_todo > 0) as bar:
         for it in items:
             done = {r["mode"]: r for r in rows if r["id"] == it.id}
             todo = [m for m in modes if m not in done]
             if not todo:
                 continue
-            if progress:
-                progress_bar(k, n_todo, t0, it.id)
+            bar.at(k, it.id)
             for row in evaluate_item(model, it, todo, done):
                 f.write(json.dumps(row) + "\n")
                 f.flush()  # a stop loses at most the pair being run
                 rows.append(row)
                 k += 1
-        if progress and n_todo:
-            progress_bar(n_todo, n_todo, t0, "done")
+        bar.at(k, "done")
     return rows
 
 

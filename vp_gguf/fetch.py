@@ -5,8 +5,8 @@
     m = fetch("ggml-org/gemma-3-4b-it-GGUF:Q8_0")  # or any repo[:QUANT]
     VisionModel(m.model_path, m.mmproj_path)
 
-huggingface-hub does the transfer: its cache is reused, interrupted downloads
-resume, ``HF_ENDPOINT``/``HF_HOME``/``HF_TOKEN`` apply and ``HF_HUB_OFFLINE=1``
+huggingface-hub does the transfer: its cache is reused, a dropped connection
+is resumed where it stopped, ``HF_ENDPOINT``/``HF_HOME``/``HF_TOKEN`` apply and ``HF_HUB_OFFLINE=1``
 works from the cache. On top: the file pair is chosen from the repo's listing
 (model by quantization, mmproj by name), each file is checked against the
 hub's sha256 once (a corrupt file is deleted, never used), and a small manifest
@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,12 +106,60 @@ def choose_files(names: list[str], quant: str | None) -> tuple[str, str, str]:
     return pick, mm, q
 
 
+_UNREACHABLE_HINT = "Check the network, or set HF_HUB_OFFLINE=1 to use what is cached"
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """A failure to talk to the hub at all (no answer, a dropped connection), not an answer we dislike.
+
+    huggingface-hub 1.x raises httpx's transport errors, older releases requests' ones; a refused
+    socket is an OSError either way."""
+    network: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    try:
+        import httpx
+
+        network += (httpx.TransportError,)
+    except ImportError:
+        pass
+    try:
+        import requests
+
+        network += (requests.ConnectionError, requests.Timeout)
+    except ImportError:
+        pass
+    return isinstance(e, network)
+
+
+def _unreachable(repo: str, e: BaseException) -> FetchError:
+    reason = " ".join(str(e).split()) or e.__class__.__name__
+    return FetchError(f"cannot reach the hub for {repo}: {reason}. {_UNREACHABLE_HINT}")
+
+
+@contextmanager
+def _quiet_retries() -> Iterator[None]:
+    """Keep huggingface-hub's per-retry warnings off stderr while it runs: a failure ends as our one
+    line. ``HF_HUB_VERBOSITY`` set by the user wins."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    log = hf_logging.get_logger("huggingface_hub")
+    if os.environ.get("HF_HUB_VERBOSITY"):
+        yield
+        return
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def remote_files(repo: str, revision: str = "main") -> dict[str, RemoteFile]:
     from huggingface_hub import HfApi
-    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+        with _quiet_retries():
+            info = HfApi().model_info(repo, revision=revision, files_metadata=True)
     except GatedRepoError:
         raise FetchError(f"{repo} is gated: accept its license on the hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -117,15 +168,25 @@ def remote_files(repo: str, revision: str = "main") -> dict[str, RemoteFile]:
         ) from None
     except RevisionNotFoundError:
         raise FetchError(f"{repo} has no revision {revision!r}") from None
-    except OSError as e:  # connection errors
-        raise FetchError(
-            f"cannot reach the hub for {repo}: {e}. Check the network, or set HF_HUB_OFFLINE=1 to use what is cached"
-        ) from None
+    except HfHubHTTPError as e:  # the hub answered, with an error (5xx: it is down)
+        raise _refused(f"the listing of {repo}", e) from None
+    except Exception as e:
+        if _is_network_error(e):
+            raise _unreachable(repo, e) from None
+        raise
     out = {}
     for s in info.siblings or []:
         lfs = getattr(s, "lfs", None)
         out[s.rfilename] = RemoteFile(s.rfilename, s.size, getattr(lfs, "sha256", None) if lfs else None)
     return out
+
+
+def _refused(what: str, e: BaseException) -> FetchError:
+    """The hub answered an HTTP error (RepositoryNotFound and the like are handled before)."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), e.__class__.__name__)
+    status = getattr(getattr(e, "response", None), "status_code", None) or 0
+    hint = "; the hub is down: try again later, or set HF_HUB_OFFLINE=1 to use what is cached" if status >= 500 else ""
+    return FetchError(f"the hub refused {what}: {first}{hint}")
 
 
 def _manifest_path(repo: str) -> Path:
@@ -155,7 +216,8 @@ def sha256_file(path: Path, progress: bool = True) -> str:
     if progress and size > 64 << 20:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"checking {path.name}")
+        # disable=None: only where stderr is a terminal, as huggingface-hub's download bars
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"checking {path.name}", disable=None)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
@@ -190,10 +252,58 @@ def _verify(path: Path, rf: RemoteFile, manifest: dict[str, Any], progress: bool
     checked[str(real)] = stamp
 
 
+@contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """huggingface-hub's download bars as it decides (on where stderr is a terminal), or none at all."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if show or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
+def _download(repo: str, name: str, revision: str, offline: bool, progress: bool) -> Path:
+    """One file into the hub's cache (or found there); every failure is a FetchError saying what to do."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        with _quiet_retries(), _progress_bars(progress):
+            return Path(hf_hub_download(repo, name, revision=revision, local_files_only=offline))
+    except LocalEntryNotFoundError as e:
+        if offline:
+            raise FetchError(
+                f"{name} of {repo} is not in the cache and HF_HUB_OFFLINE is set: fetch it "
+                "online first, or unset HF_HUB_OFFLINE"
+            ) from None
+        # online: the hub did not answer the file's metadata request (the reason is the cause)
+        if isinstance(e.__cause__, HfHubHTTPError):
+            raise _refused(f"{name} of {repo}", e.__cause__) from None
+        raise _unreachable(repo, e.__cause__ or e) from None
+    except HfHubHTTPError as e:
+        raise _refused(f"{name} of {repo}", e) from None
+    except Exception as e:
+        # a connection lost mid-file after the client's own retries (each resumed where it stopped),
+        # a short file, a full disk: nothing half-written is left in the cache
+        if not (_is_network_error(e) or isinstance(e, OSError)):
+            raise
+        reason = " ".join(str(e).split()) or e.__class__.__name__
+        if _is_network_error(e):
+            reason = f"cannot reach the hub ({reason})"
+        raise FetchError(
+            f"download of {name} from {repo} was interrupted: {reason}; run the same command again, "
+            "or set HF_HUB_OFFLINE=1 to use what is cached"
+        ) from None
+
+
 def fetch(spec: str, quant: str | None = None, revision: str = "main", progress: bool = True) -> FetchedModel:
     """Download (or find in the cache) the model and mmproj named by ``spec``; see the module doc."""
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.utils import LocalEntryNotFoundError
+    from huggingface_hub import constants
 
     repo, quant, _entry = parse_spec(spec, quant)
     manifest = _read_manifest(repo)
@@ -220,33 +330,8 @@ def fetch(spec: str, quant: str | None = None, revision: str = "main", progress:
         _write_manifest(repo, manifest)
     paths = []
     for name in (model, mmproj):
-        try:
-            p = Path(hf_hub_download(repo, name, revision=revision, local_files_only=offline))
-        except LocalEntryNotFoundError:
-            raise FetchError(
-                f"{name} of {repo} is not in the cache and HF_HUB_OFFLINE is set: fetch it "
-                "online first, or unset HF_HUB_OFFLINE"
-            ) from None
-        except OSError as e:  # connection reset, timeout: the partial file is kept for a resume
-            raise FetchError(
-                f"download of {name} from {repo} was interrupted ({e.__class__.__name__}): "
-                "run the same command again to resume it"
-            ) from None
+        p = _download(repo, name, revision, offline, progress)
         _verify(p, files[name], manifest, progress)
         paths.append(p)
     _write_manifest(repo, manifest)
     return FetchedModel(repo, q, paths[0], paths[1], [files[model], files[mmproj]])
-
-
-def cached(entry: CatalogEntry) -> list[str]:
-    """The quantizations of a catalog entry fetched (and checked) on this machine."""
-    from huggingface_hub import try_to_load_from_cache
-
-    out = []
-    for key, pair in _read_manifest(entry.repo).get("pairs", {}).items():
-        if all(
-            isinstance(try_to_load_from_cache(entry.repo, f, revision=key.split(":")[0]), str)
-            for f in (pair["model"], pair["mmproj"])
-        ):
-            out.append(pair["quant"])
-    return sorted(set(out))

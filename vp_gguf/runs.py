@@ -1,4 +1,4 @@
-"""Helpers for long runs (benchmarks, eval, the testbed): a one-line progress bar, JSONL reading,
+"""Helpers for long runs (benchmarks, eval, the testbed): a progress line, JSONL reading,
 resumable result logs and a lock on an output folder."""
 
 from __future__ import annotations
@@ -7,23 +7,40 @@ import fcntl
 import json
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Self
+
 from .errors import VPGGUFError
 
 
-def progress(i: int, n: int, t0: float, label: str) -> None:
-    """A one-line progress bar with an ETA on stderr (benchmarks and evaluations take minutes)."""
-    done = int(30 * i / max(n, 1))
-    eta = (time.time() - t0) / max(i, 1) * (n - i)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {label[:34]:<34} eta {eta:5.0f}s")
-    if i == n:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+class Progress:
+    """Items done of a total, what runs now and an ETA, as one line on stderr (tqdm): benchmarks and
+    evaluations take minutes. ``at(total, ...)`` ends the line; so does leaving a ``with`` block."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, disable=not enabled, file=sys.stderr, unit="item", dynamic_ncols=True)
+
+    def at(self, done: int, label: str) -> None:
+        """``done`` items finished; ``label``: the one running now (or "done")."""
+        self._bar.set_postfix_str(label[:34], refresh=False)
+        self._bar.update(done - self._bar.n)
+        if done >= (self._bar.total or 0):
+            self.close()
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import VisionModel
 from ..evaluate import EvalItem, evaluate_item
-from ..runs import progress
+from ..runs import Progress
 from ..video import Video
 from ..visionpulse import COMPARISON_MODES, matched_mode
 from . import assets
@@ -139,4 +139,4 @@ def by_task_table(results: list[dict[str, Any]], modes: list[str]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MODES", "Bench", "by_task_table", "item_videos", "markdown_table", "ordered", "progress", "summarize"]
+__all__ = ["MODES", "Bench", "Progress", "by_task_table", "item_videos", "markdown_table", "ordered", "summarize"]
