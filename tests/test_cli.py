@@ -65,7 +65,7 @@ def test_run_with_visionpulse_json(tiny_paths, images):
     assert v["settings"]["prune_anchor"] is False  # the default: the anchor stays dense
     t = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
            "-c", 1024, "-t", 2, "--visionpulse", "10", "--mode", "random")
-    assert t.returncode == 0 and "visionpulse random" in t.stderr
+    assert t.returncode == 0 and "[random 5-10%, anchor layer" in t.stderr, t.stderr
 
 
 def test_run_rejects_bad_visionpulse_settings(tiny_paths, images):
@@ -97,7 +97,7 @@ def test_chat_multi_turn_with_images(tiny_paths, images, tmp_path):
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) == 3  # three replies
     assert "missing.png: no such file" in r.stderr  # a bad image is reported, the session goes on
-    assert "[visionpulse visionpulse" in r.stderr and "[new conversation]" in r.stderr
+    assert "[VisionPulse 5, anchor layer" in r.stderr and "[new conversation]" in r.stderr
 
 
 def test_chat_history_renders_images_in_their_turns(load_model, images):

@@ -72,7 +72,7 @@ def run(a: argparse.Namespace) -> int:
         vp.min_pruned_layers = 0
         extra = " --vp-min-pruned-layers 0"
     print(
-        f"\n$ vp-gguf run -m {a.model} --mmproj {a.mmproj} --image {a.image} -p {a.prompt!r} "
+        f"\n$ vp-gguf run -m {a.model} --mmproj {a.mmproj} --image {a.image} -p {a.prompt!r} --raw "
         f"-n {a.n} --visionpulse {a.visionpulse}{extra}\n"
     )
     with VisionModel(a.model, a.mmproj, n_ctx=4096) as m:
@@ -93,7 +93,7 @@ def run(a: argparse.Namespace) -> int:
         elif r.visionpulse is not None and r.visionpulse.steps:
             s = r.visionpulse.summary()
             print(
-                f"VisionPulse ({r.visionpulse.mode}, anchor layer {r.visionpulse.anchor_layer}): kept "
+                f"{vp.label() if vp else r.visionpulse.mode} (anchor layer {r.visionpulse.anchor_layer}): kept "
                 f"{100 * s['retention_mean']:.1f}% of the image tokens per step on average "
                 f"(min {100 * s['retention_min']:.1f}%, max {100 * s['retention_max']:.1f}%), "
                 f"visual mass {s['mass_mean']:.2f}"
@@ -106,6 +106,7 @@ def run(a: argparse.Namespace) -> int:
                 caps,
                 out / "kept_strip.png",
                 crop_blank=True,
+                setting=vp.label() if vp else None,
             )
             print(f"kept patches per step: {strip}")
     return 0
