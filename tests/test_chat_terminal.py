@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def test_ctrl_c_stops_a_reply_and_the_session_goes_on(terminal, tmp_path):
     assert (tmp_path / "chat_history").stat().st_mode & 0o077 == 0  # the user's prompts: private
 
 
-def test_the_history_of_an_earlier_session_and_ctrl_c_on_an_empty_line(terminal, tmp_path):
+def test_history_of_an_earlier_session_tab_completion_and_ctrl_c_on_an_empty_line(terminal, tmp_path, images):
     (tmp_path / "chat_history").write_text("what did the first session ask?\n")
     t = terminal("-n", "4")
     prompt = t.expect(b"> ", t.expect(b"vp-gguf chat with"))
@@ -159,10 +160,31 @@ def test_the_history_of_an_earlier_session_and_ctrl_c_on_an_empty_line(terminal,
     t.send(CTRL_C)  # the line is cleared: the session goes on
     empty = t.expect(b"> ", recalled)
     assert t.proc.poll() is None
+
+    typed = f"/image {images['a'].parent}{os.sep}a.p".encode()
+    t.send(typed + b"\t")  # Tab completes the file's name
+    t.expect(typed, empty)
+    t.idle()
+    t.send(b"\r")
+    attached = t.expect(b"> ", t.expect(f"[image attached: {images['a']}]".encode(), empty))
     t.idle()
     t.send(CTRL_C)  # on an empty line: quits, as llama-mtmd-cli's Ctrl-C at its prompt does
     assert t.wait() == 0
-    assert t.out[empty:].endswith(b"\n") and "Traceback" not in t.out.decode(errors="replace")
+    assert t.out[attached:].endswith(b"\n") and "Traceback" not in t.out.decode(errors="replace")
+
+
+def test_ctrl_c_during_a_reply_asks_it_to_stop_and_pressed_again_quits():
+    """In-process (pytest's main thread takes the signals): the handler a reply runs under."""
+    from vp_gguf.cli_chat import _ctrl_c_stops_the_reply
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), _ctrl_c_stops_the_reply() as stopped:
+        assert not stopped()
+        signal.raise_signal(signal.SIGINT)
+        assert stopped()  # asked, and no KeyboardInterrupt: the reply stops at its next piece
+        signal.raise_signal(signal.SIGINT)
+        pytest.fail("a second Ctrl-C did not interrupt")
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_stopped_reply_stays_in_the_conversation_and_its_cache(load_model, images):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import os
 import signal
 import sys
@@ -25,7 +26,8 @@ CHAT_HELP = """commands: /image PATH, /video PATH (attach to your next message),
           /stats (VisionPulse of the last reply), /help, /quit or /exit; anything else is your message"""
 CHAT_KEYS = """keys on a terminal: Ctrl-C stops a reply and keeps what it said so far (pressed again: quits),
           or clears the line you are typing, or quits on an empty line; Ctrl-D on an empty line quits;
-          the arrows edit the line and recall earlier ones (kept in chat_history in vp-gguf's cache folder)"""
+          the arrows edit the line and recall earlier ones (kept in chat_history in vp-gguf's cache folder),
+          Tab completes the path after /image and /video"""
 HISTORY_LINES = 1000  # the history file keeps the last this many lines
 
 
@@ -207,8 +209,9 @@ def _history_file() -> Path:
 
 
 def _line_editing() -> Callable[[], None] | None:
-    """Turn readline on for input() (editing, arrows, the history of earlier sessions); returns what
-    saves this session's lines at the end, or None where Python has no readline (Windows).
+    """Turn readline on for input() (editing, arrows, the history of earlier sessions, Tab completing
+    the path after /image and /video); returns what saves this session's lines at the end, or None
+    where Python has no readline (Windows).
 
     The history outlives the session, in a file in vp-gguf's cache, as Ollama's, the Python REPL's
     and a shell's do: up-arrow brings back yesterday's question or image path. It is created private
@@ -217,6 +220,10 @@ def _line_editing() -> Callable[[], None] | None:
         import readline
     except ImportError:
         return None
+    readline.set_completer(_complete_path)
+    readline.set_completer_delims(" \t\n")  # a path is one word, its slashes included
+    # macOS's Python links libedit, whose configuration language is not readline's
+    readline.parse_and_bind("bind ^I rl_complete" if "libedit" in (readline.__doc__ or "") else "tab: complete")
     path = _history_file()
     readline.set_history_length(HISTORY_LINES)
     try:
@@ -235,3 +242,15 @@ def _line_editing() -> Callable[[], None] | None:
             print(f"[chat history not saved: {e}]", file=sys.stderr)
 
     return save
+
+
+def _complete_path(text: str, state: int) -> str | None:
+    """readline's completer (asked for match 0, 1, ... until None): the files and folders that
+    complete ``text`` when it follows /image or /video; nothing elsewhere (a message is free text)."""
+    import readline
+
+    if readline.get_line_buffer()[: readline.get_begidx()].split() not in (["/image"], ["/video"]):
+        return None
+    found = sorted(glob.glob(glob.escape(os.path.expanduser(text)) + "*"))
+    matches = [f + os.sep if os.path.isdir(f) else f for f in found]
+    return matches[state] if state < len(matches) else None
