@@ -199,7 +199,7 @@ def test_limits_are_checked_before_any_work(srv, images):
     ({"visionpulse": {"anchor_layer": 2**32 + 1}}, "anchor_layer"),
     ({"n": 2}, '"n"'),
     ({"logprobs": True}, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stop": 5}, "stop"),

@@ -117,6 +117,7 @@ def cmd_viz(a: argparse.Namespace) -> int:
             sampling=sampling,
             chat_template=a.chat_template,
             visionpulse=vp,
+            stop=a.stop,
         )
         print(res.text)
         paths = visualize(
@@ -235,6 +236,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             max_tokens=a.n_predict if a.n_predict > 0 else model.n_ctx,
             limits=limits,
             access=access,
+            stop=a.stop,
         )
         print(
             f"vp-gguf serve: http://{a.host}:{a.port}/v1 (model {name}, visionpulse {a.visionpulse})", file=sys.stderr
@@ -381,6 +383,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                 sampling=sampling,
                 chat_template=a.chat_template,
                 visionpulse=vp,
+                stop=a.stop,
             )
             json.dump(res.to_dict(), sys.stdout)
             sys.stdout.write("\n")
@@ -393,6 +396,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                 sampling=sampling,
                 chat_template=a.chat_template,
                 visionpulse=vp,
+                stop=a.stop,
             ):
                 sys.stdout.write(piece)
                 sys.stdout.flush()

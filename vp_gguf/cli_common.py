@@ -206,6 +206,61 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "pruned: it cannot pay there (default 2; 0: never skip)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's logs")
+    _add_output_controls(p)
+
+
+def _add_output_controls(p: argparse.ArgumentParser) -> None:
+    """Stop strings, repetition penalties and grammars: llama.cpp's flags, defaults and ranges."""
+    o = p.add_argument_group("output controls (llama.cpp's flags)")
+    o.add_argument(
+        "--stop",
+        "-r",
+        "--reverse-prompt",
+        dest="stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="end the text where STR appears (STR not shown); repeat for several",
+    )
+    o.add_argument(
+        "--repeat-penalty",
+        type=_float_in(0, lo_open=True),
+        default=SAMPLING.repeat_penalty,
+        metavar="N",
+        help=f"penalize tokens seen in the last --repeat-last-n (default {SAMPLING.repeat_penalty:g}: off)",
+    )
+    o.add_argument(
+        "--repeat-last-n",
+        type=_int_in(0),
+        default=SAMPLING.repeat_last_n,
+        metavar="N",
+        help=f"tokens the penalties look back on, prompt included (default {SAMPLING.repeat_last_n}; 0: off)",
+    )
+    o.add_argument(
+        "--presence-penalty",
+        type=_float_in(),
+        default=SAMPLING.presence_penalty,
+        metavar="N",
+        help=f"subtract N from a token seen (default {SAMPLING.presence_penalty:g}: off)",
+    )
+    o.add_argument(
+        "--frequency-penalty",
+        type=_float_in(),
+        default=SAMPLING.frequency_penalty,
+        metavar="N",
+        help=f"subtract N per time a token was seen (default {SAMPLING.frequency_penalty:g}: off)",
+    )
+    g = o.add_mutually_exclusive_group()
+    g.add_argument("--grammar", default=None, metavar="GBNF", help="constrain the text to a GBNF grammar")
+    g.add_argument("--grammar-file", default=None, metavar="FILE", help="the GBNF grammar in FILE")
+    g.add_argument(
+        "-j",
+        "--json-schema",
+        default=None,
+        metavar="SCHEMA",
+        help='constrain the text to JSON that follows SCHEMA, e.g. \'{"type": "object"}\'',
+    )
+    g.add_argument("-jf", "--json-schema-file", default=None, metavar="FILE", help="the JSON schema in FILE")
 
 
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "'": "'", '"': '"', "\\": "\\"}
@@ -270,8 +325,35 @@ def _open(a: argparse.Namespace):
         verbose=a.verbose,
         swa_full=a.swa_full,
     )
-    sampling = SamplingParams(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, seed=a.seed)
+    sampling = _sampling_from_args(a)
     return VisionModel(a.model, a.mmproj, params), sampling, vp
+
+
+def _sampling_from_args(a: argparse.Namespace) -> SamplingParams:
+    """The sampling flags; a grammar or schema file is read here, before the model loads."""
+    from pathlib import Path
+
+    def read(path: str | None) -> str | None:
+        return Path(path).expanduser().read_text(encoding="utf-8") if path else None
+
+    sampling = SamplingParams(
+        temperature=a.temp,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        min_p=a.min_p,
+        seed=a.seed,
+        repeat_penalty=a.repeat_penalty,
+        repeat_last_n=a.repeat_last_n,
+        presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty,
+        grammar=a.grammar if a.grammar is not None else read(a.grammar_file),
+        json_schema=a.json_schema if a.json_schema is not None else read(a.json_schema_file),
+    )
+    try:
+        sampling.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return sampling
 
 
 def _vp_line(res) -> str | None:

@@ -1,5 +1,5 @@
 """Decoding: the prompt's chunks prefilled (images encoded by the projector), text tokens decoded,
-the sampler chain, and llama_decode's failures as Python errors."""
+and llama_decode's failures as Python errors (the sampler is sampler.py's)."""
 
 from __future__ import annotations
 
@@ -14,26 +14,9 @@ from .errors import ContextOverflowError, DecodeError, ImageError
 from .loading import LoadedModel
 from .prompt import Prepared, chunk_positions
 from .result import Timings
-from .sampling import SamplingParams
 from .visionpulse import VisionPulseControl
 
 _NO_POST_DECODE = M.mtmd_helper_post_decode_callback()  # a NULL function pointer
-
-
-def make_sampler(s: SamplingParams):
-    """llama.cpp's sampler chain for these settings (greedy at temperature 0, and below MIN_TEMPERATURE
-    where llama.cpp's division by the temperature would overflow); free it with llama_sampler_free."""
-    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-    if s.greedy:
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-    else:
-        if s.top_k > 0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(s.top_k))
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(s.top_p, 1))
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(s.min_p, 1))
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(s.temperature))
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
-    return chain
 
 
 def check_decode(lm: LoadedModel, rc: int, what: str) -> None:

@@ -25,12 +25,13 @@ from typing_extensions import Self
 
 from . import _log
 from ._libs import llama_cpp as L
-from .decoding import check_decode, eval_prompt, make_sampler
+from .decoding import check_decode, eval_prompt
 from .errors import ModelBusyError, ModelClosedError
 from .loading import DEFAULT_MARKER, LoadedModel, ModelParams
 from .prompt import MediaInput, Prepared, free_prepared, image_spans, media_list, prepare
 from .prompt import apply_chat_template as _apply_chat_template
 from .result import GenerationResult, ImageSpan, Timings
+from .sampler import Sampler
 from .sampling import INT32_MAX, SamplingParams, int_arg
 from .stops import StopScanner
 from .video import VideoInput
@@ -238,10 +239,18 @@ class VisionModel(LoadedModel):
         media = media_list(images, videos)
         max_tokens = int_arg("max_tokens", max_tokens, 0, INT32_MAX)
         sampling = sampling or SamplingParams()
-        sampling.check()
+        sampling.check()  # the grammar's syntax is checked when _run builds the sampler, before any work
         vp = self._parse_vp(visionpulse)
         with self._native(generation=True):
             yield from self._run(prompt, media, max_tokens, sampling, chat_template, vp, cache_prompt, stop)
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Refuse (InvalidArgumentError) sampling settings this model cannot generate with: the ranges,
+        and the grammar or JSON schema, parsed against this model's vocabulary; generate() checks the
+        same, this is for checking them before a generation is queued (the server does)."""
+        sampling.check()
+        with self._native():
+            Sampler(self._vocab, self._n_vocab, sampling).close()
 
     def _parse_vp(self, spec: VisionPulse | str | int | None) -> VisionPulse | None:
         """The settings, checked against this model's layers (C checks the rest when they are applied)."""
@@ -331,9 +340,13 @@ class VisionModel(LoadedModel):
         self.last_result = None
         _log.clear()
         self._vp.apply(vp)  # refuses bad settings (e.g. an anchor out of range) before any work
-        prep = prepare(self, prompt, images, chat_template)
+        sampler = Sampler(self._vocab, self._n_vocab, sampling)  # and a grammar that does not parse
+        try:
+            prep = prepare(self, prompt, images, chat_template)
+        except BaseException:
+            sampler.close()
+            raise
         t = Timings()
-        sampler = make_sampler(sampling)
         tokens: list[int] = []
         text_parts: list[str] = []
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -343,6 +356,7 @@ class VisionModel(LoadedModel):
         try:
             n_past, n_cached = eval_prompt(self, prep, t, self._vp, reuse=cache_prompt)
             t._n_prefill = prep.n_tokens - n_cached
+            sampler.remember([u[0] for u in self._kv_units if isinstance(u[0], int)])  # the prompt's text
             self.image_spans = image_spans(prep)
             report = self._start_vp()
             t_dec = None
@@ -351,7 +365,7 @@ class VisionModel(LoadedModel):
             n_cells = prep.n_tokens
             while len(tokens) < max_tokens:
                 self._check_open(" while generating")  # close() came (from another thread, or while we yielded)
-                tok = L.llama_sampler_sample(sampler, self._ctx, -1)
+                tok = sampler.sample(self._ctx)
                 if L.llama_vocab_is_eog(self._vocab, tok):
                     stop = "eos"
                     break
@@ -406,5 +420,5 @@ class VisionModel(LoadedModel):
                 n_cached_tokens=n_cached,
             )
         finally:
-            L.llama_sampler_free(sampler)
+            sampler.close()
             free_prepared(prep)

@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -229,16 +229,18 @@ def create_app(
     max_tokens: int = 256,
     limits: ServerLimits | None = None,
     access: Access | None = None,
+    stop: Sequence[str] = (),
 ):
     """The app. ``sampling`` and ``max_tokens`` are the defaults a request may override (`serve`'s
     flags); ``video`` the video settings (fps, frame cap, timestamps, ffmpeg folder); ``limits`` what a
-    request may ask; ``access`` who may call and which files file:// URLs may read."""
+    request may ask; ``access`` who may call and which files file:// URLs may read; ``stop`` the stop strings
+    of a request that sets none."""
     from fastapi import FastAPI, Request
     from fastapi.responses import StreamingResponse
 
     limits = limits or ServerLimits()
     access = access or Access()
-    defaults = Defaults(max_tokens=max_tokens, visionpulse=default_vp, video=video or Video(b"-"))
+    defaults = Defaults(max_tokens=max_tokens, visionpulse=default_vp, video=video or Video(b"-"), stop=list(stop))
     if sampling is not None:
         defaults.sampling = sampling
     media = limits.media_access(media_root(access.media_path) if access.media_path else None)

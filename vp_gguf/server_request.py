@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .chat import IMAGE, render_messages
+from .errors import InvalidArgumentError
 from .model import VisionModel
-from .sampling import SamplingParams
+from .sampling import FLOAT32_MAX, SamplingParams
 from .server_policy import MediaAccess, RequestError, ServerLimits, image_pixels, media_bytes
 from .video import Video
 from .visionpulse import VisionPulse
@@ -34,8 +35,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
@@ -64,6 +63,7 @@ class Defaults:
     max_tokens: int = 256
     visionpulse: VisionPulse | None = None
     video: Video = field(default_factory=lambda: Video(b"-"))
+    stop: list[str] = field(default_factory=list)
 
 
 def number(body: dict, key: str, typ: type, default: Any, lo: float, hi: float) -> Any:
@@ -144,12 +144,53 @@ def _refuse_unsupported(body: dict) -> None:
             raise RequestError(f'"{k}" is not supported by this server')
     if body.get("n", 1) != 1:
         raise RequestError('"n" must be 1: this server generates one choice per request')
-    rf = body.get("response_format")
-    if rf is not None and rf != {"type": "text"}:
-        raise RequestError('"response_format" is not supported: only {"type": "text"}')
     so = body.get("stream_options")
     if so is not None and (not isinstance(so, dict) or set(so) - {"include_usage"}):
         raise RequestError('"stream_options" may only hold "include_usage"')
+
+
+def _response_schema(rf: Any) -> dict[str, Any] | None:
+    """The JSON schema an OpenAI "response_format" asks for (None for text), as llama.cpp's server
+    reads it: json_object is any object unless it carries a "schema"; json_schema wraps the schema."""
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = rf.get("schema", {"type": "object"})
+    elif kind == "json_schema":
+        wrapper = rf.get("json_schema", {})
+        schema = wrapper.get("schema", {"type": "object"}) if isinstance(wrapper, dict) else None
+    else:
+        raise RequestError(
+            '"response_format" must be {"type": "text"}, {"type": "json_object"} or '
+            '{"type": "json_schema", "json_schema": {"schema": {...}}}'
+        )
+    if not isinstance(schema, dict):
+        raise RequestError('"response_format": the schema must be a JSON object')
+    return schema or {"type": "object"}  # an empty schema is any object, as llama.cpp's server has it
+
+
+def _constraint(body: dict, d: SamplingParams) -> tuple[str | None, dict[str, Any] | str | None]:
+    """(grammar, json_schema) of a request: "response_format" (OpenAI's), or llama.cpp's server's own
+    "json_schema" and "grammar" fields; one of them at most. None set: the server's own (`serve`'s flags)."""
+    schema = _response_schema(body.get("response_format"))
+    asked = {"response_format": schema, "json_schema": body.get("json_schema"), "grammar": body.get("grammar")}
+    given = [k for k, v in asked.items() if v is not None]
+    if len(given) > 1:
+        raise RequestError(f"give one of {', '.join(given)}: each constrains the whole reply")
+    if "grammar" in given:
+        if not isinstance(body["grammar"], str):
+            raise RequestError('"grammar" must be a string of GBNF')
+        return _text(body["grammar"], "grammar"), None
+    if "json_schema" in given:
+        if not isinstance(body["json_schema"], dict):
+            raise RequestError('"json_schema" must be a JSON object')
+        return None, body["json_schema"] or {"type": "object"}
+    if schema is not None:
+        return None, schema
+    return d.grammar, d.json_schema
 
 
 def check_shape(body: Any, limits: ServerLimits) -> list[dict[str, Any]]:
@@ -285,13 +326,24 @@ def parse_request(
     d = defaults.sampling
     max_tokens = number(body, "max_tokens", int, defaults.max_tokens, 1, INT32_MAX)
     max_tokens = number(body, "max_completion_tokens", int, max_tokens, 1, INT32_MAX)
+    grammar, schema = _constraint(body, d)
     sampling = SamplingParams(
         temperature=number(body, "temperature", float, d.temperature, 0, 5),
         top_p=number(body, "top_p", float, d.top_p, 0, 1),
         top_k=number(body, "top_k", int, d.top_k, 0, INT32_MAX),
         min_p=number(body, "min_p", float, d.min_p, 0, 1),
         seed=number(body, "seed", int, d.seed, 0, 2**32 - 1),
+        repeat_penalty=number(body, "repeat_penalty", float, d.repeat_penalty, 0, FLOAT32_MAX),
+        repeat_last_n=number(body, "repeat_last_n", int, d.repeat_last_n, 0, INT32_MAX),
+        presence_penalty=number(body, "presence_penalty", float, d.presence_penalty, -FLOAT32_MAX, FLOAT32_MAX),
+        frequency_penalty=number(body, "frequency_penalty", float, d.frequency_penalty, -FLOAT32_MAX, FLOAT32_MAX),
+        grammar=grammar,
+        json_schema=schema,
     )
+    try:
+        model.check_sampling(sampling)  # a grammar that does not parse is a 400 now, not after the queue
+    except InvalidArgumentError as e:
+        raise RequestError(str(e)) from None
     job = Job(
         prompt="",
         media=[],
@@ -300,7 +352,7 @@ def parse_request(
         visionpulse=parse_visionpulse(body.get("visionpulse"), defaults.visionpulse, facts.n_layer),
         stream=flag(body, "stream", False),
         cache_prompt=flag(body, "cache_prompt", True),
-        stop=_stop(body.get("stop")),
+        stop=_stop(body.get("stop")) if body.get("stop") is not None else list(defaults.stop),
     )
     job.prompt, job.media = parse_messages(model, messages, defaults.video, limits, access)
     return job
