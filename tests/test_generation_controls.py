@@ -66,6 +66,21 @@ def test_repeat_penalty_repeats_less(load_model, images):
     assert _repeats(pen.tokens) < _repeats(plain.tokens)  # ... less with the penalty
 
 
+def test_a_penalty_window_past_the_context_is_the_context(load_model, images):
+    """repeat_last_n beyond n_ctx counts what the context holds: the same tokens, and no window of
+    2**31 - 1 tokens allocated up front (8 GB in llama.cpp's ring buffer)."""
+    import resource
+
+    m = load_model("qwen2vl")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    huge = m.generate(PROMPT, images=[images["a"]], max_tokens=32,
+                      sampling=SamplingParams(repeat_penalty=1.5, repeat_last_n=2**31 - 1))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 1 << 20
+    ctx = m.generate(PROMPT, images=[images["a"]], max_tokens=32,
+                     sampling=SamplingParams(repeat_penalty=1.5, repeat_last_n=m.n_ctx))
+    assert huge.tokens == ctx.tokens
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2vl", "gemma3"])
 def test_json_schema_output_parses_and_ends(load_model, images, family):
     m = load_model(family)

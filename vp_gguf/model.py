@@ -250,7 +250,7 @@ class VisionModel(LoadedModel):
         same, this is for checking them before a generation is queued (the server does)."""
         sampling.check()
         with self._native():
-            Sampler(self._vocab, self._n_vocab, sampling).close()
+            Sampler(self._vocab, self._n_vocab, sampling, self.n_ctx).close()
 
     def _parse_vp(self, spec: VisionPulse | str | int | None) -> VisionPulse | None:
         """The settings, checked against this model's layers (C checks the rest when they are applied)."""
@@ -340,7 +340,7 @@ class VisionModel(LoadedModel):
         self.last_result = None
         _log.clear()
         self._vp.apply(vp)  # refuses bad settings (e.g. an anchor out of range) before any work
-        sampler = Sampler(self._vocab, self._n_vocab, sampling)  # and a grammar that does not parse
+        sampler = Sampler(self._vocab, self._n_vocab, sampling, self.n_ctx)  # and a grammar that does not parse
         try:
             prep = prepare(self, prompt, images, chat_template)
         except BaseException:

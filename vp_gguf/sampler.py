@@ -124,11 +124,11 @@ def _with_stderr_kept(call):
         return result, tmp.read()
 
 
-def _chain(n_vocab: int, s: SamplingParams):
+def _chain(n_vocab: int, s: SamplingParams, history: int):
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-    if s.penalized:
+    if history:
         pen = L.llama_sampler_init_penalties(
-            n_vocab, s.repeat_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+            n_vocab, history, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
         )
         L.llama_sampler_chain_add(chain, pen)
     # greedy at temperature 0, and below MIN_TEMPERATURE where llama.cpp's division by it would overflow
@@ -145,13 +145,16 @@ def _chain(n_vocab: int, s: SamplingParams):
 
 
 class Sampler:
-    """Draws the next token from a context's last logits; a context manager that frees the samplers."""
+    """Draws the next token from a context's last logits; a context manager that frees the samplers.
 
-    def __init__(self, vocab, n_vocab: int, s: SamplingParams) -> None:
+    ``n_ctx`` bounds the penalties' window: llama.cpp allocates the whole window up front (repeat_last_n
+    2**31 - 1 would be 8 GB), and no text the context holds is longer, so the bound changes nothing else."""
+
+    def __init__(self, vocab, n_vocab: int, s: SamplingParams, n_ctx: int) -> None:
         text = grammar_text(s)
         self._grammar = parse_grammar(vocab, text) if text is not None else None
-        self._chain = _chain(n_vocab, s)
-        self._history = s.repeat_last_n if s.penalized else 0
+        self._history = min(s.repeat_last_n, n_ctx) if s.penalized else 0
+        self._chain = _chain(n_vocab, s, self._history)
         self._n_vocab = n_vocab
         self._ids = np.arange(n_vocab, dtype=np.int32) if self._grammar else None
         self._cand = np.zeros(n_vocab, dtype=_TOKEN_DATA) if self._grammar else None
