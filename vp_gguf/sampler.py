@@ -33,7 +33,7 @@ from .sampling import SamplingParams
 # llama.cpp's grammar parser recurses once per nested group and its stack walk once per rule that
 # starts with another rule: a grammar nested deeply enough overflows the C stack (a crash, not an
 # error). These bounds keep any accepted grammar far from that and far above what real grammars use
-# (the JSON-schema converter's nest a handful of groups and need a rule per property).
+# (the JSON-schema converter's grammars nest a handful of groups and take a rule per property).
 MAX_GRAMMAR_NESTING = 256
 MAX_GRAMMAR_RULES = 4096
 # what the parser skips (comments, literals, character classes) and what it counts (groups, rules)
