@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .cli_common import (
     TRACEBACK_ENV,
     UsageError,
     _add_model_args,
+    _add_template_args,
     _float_in,
     _int_in,
     _open,
@@ -23,6 +25,7 @@ from .cli_common import (
     _report,
     _vp_line,
     process_escapes,
+    templated_prompt,
     videos_from_args,
 )
 from .cli_models import _add_fetch, cmd_fetch, cmd_models
@@ -59,15 +62,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="prompt; images go where the marker <__media__> is, else before the prompt",
     )
     p.add_argument(
-        "--chat-template",
-        action="store_true",
-        help="wrap the prompt in the model's chat template (default: raw prompt)",
-    )
-    p.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object instead of the text (with per-step VisionPulse stats)",
     )
+    _add_template_args(p)
     _add_model_args(p)
 
 
@@ -81,7 +80,6 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image file(s)")
     p.add_argument("--video", action="append", default=[], metavar="PATH", help="video file(s), after the images")
     p.add_argument("-p", "--prompt", required=True)
-    p.add_argument("--chat-template", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("-o", "--out", default="vp-viz", help="output folder (default ./vp-viz)")
     p.add_argument("--frames", type=_int_in(1), default=8, help="frames in the strip, early to late (default 8)")
     p.add_argument("--every", type=_int_in(1), default=None, help="a frame every k steps instead (strip and GIF)")
@@ -96,6 +94,7 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     # cutting became the default: the old opt-in stays accepted so that scripts keep working
     p.add_argument("--crop-blank", dest="crop_blank", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(crop_blank=True)
+    _add_template_args(p)
     _add_model_args(p)
 
 
@@ -106,16 +105,14 @@ def cmd_viz(a: argparse.Namespace) -> int:
         raise UsageError("viz draws VisionPulse's choices: pass --visionpulse 5 (or 10, or --mode ...)")
     model, sampling, vp = _open(a)
     missing = plot_missing() if a.plot else None  # the pictures are still worth drawing without the plot
-    if a.escape:
-        a.prompt = process_escapes(a.prompt)
+    videos = videos_from_args(a)
     with model:
         res = model.generate(
-            a.prompt,
+            templated_prompt(model, a, len(a.image) + len(videos)),
             images=a.image,
-            videos=videos_from_args(a),
+            videos=videos,
             max_tokens=a.n_predict,
             sampling=sampling,
-            chat_template=a.chat_template,
             visionpulse=vp,
             stop=a.stop,
         )
@@ -125,7 +122,7 @@ def cmd_viz(a: argparse.Namespace) -> int:
             res,
             a.image,
             a.out,
-            videos=videos_from_args(a),
+            videos=videos,
             n_frames=a.frames,
             every=a.every,
             gif=a.gif,
@@ -166,6 +163,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="file:// URLs may read files below DIR (default: file:// refused)",
     )
     s.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
+    _add_template_args(p, raw=False, system=False)
     from .server_policy import ServerLimits
 
     d = ServerLimits()
@@ -371,17 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(a: argparse.Namespace) -> int:
     model, sampling, vp = _open(a)
     videos = videos_from_args(a)  # a bad --video-* value is refused before the model loads
-    if a.escape:
-        a.prompt = process_escapes(a.prompt)
     with model:
+        prompt = templated_prompt(model, a, len(a.image) + len(videos))
         if a.json:
             res = model.generate(
-                a.prompt,
+                prompt,
                 images=a.image,
                 videos=videos,
                 max_tokens=a.n_predict,
                 sampling=sampling,
-                chat_template=a.chat_template,
                 visionpulse=vp,
                 stop=a.stop,
             )
@@ -389,12 +385,11 @@ def cmd_run(a: argparse.Namespace) -> int:
             sys.stdout.write("\n")
         else:
             for piece in model.stream(
-                a.prompt,
+                prompt,
                 images=a.image,
                 videos=videos,
                 max_tokens=a.n_predict,
                 sampling=sampling,
-                chat_template=a.chat_template,
                 visionpulse=vp,
                 stop=a.stop,
             ):
@@ -433,9 +428,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command line says things: one line, no source location."""
+    return f"vp-gguf: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script: 0 done, 1 an error (one line on stderr), 2 bad usage, 130 interrupted."""
     a = build_parser().parse_args(argv)
+    warnings.formatwarning = _warning_line
     verbose = bool(getattr(a, "verbose", False))
     try:
         return COMMANDS[a.command](a)

@@ -8,8 +8,9 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from . import gpu
 from .sampling import DEFAULTS as SAMPLING
 from .sampling import SamplingParams
 from .video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_TIMESTAMP_MS, Video
@@ -19,7 +20,7 @@ EXAMPLE = """example:
   vp-gguf run -m model.gguf --mmproj mmproj.gguf --image photo.png -p "Describe it." --visionpulse 5 --json
   vp-gguf run -m model.gguf --mmproj mmproj.gguf --image a.png --image b.png \\
       -p "What differs between <__media__> and <__media__>?" --json
-  vp-gguf run --hf qwen2.5-vl-3b --image photo.png -p "Describe it." --chat-template --visionpulse 5
+  vp-gguf run --hf qwen2.5-vl-3b --image photo.png -p "Describe it." --visionpulse 5
   vp-gguf fetch ggml-org/gemma-3-4b-it-GGUF:Q8_0
   vp-gguf models
   vp-gguf demo                      # offline: Gemma 3 270M reads an image of 40 digits
@@ -79,6 +80,17 @@ def _float_in(lo: float | None = None, hi: float | None = None, lo_open: bool = 
 _FRACTION = _float_in(0, 1, lo_open=True)  # a kept fraction of the visual tokens
 
 
+def _gpu_layers(s: str) -> gpu.GpuLayers:
+    """-ngl's argparse type: auto, all or a count (llama.cpp's spelling)."""
+    try:
+        n = gpu.parse(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto', 'all' or an integer >= -1, got {s!r}") from None
+    if isinstance(n, int) and n > INT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer <= {INT32_MAX}, got {s}")
+    return n
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error: the usage block is what --help is for."""
 
@@ -124,10 +136,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "-ngl",
+        "--gpu-layers",
         "--n-gpu-layers",
-        type=_int_in(-1),
-        default=0,
-        help="layers to offload to the GPU (default 0; -1 for all)",
+        dest="n_gpu_layers",
+        type=_gpu_layers,
+        default=gpu.AUTO,
+        metavar="N|auto|all",
+        help="layers to offload to the GPU: a number, 'all', or 'auto' (default: all that fit; none on a CPU build)",
     )
     p.add_argument(
         "-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto", help="flash attention (default auto)"
@@ -299,6 +314,52 @@ class UsageError(Exception):
     """Bad command-line usage (exit status 2)."""
 
 
+def _add_template_args(p: argparse.ArgumentParser, raw: bool = True, system: bool = True) -> None:
+    """The chat template flags (llama.cpp's names); the template applies unless --raw."""
+    t = p.add_argument_group("chat template (default: the model's own; chatml if it has none)")
+    t.add_argument(
+        "--chat-template",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME|FILE",
+        help="one of llama.cpp's template names (chatml, gemma, llama3, ...) or a Jinja file",
+    )
+    if raw:
+        t.add_argument("--raw", action="store_true", help="send the prompt as written, in no chat template")
+    if system:
+        t.add_argument("-sys", "--system-prompt", default=None, help="system message")
+
+
+def templated_prompt(model: Any, a: argparse.Namespace, n_media: int) -> str:
+    """-p as the model gets it: the media markers placed (all in front if it has none) and, unless
+    --raw, the system message and the prompt in the chat template."""
+    from .prompt import place_markers
+
+    text = place_markers(model, process_escapes(a.prompt) if a.escape else a.prompt, n_media)
+    if a.raw:
+        if a.system_prompt is not None:
+            raise UsageError("-sys goes in the chat template: drop --raw, or write it into the prompt")
+        return text
+    system = [{"role": "system", "content": a.system_prompt}] if a.system_prompt is not None else []
+    return str(model.apply_chat_template([*system, {"role": "user", "content": text}]))
+
+
+def _template_choice(a: argparse.Namespace) -> str | None:
+    """--chat-template's value, refused before the model loads if it names nothing."""
+    spec = getattr(a, "chat_template", None) or None
+    if spec is not None:
+        from pathlib import Path
+
+        from .templates import builtin_names
+
+        if spec not in builtin_names() and not Path(spec).expanduser().is_file():
+            raise UsageError(
+                f"--chat-template {spec}: not a file, nor one of llama.cpp's names: {', '.join(builtin_names())}"
+            )
+    return spec
+
+
 def _open(a: argparse.Namespace):
     """(model, sampling, VisionPulse) from the shared flags."""
     from .model import ModelParams, VisionModel
@@ -324,6 +385,7 @@ def _open(a: argparse.Namespace):
         flash_attn=a.flash_attn,
         verbose=a.verbose,
         swa_full=a.swa_full,
+        chat_template=_template_choice(a),
     )
     sampling = _sampling_from_args(a)
     return VisionModel(a.model, a.mmproj, params), sampling, vp
@@ -359,9 +421,11 @@ def _sampling_from_args(a: argparse.Namespace) -> SamplingParams:
 def _vp_line(res) -> str | None:
     if res is None or res.visionpulse is None or not res.visionpulse.steps:
         return None
+    from .viz_stats import report_setting
+
     sm = res.visionpulse.summary()
     return (
-        f"[visionpulse {res.visionpulse.mode}, anchor layer {res.visionpulse.anchor_layer}: "
+        f"[{report_setting(res.visionpulse).label()}, anchor layer {res.visionpulse.anchor_layer}: "
         f"kept {100 * sm['retention_mean']:.1f}% of visual tokens per step "
         f"(min {100 * sm['retention_min']:.1f}%, max {100 * sm['retention_max']:.1f}%), "
         f"visual mass {sm['mass_mean']:.3f}]"

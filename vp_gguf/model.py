@@ -28,7 +28,7 @@ from ._libs import llama_cpp as L
 from .decoding import check_decode, eval_prompt
 from .errors import ModelBusyError, ModelClosedError
 from .loading import DEFAULT_MARKER, LoadedModel, ModelParams
-from .prompt import MediaInput, Prepared, free_prepared, image_spans, media_list, prepare
+from .prompt import ChatTemplateChoice, MediaInput, Prepared, free_prepared, image_spans, media_list, prepare
 from .prompt import apply_chat_template as _apply_chat_template
 from .result import GenerationResult, ImageSpan, Timings
 from .sampler import Sampler
@@ -163,17 +163,19 @@ class VisionModel(LoadedModel):
         with self._native():
             return b"".join(self._piece(t, special) for t in toks).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, prompt: str | Sequence[dict[str, str]]) -> str:
-        """A prompt as one user turn, or a list of {"role", "content"} messages, in the model's own
-        chat template, ending with the assistant's turn to speak."""
+    def apply_chat_template(self, prompt: str | Sequence[dict[str, str]], template: str | None = None) -> str:
+        """A prompt as one user turn, or a list of {"role", "content"} messages, in the chat template,
+        ending with the assistant's turn to speak. ``template``: one of llama.cpp's names (``chatml``,
+        ``gemma``, ...) or a Jinja file; default ``ModelParams.chat_template``, else the model's own
+        (a model without one gets chatml, with a warning)."""
         with self._native():
-            return _apply_chat_template(self, prompt)
+            return _apply_chat_template(self, prompt, template)
 
     def prepare(
         self,
         prompt: str,
         images: Sequence[MediaInput] = (),
-        chat_template: bool = False,
+        chat_template: ChatTemplateChoice = False,
         videos: Sequence[VideoInput] = (),
     ) -> Prepared:
         """The prompt and media as libmtmd chunks (a context manager that frees them), for tools of one's own."""
@@ -188,7 +190,7 @@ class VisionModel(LoadedModel):
         images: Sequence[MediaInput] = (),
         max_tokens: int = 128,
         sampling: SamplingParams | None = None,
-        chat_template: bool = False,
+        chat_template: ChatTemplateChoice = False,
         visionpulse: VisionPulse | str | int | None = None,
         videos: Sequence[VideoInput] = (),
         cache_prompt: bool = False,
@@ -206,6 +208,9 @@ class VisionModel(LoadedModel):
         (a conversation's earlier turns, their images included) and prefill only the rest, as
         llama.cpp's server does; ``result.n_cached_tokens`` says how much was kept.
         ``stop``: strings that end the generation where they appear (not shown; stop_reason "stop").
+        ``chat_template``: False sends the prompt raw; True wraps it as one user turn in the chat
+        template (``ModelParams.chat_template``, else the model's own); a llama.cpp name or a Jinja
+        file names the template for this call (see ``apply_chat_template``).
         """
         for _ in self.stream(
             prompt,
@@ -228,7 +233,7 @@ class VisionModel(LoadedModel):
         images: Sequence[MediaInput] = (),
         max_tokens: int = 128,
         sampling: SamplingParams | None = None,
-        chat_template: bool = False,
+        chat_template: ChatTemplateChoice = False,
         visionpulse: VisionPulse | str | int | None = None,
         videos: Sequence[VideoInput] = (),
         cache_prompt: bool = False,
@@ -332,7 +337,7 @@ class VisionModel(LoadedModel):
         images: list,
         max_tokens: int,
         sampling: SamplingParams,
-        chat_template: bool,
+        chat_template: ChatTemplateChoice,
         vp: VisionPulse | None,
         cache_prompt: bool,
         stop_strings: Sequence[str] = (),
