@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +13,8 @@ import vp_gguf
 from vp_gguf import SamplingParams
 from vp_gguf.decoding import prompt_units
 from vp_gguf.errors import InvalidArgumentError
+
+from support.serving import serving
 
 PROMPT = "Describe the picture."
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
@@ -249,23 +248,14 @@ def test_chat_takes_the_output_controls(tiny_paths):
 @pytest.fixture(scope="module")
 def server(tiny_paths):
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from vp_gguf.server import create_app
 
     model, mmproj = tiny_paths("qwen2vl")
     vm = vp_gguf.VisionModel(model, mmproj, n_ctx=2048, n_threads=2)
     app = create_app(vm, "tiny", max_queue=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    th.join(10)
+    with serving(app) as port:
+        yield f"http://127.0.0.1:{port}"
     vm.close()
 
 

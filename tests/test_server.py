@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
-import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +14,7 @@ openai = pytest.importorskip("openai")
 
 import vp_gguf  # noqa: E402
 from vp_gguf.server import create_app  # noqa: E402
+from support.serving import serving  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +22,8 @@ def server(tiny_paths):
     model, mmproj = tiny_paths("qwen2vl")
     vm = vp_gguf.VisionModel(model, mmproj, n_ctx=4096, n_threads=2)
     app = create_app(vm, "tiny", default_vp=None, max_queue=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    th.join(10)
+    with serving(app) as port:
+        yield f"http://127.0.0.1:{port}"
     vm.close()
 
 

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,21 +20,10 @@ uvicorn = pytest.importorskip("uvicorn")
 import vp_gguf  # noqa: E402
 from vp_gguf.server import Access, create_app  # noqa: E402
 from vp_gguf.server_policy import ServerLimits  # noqa: E402
+from support.serving import serving  # noqa: E402
 
 KEY = "test-key-123"
 SECRET = "SECRET_API_KEY=do-not-show-this"
-
-
-def _start(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    while not srv.started:
-        time.sleep(0.05)
-    return srv, th, port
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +47,8 @@ def srv(tiny_paths, media):
     limits = ServerLimits(max_body_mb=2, max_messages=64, max_media=3, max_pixels=4_000_000)
     app = create_app(vm, "tiny", max_queue=16, limits=limits,
                      access=Access(api_key=KEY, media_path=str(media[0])))
-    server, th, port = _start(app)
-    yield port, vm
-    server.should_exit = True
-    th.join(10)
+    with serving(app) as port:
+        yield port, vm
     vm.close()
 
 

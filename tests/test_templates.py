@@ -159,7 +159,8 @@ def test_chat_with_a_model_without_a_template_says_so_once_and_talks(tmp_path):
     assert "Traceback" not in r.stderr and len(r.stdout.splitlines()) == 2  # two replies
 
 
-def test_serve_refuses_an_unknown_template_before_it_listens(tiny_paths):
+def test_serve_and_chat_refuse_an_unknown_template_before_they_start(tiny_paths):
     model, mmproj = tiny_paths("llava")
-    r = vp("serve", "-m", model, "--mmproj", mmproj, "--chat-template", "no-such-format", "--port", "1")
-    assert r.returncode == 2 and "--chat-template no-such-format" in r.stderr and "chatml" in r.stderr, r.stderr
+    for cmd in (["serve", "--port", "1"], ["chat"]):
+        r = vp(*cmd, "-m", model, "--mmproj", mmproj, "--chat-template", "no-such-format")
+        assert r.returncode == 2 and "--chat-template no-such-format" in r.stderr and "chatml" in r.stderr, r.stderr

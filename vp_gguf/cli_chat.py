@@ -19,7 +19,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .cli_common import EXAMPLE, _add_model_args, _open, _report, _vp_line, process_escapes, videos_from_args
+from .cli_common import (
+    EXAMPLE,
+    _add_model_args,
+    _add_template_args,
+    _open,
+    _report,
+    _vp_line,
+    process_escapes,
+    videos_from_args,
+)
 from .errors import VPGGUFError
 
 CHAT_HELP = """commands: /image PATH, /video PATH (attach to your next message), /reset or /clear (new conversation),
@@ -40,7 +49,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image(s) for the first message")
     p.add_argument("--video", action="append", default=[], metavar="PATH", help="video(s) for the first message")
-    p.add_argument("-sys", "--system-prompt", default=None, help="system message")
+    _add_template_args(p, raw=False)
     _add_model_args(p)
 
 
