@@ -163,6 +163,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="file:// URLs may read files below DIR (default: file:// refused)",
     )
     s.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
+    s.add_argument(
+        "--metrics",
+        action="store_true",
+        help="serve /metrics (Prometheus text: requests, queue, tokens, seconds, VisionPulse retention; "
+        "it asks for the API key when one is set)",
+    )
     _add_template_args(p, raw=False, system=False)
     from .server_policy import ServerLimits
 
@@ -235,6 +241,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             limits=limits,
             access=access,
             stop=a.stop,
+            metrics=a.metrics,
         )
         print(
             f"vp-gguf serve: http://{a.host}:{a.port}/v1 (model {name}, visionpulse {a.visionpulse})", file=sys.stderr

@@ -8,7 +8,8 @@
                                 true, as llama.cpp's server: the KV of the previous request's
                                 common prefix is kept, so a conversation's images are encoded once)
     GET  /v1/models
-    GET  /health                (no key needed)
+    GET  /health                (no key needed) 200 ready, 503 busy (the queue is full), with the load
+    GET  /metrics               Prometheus text, with --metrics (server_metrics.py says what is counted)
 
 Who may call: with an API key (--api-key or VP_GGUF_API_KEY) every route but /health wants
 "Authorization: Bearer <key>"; a server bound to loopback answers only requests whose Host header
@@ -36,6 +37,7 @@ from typing import Any, cast
 
 from .errors import ImageError, MediaLimitError, VideoError, VPGGUFError
 from .model import VisionModel
+from .server_metrics import CONTENT_TYPE, Load, ServerMetrics, health
 from .server_policy import RequestError, ServerLimits, media_root
 from .server_request import Defaults, Job, ModelFacts, parse_messages, parse_request
 from .video import Video
@@ -93,6 +95,10 @@ class _Queue:
         with self.guard:
             self.waiting -= 1
 
+    def load(self) -> Load:
+        with self.guard:
+            return Load(generating=int(self.lock.locked()), waiting=self.waiting, queue_limit=self.limit)
+
 
 def _error(status: int, msg: str, typ: str = "invalid_request_error"):
     from fastapi.responses import JSONResponse
@@ -140,8 +146,10 @@ class _Generation:
     """One request's generation on a worker thread, its pieces handed to the event loop as they come
     (no executor thread is held while a request waits: a finished reply is sent when it is finished)."""
 
-    def __init__(self, model: VisionModel, job: Job, queue: _Queue, stopping: threading.Event) -> None:
-        self.model, self.job, self.queue, self.stopping = model, job, queue, stopping
+    def __init__(
+        self, model: VisionModel, job: Job, queue: _Queue, stopping: threading.Event, metrics: ServerMetrics
+    ) -> None:
+        self.model, self.job, self.queue, self.stopping, self.metrics = model, job, queue, stopping, metrics
         self.loop = asyncio.get_running_loop()
         self.out: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
@@ -185,7 +193,10 @@ class _Generation:
                         it.close()
                         return
                     self._put(("piece", piece))
-                self._put(("done", self.model.last_result))
+                res = self.model.last_result
+                if res is not None:
+                    self.metrics.count_result(res)
+                self._put(("done", res))
             finally:
                 self.queue.lock.release()
         except BaseException as e:  # noqa: BLE001 - whatever it is, the server lives and the client hears
@@ -230,13 +241,14 @@ def create_app(
     limits: ServerLimits | None = None,
     access: Access | None = None,
     stop: Sequence[str] = (),
+    metrics: bool = False,
 ):
     """The app. ``sampling`` and ``max_tokens`` are the defaults a request may override (`serve`'s
     flags); ``video`` the video settings (fps, frame cap, timestamps, ffmpeg folder); ``limits`` what a
     request may ask; ``access`` who may call and which files file:// URLs may read; ``stop`` the stop strings
-    of a request that sets none."""
+    of a request that sets none; ``metrics`` whether /metrics answers (`serve --metrics`)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     limits = limits or ServerLimits()
     access = access or Access()
@@ -246,6 +258,7 @@ def create_app(
     media = limits.media_access(media_root(access.media_path) if access.media_path else None)
     facts = ModelFacts.of(model)
     queue = _Queue(max_queue)
+    counts = ServerMetrics()  # counted whether or not /metrics is on: it costs a lock per request
     stopping = threading.Event()
     hosts = LOOPBACK_NAMES if is_loopback(access.bind_host) else None
 
@@ -293,8 +306,21 @@ def create_app(
         return b"".join(chunks)
 
     @app.get("/health")
-    def health(request: Request):
-        return refused(request, public=True) or {"status": "ok"}
+    async def get_health(request: Request):  # async: answered on the event loop, never behind busy threads
+        bad = refused(request, public=True)
+        if bad is not None:
+            return bad
+        status, body = health(queue.load())
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/metrics")
+    async def get_metrics(request: Request):  # with the API key, as llama-server's /metrics
+        bad = refused(request)
+        if bad is not None:
+            return bad
+        if not metrics:
+            return _error(404, "this server does not serve /metrics: start it with --metrics", "not_found_error")
+        return PlainTextResponse(counts.render(queue.load()), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     def models(request: Request):
@@ -305,6 +331,17 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        # each request counted once, by its outcome; a stream counts itself when it ends
+        try:
+            reply = await answer(request)
+        except BaseException as e:
+            counts.count_reply(499 if isinstance(e, asyncio.CancelledError) else 500)
+            raise
+        if not isinstance(reply, StreamingResponse):
+            counts.count_reply(reply.status_code if isinstance(reply, JSONResponse) else 200)
+        return reply
+
+    async def answer(request: Request):
         bad = refused(request)
         if bad is not None:
             return bad
@@ -322,7 +359,7 @@ def create_app(
             return _error(*_public_message(e))
         if not queue.enter():
             return _error(503, f"{queue.limit} requests already waiting; retry later", "server_busy")
-        gen = _Generation(model, job, queue, stopping)
+        gen = _Generation(model, job, queue, stopping, counts)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if not job.stream:
@@ -336,7 +373,8 @@ def create_app(
             return _error(499, "the client closed the request")
         if first[0] == "error":
             return _error(*_public_message(first[1]))
-        return StreamingResponse(_events(gen, first, rid, created, name), media_type="text/event-stream")
+        events = _events(gen, first, rid, created, name, counts)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     return app
 
@@ -374,7 +412,7 @@ async def _whole(request, gen: _Generation, rid: str, created: int, name: str):
     }
 
 
-async def _events(gen: _Generation, first: tuple[str, Any], rid: str, created: int, name: str):
+async def _events(gen: _Generation, first: tuple[str, Any], rid: str, created: int, name: str, counts: ServerMetrics):
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
         c: dict[str, Any] = {
             "id": rid,
@@ -387,6 +425,7 @@ async def _events(gen: _Generation, first: tuple[str, Any], rid: str, created: i
             c["usage"] = usage
         return f"data: {json.dumps(c)}\n\n"
 
+    outcome = 499  # the status the stream counts as: ended before its last event, the client left
     try:
         yield chunk({"role": "assistant", "content": ""})
         kind, val = first
@@ -395,12 +434,15 @@ async def _events(gen: _Generation, first: tuple[str, Any], rid: str, created: i
                 yield chunk({"content": val})
             elif kind == "error":
                 status, msg = _public_message(val)
+                outcome = status
                 yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error', 'code': status}})}\n\n"
                 break
             else:
+                outcome = 200
                 yield chunk({}, _finish_reason(val), _usage(val))
                 break
             kind, val = await gen.next()
         yield "data: [DONE]\n\n"
     finally:
         gen.cancel.set()  # the client left mid-stream, or the stream ended: either way, stop
+        counts.count_reply(outcome)
