@@ -325,3 +325,20 @@ def test_a_full_replica_503_goes_elsewhere_and_none_left_is_a_clear_503(tiny_pat
         refused = [t for _, s, _, t in results if s == 503]
         print(f"\nreplicas: r1 alone, 12 at once: {statuses.count(200)} answered, {len(refused)} refused "
               f"with 503 in at most {max(refused):.3f} s")
+
+
+def test_the_printed_config_is_one_haproxy_accepts_and_bad_flags_are_one_line(tmp_path):
+    script = [sys.executable, str(ROOT / "scripts" / "replicas.py")]
+    cfg = subprocess.run([*script, "--print-config", "--port", "8080", "--replica", "10.0.0.2:8080",
+                          "--replica", "[::1]:8081"], capture_output=True, text=True, timeout=60)
+    assert cfg.returncode == 0, cfg.stderr
+    assert "server r1 10.0.0.2:8080" in cfg.stdout and "server r2 [::1]:8081" in cfg.stdout
+    (tmp_path / "haproxy.cfg").write_text(cfg.stdout)
+    check = subprocess.run([replicas.find_haproxy(), "-c", "-f", str(tmp_path / "haproxy.cfg")],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for bad, says in ((["--replica", "nohost"], "HOST:PORT"), (["--port", "70000"], "1 to 65535"),
+                      (["-n", "3", "--first-port", "65534", "--", "-m", "x"], "past port 65535"),
+                      (["-n", "2"], "after --")):
+        r = subprocess.run([*script, *bad], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
