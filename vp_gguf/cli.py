@@ -24,14 +24,13 @@ from .cli_common import (
     _Parser,
     _report,
     _vp_line,
-    process_escapes,
     templated_prompt,
     videos_from_args,
 )
 from .cli_models import _add_fetch, cmd_fetch, cmd_models
 from .errors import VPGGUFError
 
-__all__ = ["build_parser", "main", "process_escapes"]
+__all__ = ["build_parser", "main"]
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

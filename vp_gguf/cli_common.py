@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 from . import gpu
 from .sampling import DEFAULTS as SAMPLING
-from .sampling import SamplingParams
+from .sampling import INT32_MAX, UINT32_MAX, SamplingParams
 from .video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_TIMESTAMP_MS, Video
 
 EXAMPLE = """example:
@@ -26,12 +26,6 @@ EXAMPLE = """example:
   vp-gguf demo                      # offline: Gemma 3 270M reads an image of 40 digits
   vp-gguf viz -m model.gguf --mmproj mmproj.gguf --image photo.png -p "Describe it." --visionpulse 5 -o out/
 """
-
-
-INT32_MAX = 2**31 - 1  # llama.cpp takes int32: a larger count would wrap silently in C
-
-
-UINT32_MAX = 2**32 - 1  # seeds are uint32
 
 
 MAX_THREADS = 512  # GGML_MAX_N_THREADS: ggml's thread pool has no more slots
@@ -349,11 +343,9 @@ def _template_choice(a: argparse.Namespace) -> str | None:
     """--chat-template's value, refused before the model loads if it names nothing."""
     spec = getattr(a, "chat_template", None) or None
     if spec is not None:
-        from pathlib import Path
+        from .templates import builtin_names, names_a_template
 
-        from .templates import builtin_names
-
-        if spec not in builtin_names() and not Path(spec).expanduser().is_file():
+        if not names_a_template(spec):
             raise UsageError(
                 f"--chat-template {spec}: not a file, nor one of llama.cpp's names: {', '.join(builtin_names())}"
             )

@@ -14,6 +14,7 @@ import argparse
 import random
 from pathlib import Path
 
+from .cli_common import UsageError, _int_in
 from .fetch import cache_dir
 
 
@@ -27,8 +28,6 @@ def add_parser(sub) -> None:
     p.add_argument("--mmproj")
     p.add_argument("--image")
     p.add_argument("-p", "--prompt")
-    from .cli import _int_in  # the CLI's range checks (imported here: cli imports this module)
-
     p.add_argument("-n", type=_int_in(1), default=82)
     p.add_argument("--visionpulse", default="5")
     p.add_argument("--seed", type=_int_in(0), default=7, help="which digit sequence to draw")
@@ -60,8 +59,6 @@ def run(a: argparse.Namespace) -> int:
         a.prompt = "Sequence:<__media__>\nSequence again:"
         print(f"model: Gemma 3 270M ({a.model})\nimage: 40 digits drawn as glyph tiles ({a.image})")
     elif not (a.mmproj and a.image and a.prompt):
-        from .cli import UsageError
-
         raise UsageError("--model needs --mmproj, --image and -p")
 
     vp = VisionPulse.parse(a.visionpulse)

@@ -290,10 +290,11 @@ def _download(repo: str, name: str, revision: str, offline: bool, progress: bool
     except Exception as e:
         # a connection lost mid-file after the client's own retries (each resumed where it stopped),
         # a short file, a full disk: nothing half-written is left in the cache
-        if not (_is_network_error(e) or isinstance(e, OSError)):
+        network = _is_network_error(e)
+        if not (network or isinstance(e, OSError)):
             raise
         reason = " ".join(str(e).split()) or e.__class__.__name__
-        if _is_network_error(e):
+        if network:
             reason = f"cannot reach the hub ({reason})"
         raise FetchError(
             f"download of {name} from {repo} was interrupted: {reason}; run the same command again, "

@@ -56,8 +56,8 @@ def _ggml() -> ctypes.CDLL | None:
 
 def gpu_free_bytes() -> int:
     """Free memory of the GPU devices ggml sees (0 without any)."""
-    lib = _ggml()
-    if lib is None or not _offload_supported():
+    lib = _ggml()  # layers_to_offload asks only when offload is supported
+    if lib is None:
         return 0
     total_free = 0
     for i in range(lib.ggml_backend_dev_count()):

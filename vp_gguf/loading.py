@@ -164,6 +164,7 @@ class LoadedModel:
         self._model: Any = None
         self._ctx: Any = None
         self._mctx: Any = None
+        self._chat_templates: dict = {}  # chat template spec -> the chosen template (prompt.chat_template_of)
         self._kv_units: list = []  # what the KV cache holds, as decoding.prompt_units describes it
         self._check_files()
         try:

@@ -31,7 +31,7 @@ from .loading import DEFAULT_MARKER, LoadedModel, ModelParams
 from .prompt import ChatTemplateChoice, MediaInput, Prepared, free_prepared, image_spans, media_list, prepare
 from .prompt import apply_chat_template as _apply_chat_template
 from .result import GenerationResult, ImageSpan, Timings
-from .sampler import Sampler
+from .sampler import Sampler, grammar_text, parse_grammar
 from .sampling import INT32_MAX, SamplingParams, int_arg
 from .stops import StopScanner
 from .video import VideoInput
@@ -254,8 +254,10 @@ class VisionModel(LoadedModel):
         and the grammar or JSON schema, parsed against this model's vocabulary; generate() checks the
         same, this is for checking them before a generation is queued (the server does)."""
         sampling.check()
-        with self._native():
-            Sampler(self._vocab, self._n_vocab, sampling, self.n_ctx).close()
+        text = grammar_text(sampling)
+        if text is not None:  # only the grammar needs the vocabulary: parsed, then freed
+            with self._native():
+                L.llama_sampler_free(parse_grammar(self._vocab, text))
 
     def _parse_vp(self, spec: VisionPulse | str | int | None) -> VisionPulse | None:
         """The settings, checked against this model's layers (C checks the rest when they are applied)."""
@@ -361,7 +363,8 @@ class VisionModel(LoadedModel):
         try:
             n_past, n_cached = eval_prompt(self, prep, t, self._vp, reuse=cache_prompt)
             t._n_prefill = prep.n_tokens - n_cached
-            sampler.remember([u[0] for u in self._kv_units if isinstance(u[0], int)])  # the prompt's text
+            if sampling.penalized:  # the prompt's text goes into the penalties' history
+                sampler.remember([u[0] for u in self._kv_units if isinstance(u[0], int)])
             self.image_spans = image_spans(prep)
             report = self._start_vp()
             t_dec = None

@@ -72,7 +72,7 @@ def chat_template_of(lm: LoadedModel, spec: str | None = None) -> templates.Chat
     """The template ``spec`` names (None: the one the model was loaded with, else its own), chosen
     once per model: a model without one warns once."""
     spec = lm.params.chat_template if spec is None else spec
-    cache: dict[str, templates.ChatTemplate] = lm.__dict__.setdefault("_chat_templates", {})
+    cache = lm._chat_templates
     key = spec or ""
     if key not in cache:
         src = L.llama_model_chat_template(lm._model, None)

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from typing_extensions import Self
 
 from . import _log
 from ._libs import llama_cpp as L
@@ -145,7 +144,7 @@ def _chain(n_vocab: int, s: SamplingParams, history: int):
 
 
 class Sampler:
-    """Draws the next token from a context's last logits; a context manager that frees the samplers.
+    """Draws the next token from a context's last logits; close() frees the samplers.
 
     ``n_ctx`` bounds the penalties' window: llama.cpp allocates the whole window up front (repeat_last_n
     2**31 - 1 would be 8 GB), and no text the context holds is longer, so the bound changes nothing else."""
@@ -158,13 +157,9 @@ class Sampler:
         self._n_vocab = n_vocab
         self._ids = np.arange(n_vocab, dtype=np.int32) if self._grammar else None
         self._cand = np.zeros(n_vocab, dtype=_TOKEN_DATA) if self._grammar else None
-        self._one = L.llama_token_data()  # the grammar's check of a single token
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        # the grammar's check of a single token: one array over one element, reused at every token
+        self._one = L.llama_token_data()
+        self._one_arr = L.llama_token_data_array(data=ctypes.pointer(self._one), size=1, selected=-1, sorted=False)
 
     def close(self) -> None:
         if self._grammar:
@@ -219,6 +214,6 @@ class Sampler:
 
     def _allowed(self, tok: int) -> bool:
         self._one.id, self._one.logit, self._one.p = tok, 1.0, 0.0
-        one = L.llama_token_data_array(data=ctypes.pointer(self._one), size=1, selected=-1, sorted=False)
-        L.llama_sampler_apply(self._grammar, ctypes.byref(one))
+        self._one_arr.size, self._one_arr.selected = 1, -1
+        L.llama_sampler_apply(self._grammar, ctypes.byref(self._one_arr))
         return math.isfinite(self._one.logit)

@@ -47,6 +47,11 @@ def builtin_names() -> tuple[str, ...]:
     return tuple(sorted(a.decode() for a in arr if a))
 
 
+def names_a_template(spec: str) -> bool:
+    """Whether ``spec`` is one of llama.cpp's names or a file (what ``choose`` accepts)."""
+    return spec in builtin_names() or Path(spec).expanduser().is_file()
+
+
 def choose(model_name: str, gguf_template: str | None, spec: str | None) -> ChatTemplate:
     """The template for ``spec`` (None or "": the model's own), checked before any generation."""
     if not spec:
@@ -80,7 +85,7 @@ def render(tmpl: ChatTemplate, messages: list[dict[str, str]], bos: str, eos: st
         return _render_builtin(tmpl.builtin, messages)
     assert tmpl.jinja is not None
     try:
-        _compiled(tmpl.jinja)
+        compiled = _compiled(tmpl.jinja)
     except PromptError:
         # Jinja that jinja2 cannot parse (e.g. a template written for another engine's extensions):
         # llama.cpp's formatters recognise many formats from their source, as its tools do without --jinja
@@ -89,7 +94,7 @@ def render(tmpl: ChatTemplate, messages: list[dict[str, str]], bos: str, eos: st
         except PromptError:
             pass
         raise
-    text = _render_jinja(tmpl, messages, bos, eos)
+    text = _render_jinja(compiled, tmpl.label, messages, bos, eos)
     if adds_bos and bos and text.startswith(bos):
         text = text[len(bos) :]
     return text
@@ -124,16 +129,15 @@ def _compiled(source: str):
         raise PromptError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
 
 
-def _render_jinja(tmpl: ChatTemplate, messages: list[dict[str, str]], bos: str, eos: str) -> str:
+def _render_jinja(compiled, label: str, messages: list[dict[str, str]], bos: str, eos: str) -> str:
     from jinja2.exceptions import TemplateError
 
-    compiled = _compiled(tmpl.jinja)
     try:
         return str(compiled.render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos))
     except _TemplateRaised as e:  # the template's own words, e.g. "roles must alternate user/assistant"
-        raise PromptError(f"{tmpl.label} chat template refused the messages: {e}") from None
+        raise PromptError(f"{label} chat template refused the messages: {e}") from None
     except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-        raise PromptError(f"{tmpl.label} chat template failed on these messages: {e}") from None
+        raise PromptError(f"{label} chat template failed on these messages: {e}") from None
 
 
 def _render_builtin(name: str, messages: list[dict[str, str]]) -> str:
