@@ -7,7 +7,20 @@ libllama that llama_cpp already loaded (one copy per process).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from ctypes import POINTER, Structure, byref, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_uint32, c_void_p
+from ctypes import (
+    POINTER,
+    Structure,
+    byref,
+    c_bool,
+    c_char_p,
+    c_float,
+    c_int,
+    c_int32,
+    c_int64,
+    c_uint32,
+    c_void_p,
+    create_string_buffer,
+)
 
 from ._libs import llama_cpp as L
 
@@ -84,6 +97,8 @@ llama_vp_get_kept = _bind("llama_vp_get_kept", [_ctx, c_int32, POINTER(c_int32),
 llama_vp_reset = _bind("llama_vp_reset", [_ctx, c_int32], None)
 llama_vp_begin_generation = _bind("llama_vp_begin_generation", [_ctx, c_int32], None)
 llama_vp_set_k = _bind("llama_vp_set_k", [_ctx, c_int32, c_int32], c_int32)
+llama_vp_trace_backends = _bind("llama_vp_trace_backends", [_ctx, c_bool], None)
+llama_vp_op_backends = _bind("llama_vp_op_backends", [_ctx, c_char_p, c_int32], c_int32)
 
 
 def get_kept(ctx, seq: int) -> list[int]:
@@ -91,6 +106,18 @@ def get_kept(ctx, seq: int) -> list[int]:
     buf = (c_int32 * max(n, 1))()
     n = llama_vp_get_kept(ctx, seq, buf, len(buf))
     return list(buf[:n])
+
+
+def op_backends(ctx) -> dict[str, dict[str, int]]:
+    """The last traced step: op -> backend -> how many of the op it ran (llama_vp_trace_backends)."""
+    n = llama_vp_op_backends(ctx, None, 0)
+    buf = create_string_buffer(max(n, 0) + 1)
+    llama_vp_op_backends(ctx, buf, len(buf))
+    out: dict[str, dict[str, int]] = {}
+    for line in buf.value.decode().splitlines():
+        op, count, backend = line.split(" ", 2)  # a backend's name may hold spaces
+        out.setdefault(op, {})[backend] = int(count)
+    return out
 
 
 def set_forced(ctx, seq: int, ordinals: Sequence[int]) -> None:

@@ -47,6 +47,11 @@ class ResourceLimitError(VPGGUFError, ValueError):
     """A setting asks for more than this machine has (e.g. a KV cache larger than the available memory)."""
 
 
+class RpcError(VPGGUFError, ConnectionError):
+    """An RPC server could not be reached or was lost; the message names it. A model that lost one
+    must be loaded again (its layers there are gone)."""
+
+
 class ModelClosedError(VPGGUFError):
     """The model was closed: its native handles are freed; load it again to use it."""
 

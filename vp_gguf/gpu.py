@@ -34,7 +34,8 @@ def parse(spec: str) -> GpuLayers:
 
 
 @functools.cache
-def _ggml() -> ctypes.CDLL | None:
+def ggml() -> ctypes.CDLL | None:
+    """libggml's device registry (None if the library is missing)."""
     from ._libs import lib_dir
 
     ext = ".dylib" if sys.platform == "darwin" else ".dll" if sys.platform == "win32" else ".so"
@@ -51,29 +52,46 @@ def _ggml() -> ctypes.CDLL | None:
     size_p = ctypes.POINTER(ctypes.c_size_t)
     lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, size_p, size_p]
     lib.ggml_backend_dev_memory.restype = None
+    lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
     return lib
+
+
+def local_devices() -> list[int]:
+    """This machine's GPUs as ggml lists them (dedicated and integrated)."""
+    lib = ggml()
+    if lib is None:
+        return []
+    devs = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
+    return [d for d in devs if lib.ggml_backend_dev_type(d) in (_DEV_GPU, _DEV_IGPU)]
+
+
+def free_bytes(devices: list[int]) -> int:
+    """The free memory these devices report."""
+    lib = ggml()
+    total_free = 0
+    for dev in devices if lib is not None else []:
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        total_free += int(free.value)
+    return total_free
 
 
 def gpu_free_bytes() -> int:
     """Free memory of the GPU devices ggml sees (0 without any)."""
-    lib = _ggml()  # layers_to_offload asks only when offload is supported
-    if lib is None:
-        return 0
-    total_free = 0
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        if lib.ggml_backend_dev_type(dev) in (_DEV_GPU, _DEV_IGPU):
-            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-            total_free += int(free.value)
-    return total_free
+    return free_bytes(local_devices())
 
 
-def layers_to_offload(spec: GpuLayers, n_layer: int, weights_bytes: int, free_bytes: int | None = None) -> int:
-    """The n_gpu_layers llama.cpp gets (its count includes the output layer: n_layer + 1 is all)."""
+def layers_to_offload(
+    spec: GpuLayers, n_layer: int, weights_bytes: int, free_bytes: int | None = None, remote: bool = False
+) -> int:
+    """The n_gpu_layers llama.cpp gets (its count includes the output layer: n_layer + 1 is all).
+    remote: RPC servers take layers too (free_bytes then counts theirs)."""
     if spec == 0:
         return 0
-    if not _offload_supported():
+    if not remote and not _offload_supported():
         _warn_no_gpu(spec)
         return 0
     if spec in (ALL, -1):
@@ -89,9 +107,9 @@ def layers_to_offload(spec: GpuLayers, n_layer: int, weights_bytes: int, free_by
 
 
 def _offload_supported() -> bool:
-    from ._libs import llama_cpp as L  # here: parsing -ngl must not load the libraries
-
-    return bool(L.llama_supports_gpu_offload())
+    # a GPU to offload to: llama_supports_gpu_offload() also says yes for a build with the RPC
+    # backend, whose devices exist only once servers are named (`remote` above)
+    return bool(local_devices())
 
 
 _warned: list[bool] = []

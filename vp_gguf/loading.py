@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _log, gguf_check, gpu
+from . import _log, gguf_check, gpu, rpc
 from ._libs import llama_cpp as L
 from ._libs import mtmd_cpp as M
-from .errors import InvalidArgumentError, ModelFileError, ProjectorMismatchError, ResourceLimitError
+from .errors import InvalidArgumentError, ModelFileError, ProjectorMismatchError, ResourceLimitError, RpcError
 from .gguf_file import read_gguf_info
 from .gpu import GpuLayers
 from .sampling import INT32_MAX, int_arg
@@ -70,6 +71,9 @@ class ModelParams:
     # the chat template of chat_template=True, chat and the server: one of llama.cpp's names
     # ("chatml", "gemma", ...) or a Jinja file (llama.cpp's --chat-template); None: the model's own
     chat_template: str | None = None
+    # llama.cpp's --rpc: rpc-server hosts ("host:port,host:port" or a list) that n_gpu_layers offloads
+    # to, before any local GPU (vp_gguf.rpc)
+    rpc: str | Sequence[str] | None = None
 
     def check(self) -> None:
         """Refuse (InvalidArgumentError, a ValueError) settings the C side would wrap, crash or hang on;
@@ -87,6 +91,8 @@ class ModelParams:
                 raise InvalidArgumentError(f"{name} must be one of {sorted(KV_TYPES)}")
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise InvalidArgumentError("chat_template must be a template's name or file, or None")
+        if self.rpc is not None:
+            rpc.parse_servers(self.rpc)
         if not isinstance(self.flash_attn, str) or self.flash_attn not in FLASH_ATTN:
             raise InvalidArgumentError(f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {self.flash_attn!r}")
 
@@ -166,6 +172,9 @@ class LoadedModel:
         self._mctx: Any = None
         self._chat_templates: dict = {}  # chat template spec -> the chosen template (prompt.chat_template_of)
         self._kv_units: list = []  # what the KV cache holds, as decoding.prompt_units describes it
+        self.rpc_servers: tuple[str, ...] = rpc.parse_servers(params.rpc) if params.rpc is not None else ()
+        self.rpc_lost: str | None = None  # the error once a server was lost: the model is unusable then
+        self._devices: Any = None  # the device list llama_model_params points to, kept alive
         self._check_files()
         try:
             self._load()
@@ -211,10 +220,14 @@ class LoadedModel:
         n_threads = p.n_threads or min(os.cpu_count() or 1, GGML_MAX_N_THREADS)
         mp = L.llama_model_default_params()
         weights = self.model_path.stat().st_size + (self.mmproj_path.stat().st_size if p.mmproj_use_gpu else 0)
-        self.n_gpu_layers = gpu.layers_to_offload(p.n_gpu_layers, self._n_layer, weights)
+        if self.rpc_servers:
+            self._use_rpc_devices(mp, weights)
+        else:
+            self.n_gpu_layers = gpu.layers_to_offload(p.n_gpu_layers, self._n_layer, weights)
         mp.n_gpu_layers = self.n_gpu_layers
         self._model = L.llama_model_load_from_file(str(self.model_path).encode(), mp)
         if not self._model:
+            self.check_rpc()
             raise ModelFileError(f"llama.cpp could not load {self.model_path}: {_log.last_error() or 'unknown error'}")
         self._vocab: Any = L.llama_model_get_vocab(self._model)
         check_kv_fits(self._model, p, self.model_path, self.n_gpu_layers)
@@ -262,6 +275,28 @@ class LoadedModel:
         if not M.mtmd_support_vision(self._mctx):
             raise ModelFileError(f"{self.mmproj_path} does not support image input")
         self.marker: str = (M.mtmd_default_marker() or DEFAULT_MARKER.encode()).decode()
+
+    def _use_rpc_devices(self, mp: Any, weights: int) -> None:
+        """The model's devices: the RPC servers' first, then the local GPUs (llama.cpp's order when it
+        finds them itself), given to this model alone."""
+        remote, local = rpc.devices(self.rpc_servers), gpu.local_devices()
+        free = gpu.free_bytes(remote) + gpu.free_bytes(local)
+        self.n_gpu_layers = gpu.layers_to_offload(self.params.n_gpu_layers, self._n_layer, weights, free, remote=True)
+        devs = remote + local
+        self._devices = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
+        mp.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+
+    def check_rpc(self) -> None:
+        """Raise RpcError if a server of this model was lost (then and at every later call)."""
+        if self.rpc_lost is None and self.rpc_servers:
+            gone = rpc.lost(self.rpc_servers)
+            if gone:
+                self.rpc_lost = (
+                    f"RPC server {', '.join(gone)} was lost (the server stopped or its host is unreachable): "
+                    "this model's layers there are gone; load the model again once it is back"
+                )
+        if self.rpc_lost is not None:
+            raise RpcError(self.rpc_lost)
 
     def close(self) -> None:
         """Free the native model, context and projector (also done on garbage collection)."""

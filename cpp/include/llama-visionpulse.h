@@ -128,6 +128,14 @@ LLAMA_API void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq);
 // token, whose query ranks the visual cells once). A seq never reset selects at every decode step.
 LLAMA_API void llama_vp_begin_generation(struct llama_context * ctx, llama_seq_id seq); // seq < 0: all
 
+// Which backend computed the selection's ops (split over RPC servers or GPUs): off by default; on,
+// every step with a selection records, for each op the VisionPulse hooks built, the backend that ran it.
+LLAMA_API void llama_vp_trace_backends(struct llama_context * ctx, bool on);
+// The last traced step's record, a line per op and backend: "OP COUNT BACKEND\n" (OP as ggml_op_desc
+// names it, BACKEND as ggml_backend_name, which may hold spaces). Returns the text's length as snprintf does (writes at
+// most cap - 1 characters and a NUL; buf may be NULL with cap 0), 0 when nothing was traced, -1 on bad arguments.
+LLAMA_API int32_t llama_vp_op_backends(const struct llama_context * ctx, char * buf, int32_t cap);
+
 #ifdef __cplusplus
 }
 #endif

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -223,6 +224,28 @@ static llama_vp_context * vp_state(struct llama_context * ctx) {
         ctx->set_vp(vp);
     }
     return vp;
+}
+
+void llama_vp_trace_backends(struct llama_context * ctx, bool on) {
+    if (!ctx) return;
+    llama_vp_context * vp = vp_state(ctx);
+    vp->trace_backends    = on;
+    if (!on) vp->op_backends.clear();
+}
+
+int32_t llama_vp_op_backends(const struct llama_context * ctx, char * buf, int32_t cap) {
+    if (!ctx || cap < 0 || (!buf && cap > 0)) return -1;
+    const llama_vp_context * vp = vp_of(ctx);
+    std::string              text;
+    if (!vp) {
+        if (cap > 0) buf[0] = '\0';
+        return 0;
+    }
+    for (const auto & [key, n] : vp->op_backends) {
+        text += key.first + " " + std::to_string(n) + " " + key.second + "\n";
+    }
+    if (cap > 0) snprintf(buf, (size_t) cap, "%s", text.c_str());
+    return (int32_t) text.size();
 }
 
 int32_t llama_vp_mark_visual(struct llama_context * ctx, llama_seq_id seq, llama_pos p0, llama_pos p1) {

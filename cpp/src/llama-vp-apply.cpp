@@ -187,6 +187,21 @@ static vp_layer_set * vp_set_of_layer(ggml_context * ctx, llm_graph_input_vp & i
     return nullptr;
 }
 
+// Records where a hook's tensors lie in the graph context's memory, which holds tensors in the order
+// they are made: the nodes inside the span are the ops VisionPulse built (llama_vp_trace_backends).
+struct vp_op_span {
+    llm_graph_input_vp & inp;
+    ggml_context *       ctx;
+    size_t               begin;
+
+    vp_op_span(llm_graph_input_vp & inp, ggml_context * ctx) : inp(inp), ctx(ctx), begin(ggml_used_mem(ctx)) {}
+
+    ~vp_op_span() {
+        const size_t end = ggml_used_mem(ctx);
+        if (end > begin) inp.op_spans.emplace_back(begin, end);
+    }
+};
+
 ggml_tensor * llama_vp_build_attn(const llm_graph_context & g, const llama_kv_cache_context * base,
                                   const llama_kv_cache_context * swa, bool is_swa, ggml_tensor * q, ggml_tensor ** k,
                                   ggml_tensor ** v, ggml_tensor * kq_mask, float kq_scale, int il, int64_t * n_kv_max) {
@@ -205,6 +220,7 @@ ggml_tensor * llama_vp_build_attn(const llm_graph_context & g, const llama_kv_ca
         return kq_mask;
     }
     ggml_context * ctx = g.ctx0;
+    vp_op_span     span(*inp, ctx);
     if (inp->path < 0) {
         inp->path     = vp_resolve_path(g, *inp, *k);
         vp->last_attn = inp->path;
@@ -242,7 +258,8 @@ ggml_tensor * llama_vp_attn_scores(const llm_graph_context & g, ggml_tensor * kq
         return kq;
     }
     ggml_context * ctx = g.ctx0;
-    auto &         sc  = inp->scores;
+    vp_op_span     span(*inp, ctx);
+    auto &         sc = inp->scores;
     if (sc.scatter_idx && sc.scatter_il == il) {
         // [n_sel, 1, H, S] -> [n_kv, 1, H, S]: one-value rows, the stream's index list for every head.
         // The layers share one zeroed buffer: they all write the same cells (the step's selection),

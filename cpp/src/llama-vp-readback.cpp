@@ -6,6 +6,7 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <numeric>
 #include <unordered_map>
 
@@ -56,7 +57,39 @@ static void vp_record_skipped(llama_vp_context * vp, const vp_step_plan & plan) 
     }
 }
 
-void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res) {
+// ops that compute; views and reshapes only name memory (the scheduler places them all the same)
+static bool vp_computes(const ggml_tensor * t) {
+    switch (t->op) {
+    case GGML_OP_NONE:
+    case GGML_OP_VIEW:
+    case GGML_OP_RESHAPE:
+    case GGML_OP_PERMUTE:
+    case GGML_OP_TRANSPOSE:
+        return false;
+    default:
+        return true;
+    }
+}
+
+// Which backend the scheduler gave each op the hooks built (their tensors lie in inp.op_spans).
+static void vp_record_backends(llama_vp_context * vp, const llm_graph_result * res, const llm_graph_input_vp & inp,
+                               ggml_backend_sched * sched) {
+    vp->op_backends.clear();
+    const auto &  spans = inp.op_spans; // ascending: the hooks run in graph-building order
+    const char *  base  = (const char *) ggml_get_mem_buffer(res->get_ctx());
+    ggml_cgraph * gf    = res->get_gf();
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * t = ggml_graph_node(gf, i);
+        if (!vp_computes(t)) continue;
+        const size_t off = (size_t) ((const char *) t - base);
+        auto         it  = std::upper_bound(spans.begin(), spans.end(), std::make_pair(off, SIZE_MAX));
+        if (it == spans.begin() || off >= std::prev(it)->second) continue;
+        ggml_backend_t be = ggml_backend_sched_get_tensor_backend(sched, t);
+        vp->op_backends[{ ggml_op_desc(t), be ? ggml_backend_name(be) : "none" }] += 1;
+    }
+}
+
+void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res, ggml_backend_sched * sched) {
     if (!vp || !res) return;
     llm_graph_input_vp * inp = nullptr;
     for (auto & in : res->inputs) {
@@ -68,6 +101,7 @@ void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res)
         return;
     }
     if (!inp->selected) return;
+    if (vp->trace_backends && sched) vp_record_backends(vp, res, *inp, sched);
     const vp_step_plan & plan = inp->plan;
     const auto           mass = vp_get<float>(inp->out.mass);
     const auto           keep = vp_get<float>(inp->out.keep);

@@ -95,6 +95,10 @@ public:
         ggml_tensor *mass = nullptr, *idx = nullptr, *keep = nullptr, *cov_num = nullptr, *cov_den = nullptr;
     } out;
 
+    // where the hooks' tensors lie in the graph context's memory (offsets [begin, end)): a node
+    // inside one is an op VisionPulse built (llama_vp_trace_backends)
+    std::vector<std::pair<size_t, size_t>> op_spans;
+
     vp_layer_set  sel;                   // the step's selection (layers >= first_pruned)
     vp_layer_set  lag;                   // lagged: the previous step's (full-attention layers below the anchor)
     ggml_tensor * kq_mask_f32 = nullptr; // the layers' own mask in F32 (cast once)

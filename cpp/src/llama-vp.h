@@ -19,6 +19,7 @@
 #include <vector>
 
 struct ggml_tensor;
+struct ggml_backend_sched;
 struct llm_graph_context;
 struct llm_graph_result;
 class llama_kv_cache_context;
@@ -48,6 +49,8 @@ struct llama_vp_context {
     int32_t                              last_probe = -1;    // 1: its scores were the anchor layer's own, 0: probed
     bool                                 skip       = false; // the selection cannot pay on this model (llama_vp_enable)
     std::string                          skip_reason;
+    bool                                 trace_backends = false;        // llama_vp_trace_backends
+    std::map<std::pair<std::string, std::string>, int32_t> op_backends; // (op, backend) -> ops, last traced step
 };
 
 // The visual cells of seq among the first n_kv cells, in ordinal order (llama-vp-plan.cpp).
@@ -70,7 +73,8 @@ ggml_tensor * llama_vp_build_attn(const llm_graph_context & g, const llama_kv_ca
 // and a GATHER layer's scores of its gathered rows are returned at their cells.
 ggml_tensor * llama_vp_attn_scores(const llm_graph_context & g, ggml_tensor * kq, int il);
 
-// After a ubatch's graph was computed: read the step's selection and stats back.
-void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res);
+// After a ubatch's graph was computed: read the step's selection and stats back (and, when traced,
+// which of sched's backends ran the hooks' ops).
+void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res, ggml_backend_sched * sched);
 
 void llama_vp_free(llama_vp_context * vp);
