@@ -23,6 +23,7 @@ from .errors import (
     ProjectorMismatchError,
     PromptError,
     ResourceLimitError,
+    RpcError,
     VideoError,
     VPGGUFError,
 )
@@ -73,6 +74,7 @@ __all__ = [  # noqa: PLE0604
     "MediaLimitError",
     "ModelClosedError",
     "ModelBusyError",
+    "RpcError",
 ]
 
 _libdir.try_point_llama_cpp()

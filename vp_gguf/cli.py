@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from . import cli_rpc
 from .cli_chat import _add_chat, cmd_chat
 from .cli_common import (
     EXAMPLE,
@@ -369,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_parser as add_demo
 
     add_demo(sub)
+    cli_rpc.add_parser(sub)
     return ap
 
 
@@ -431,6 +433,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "fetch": cmd_fetch,
     "models": cmd_models,
     "demo": _demo,
+    "rpc-server": cli_rpc.cmd,
 }
 
 

@@ -85,6 +85,16 @@ def _gpu_layers(s: str) -> gpu.GpuLayers:
     return n
 
 
+def _rpc_servers(s: str) -> tuple[str, ...]:
+    """--rpc's argparse type: host:port[,host:port...] (llama.cpp's spelling)."""
+    from .rpc import parse_servers
+
+    try:
+        return parse_servers(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error: the usage block is what --help is for."""
 
@@ -137,6 +147,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=gpu.AUTO,
         metavar="N|auto|all",
         help="layers to offload to the GPU: a number, 'all', or 'auto' (default: all that fit; none on a CPU build)",
+    )
+    p.add_argument(
+        "--rpc",
+        type=_rpc_servers,
+        default=None,
+        metavar="HOST:PORT[,...]",
+        help="rpc-server hosts (`vp-gguf rpc-server` on each) that -ngl offloads layers to, before local GPUs",
     )
     p.add_argument(
         "-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto", help="flash attention (default auto)"
@@ -374,6 +391,7 @@ def _open(a: argparse.Namespace):
         n_batch=a.batch_size,
         n_threads=a.threads,
         n_gpu_layers=a.n_gpu_layers,
+        rpc=a.rpc,
         flash_attn=a.flash_attn,
         verbose=a.verbose,
         swa_full=a.swa_full,

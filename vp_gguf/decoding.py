@@ -22,6 +22,7 @@ _NO_POST_DECODE = M.mtmd_helper_post_decode_callback()  # a NULL function pointe
 def check_decode(lm: LoadedModel, rc: int, what: str) -> None:
     if rc == 0:
         return
+    lm.check_rpc()  # a lost RPC server fails the graphs that need it: say which
     if rc == 1:
         raise ContextOverflowError(f"the context ({lm.n_ctx} tokens) is full while decoding {what}: raise n_ctx")
     raise DecodeError(f"llama.cpp failed to decode {what} (code {rc}): {_log.last_error() or ''}".strip())

@@ -71,8 +71,10 @@ def local_devices() -> list[int]:
 def free_bytes(devices: list[int]) -> int:
     """The free memory these devices report."""
     lib = ggml()
+    if lib is None:
+        return 0
     total_free = 0
-    for dev in devices if lib is not None else []:
+    for dev in devices:
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         total_free += int(free.value)

@@ -24,9 +24,10 @@ from collections.abc import Iterator, Sequence
 from typing_extensions import Self
 
 from . import _log
+from . import _vp_ctypes as V
 from ._libs import llama_cpp as L
 from .decoding import check_decode, eval_prompt
-from .errors import ModelBusyError, ModelClosedError
+from .errors import ModelBusyError, ModelClosedError, RpcError
 from .loading import DEFAULT_MARKER, LoadedModel, ModelParams
 from .prompt import ChatTemplateChoice, MediaInput, Prepared, free_prepared, image_spans, media_list, prepare
 from .prompt import apply_chat_template as _apply_chat_template
@@ -111,6 +112,8 @@ class VisionModel(LoadedModel):
         with self._state:
             self._check_open()
             if generation:
+                if self.rpc_lost is not None:  # its layers on that server are gone
+                    raise RpcError(self.rpc_lost)
                 if self._generating:
                     raise ModelBusyError("this VisionModel is already generating (one generation at a time)")
                 self._generating = True
@@ -309,6 +312,8 @@ class VisionModel(LoadedModel):
             tok_arr = (L.llama_token * 1)()
             for i, tok in enumerate(tokens):
                 ptr = L.llama_get_logits_ith(self._ctx, -1)
+                if self.rpc_servers:
+                    self.check_rpc()
                 out[i] = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
                 if i == len(tokens) - 1:
                     break
@@ -327,6 +332,17 @@ class VisionModel(LoadedModel):
         finally:
             if prep is not None:
                 free_prepared(prep)
+
+    def trace_backends(self, on: bool = True) -> None:
+        """From the next step on, record which backend (CPU, a GPU, an RPC server) ran each op that
+        VisionPulse built; ``op_backends`` reads the last step's record."""
+        with self._native():
+            V.llama_vp_trace_backends(self._ctx, on)
+
+    def op_backends(self) -> dict[str, dict[str, int]]:
+        """The last traced step with a selection: op name -> backend name -> how many such ops it ran."""
+        with self._native():
+            return V.op_backends(self._ctx)
 
     def _start_vp(self) -> VisionPulseReport | None:
         """The prompt is in: from the next decode on, each one is a VisionPulse step."""
@@ -374,6 +390,8 @@ class VisionModel(LoadedModel):
             while len(tokens) < max_tokens:
                 self._check_open(" while generating")  # close() came (from another thread, or while we yielded)
                 tok = sampler.sample(self._ctx)
+                if self.rpc_servers:
+                    self.check_rpc()  # a server lost during this step left zeros for its logits
                 if L.llama_vocab_is_eog(self._vocab, tok):
                     stop = "eos"
                     break

@@ -95,10 +95,9 @@ def devices(endpoints: Sequence[str]) -> list[int]:
     """The ggml devices of these servers (connecting to each), in order."""
     from . import gpu
 
-    lib = _lib()
-    if lib is None:
+    lib, ggml = _lib(), gpu.ggml()
+    if lib is None or ggml is None:
         raise RpcError("this build of llama.cpp has no RPC backend: rebuild without CMAKE_ARGS=-DGGML_RPC=OFF")
-    ggml = gpu.ggml()
     out: list[int] = []
     for ep in endpoints:
         _check_reachable(ep)

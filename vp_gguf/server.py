@@ -35,7 +35,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from .errors import ImageError, MediaLimitError, VideoError, VPGGUFError
+from .errors import ImageError, MediaLimitError, RpcError, VideoError, VPGGUFError
 from .model import VisionModel
 from .server_metrics import CONTENT_TYPE, Load, ServerMetrics, health
 from .server_policy import RequestError, ServerLimits, media_root
@@ -106,6 +106,9 @@ def _error(status: int, msg: str, typ: str = "invalid_request_error"):
     return JSONResponse({"error": {"message": msg, "type": typ, "param": None, "code": None}}, status_code=status)
 
 
+RPC_LOST = "the model lost one of its RPC servers: this server cannot generate until its operator restarts it"
+
+
 def _public_message(e: BaseException) -> tuple[int, str]:
     """A worker's exception as (status, text) for the client: a decoder's message can quote the
     file it read, so image errors are told in our words; anything unexpected is not detailed."""
@@ -119,6 +122,9 @@ def _public_message(e: BaseException) -> tuple[int, str]:
         return 400, "a video of the request cannot be read as a video (unsupported or corrupt)"
     if isinstance(e, ImageError):
         return 400, "an image of the request cannot be decoded (unsupported or corrupt)"
+    if isinstance(e, RpcError):  # the operator's to fix; the hosts behind the server are not the client's to see
+        print(f"vp-gguf serve: {e}", file=sys.stderr)
+        return 503, RPC_LOST
     if isinstance(e, (VPGGUFError, ValueError)):
         return 400, str(e)
     traceback.print_exception(e, file=sys.stderr)  # for the operator; the client learns nothing of it
@@ -310,7 +316,7 @@ def create_app(
         bad = refused(request, public=True)
         if bad is not None:
             return bad
-        status, body = health(queue.load())
+        status, body = health(queue.load(), RPC_LOST if model.rpc_lost else None)
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")

@@ -59,14 +59,17 @@ class Load:
         return self.waiting >= self.queue_limit
 
 
-def health(load: Load) -> tuple[int, dict[str, Any]]:
-    """/health's status and body."""
+def health(load: Load, broken: str | None = None) -> tuple[int, dict[str, Any]]:
+    """/health's status and body; broken: why the model cannot generate any more (a lost RPC server)."""
     body: dict[str, Any] = {
-        "status": "busy" if load.busy else "ok",
+        "status": "error" if broken else "busy" if load.busy else "ok",
         "generating": load.generating,
         "waiting": load.waiting,
         "queue_limit": load.queue_limit,
     }
+    if broken:
+        body["error"] = {"code": 503, "message": broken, "type": "unavailable_error"}
+        return 503, body
     if not load.busy:
         return 200, body
     message = f"busy: {load.waiting} requests already wait for the model (the queue's limit); retry elsewhere or later"
