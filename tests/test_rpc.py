@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -158,6 +159,25 @@ def test_a_server_lost_mid_generation(tiny_paths, images, dies):
     # the process is still usable: a model on this machine generates
     with vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2) as local:
         assert local.generate(PROMPT, images=[images["a"]], max_tokens=2).tokens
+
+
+def test_a_server_that_stops_answering_times_out(tiny_paths, images, monkeypatch):
+    """Its host still acknowledges (keep-alives pass) but the process is frozen: GGML_RPC_TIMEOUT."""
+    model, mmproj = tiny_paths("qwen2vl")
+    monkeypatch.setenv("GGML_RPC_TIMEOUT", "3")  # read when the connection is made
+    with rpc_servers(2) as (endpoints, procs):
+        m = vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, rpc=endpoints, n_gpu_layers="all")
+        t_stop = None
+        try:
+            with pytest.raises(RpcError, match=f"RPC server {endpoints[1]} was lost"):
+                for i, _ in enumerate(m.stream(PROMPT, images=[images["a"]], max_tokens=400)):
+                    if i == 2:
+                        procs[1].send_signal(signal.SIGSTOP)
+                        t_stop = time.monotonic()
+            assert t_stop is not None and 2.5 < time.monotonic() - t_stop < 30
+        finally:
+            procs[1].send_signal(signal.SIGCONT)
+            m.close()
 
 
 def test_cli_run_with_rpc_prints_the_local_answer(tiny_paths, images):
