@@ -13,10 +13,10 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from rpc_check import _free_port, local_servers  # noqa: E402  (scripts/, on the path by conftest)
 
 import vp_gguf
 from vp_gguf import VisionPulse, rpc
@@ -32,43 +32,6 @@ MODES = {
 pytestmark = pytest.mark.skipif(not rpc.supported(), reason="built with GGML_RPC=OFF")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def rpc_servers(n: int):
-    """n `vp-gguf rpc-server` processes on loopback; yields their endpoints, kills them after."""
-    ports = [_free_port() for _ in range(n)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "vp_gguf.cli", "rpc-server", "-p", str(p), "-t", "1"],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for p in ports
-    ]
-    try:
-        for p, proc in zip(ports, procs, strict=True):
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, "rpc-server exited"
-                try:
-                    socket.create_connection(("127.0.0.1", p), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, f"rpc-server on port {p} never listened"
-                    time.sleep(0.05)
-        yield [f"127.0.0.1:{p}" for p in ports], procs
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-
-
 def _run(m, images, vp):
     res = m.generate(PROMPT, images=[images["a"]], max_tokens=12, visionpulse=vp)
     steps = res.visionpulse.steps
@@ -79,12 +42,13 @@ def _run(m, images, vp):
 @pytest.mark.parametrize("family,flash_attn", [("qwen2vl", "on"), ("qwen2vl", "off"), ("gemma3", "off")])
 def test_split_over_two_servers_equals_a_local_run(tiny_paths, images, family, flash_attn):
     model, mmproj = tiny_paths(family)
-    local = vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, flash_attn=flash_attn)
+    # this machine with the servers' kernels: one thread as each server has, weights not repacked
+    local = vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=1, flash_attn=flash_attn, repack=False)
     want = {name: _run(local, images, vp) for name, vp in MODES.items()}
     local.close()
-    with rpc_servers(2) as (endpoints, _):
+    with local_servers(2) as (endpoints, _):
         m = vp_gguf.VisionModel(
-            model, mmproj, n_ctx=1024, n_threads=2, flash_attn=flash_attn, rpc=",".join(endpoints), n_gpu_layers="all"
+            model, mmproj, n_ctx=1024, n_threads=1, flash_attn=flash_attn, rpc=",".join(endpoints), n_gpu_layers="all"
         )
         try:
             assert m.n_gpu_layers == m.n_layer + 1
@@ -142,7 +106,7 @@ def test_unreachable_and_wrong_servers_are_errors_naming_the_host(tiny_paths):
 @pytest.mark.parametrize("dies", [0, 1])  # the anchor's server, or the pruned layers' and the output's
 def test_a_server_lost_mid_generation(tiny_paths, images, dies):
     model, mmproj = tiny_paths("qwen2vl")
-    with rpc_servers(2) as (endpoints, procs):
+    with local_servers(2) as (endpoints, procs):
         m = vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, rpc=endpoints, n_gpu_layers="all")
         pieces = 0
         t0 = time.monotonic()
@@ -165,7 +129,7 @@ def test_a_server_that_stops_answering_times_out(tiny_paths, images, monkeypatch
     """Its host still acknowledges (keep-alives pass) but the process is frozen: GGML_RPC_TIMEOUT."""
     model, mmproj = tiny_paths("qwen2vl")
     monkeypatch.setenv("GGML_RPC_TIMEOUT", "3")  # read when the connection is made
-    with rpc_servers(2) as (endpoints, procs):
+    with local_servers(2) as (endpoints, procs):
         m = vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, rpc=endpoints, n_gpu_layers="all")
         t_stop = None
         try:
@@ -183,7 +147,7 @@ def test_a_server_that_stops_answering_times_out(tiny_paths, images, monkeypatch
 def test_cli_run_with_rpc_prints_the_local_answer(tiny_paths, images):
     model, mmproj = tiny_paths("qwen2vl")
     base = [sys.executable, "-m", "vp_gguf.cli", "run", "-m", str(model), "--mmproj", str(mmproj), "--image"]
-    base += [str(images["a"]), "-p", PROMPT, "-n", "8", "--temp", "0", "--json", "-t", "2", "--visionpulse", "5"]
+    base += [str(images["a"]), "-p", PROMPT, "-n", "8", "--temp", "0", "--json", "-t", "1", "-nr", "--visionpulse", "5"]
     base += ["--vp-min-pruned-layers", "0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("VP_GGUF_")}
 
@@ -193,7 +157,7 @@ def test_cli_run_with_rpc_prints_the_local_answer(tiny_paths, images):
         return json.loads(r.stdout)
 
     want = answer()
-    with rpc_servers(2) as (endpoints, _):
+    with local_servers(2) as (endpoints, _):
         got = answer("--rpc", ",".join(endpoints), "-ngl", "all")
     assert got["tokens"] == want["tokens"]
     assert [s["kept"] for s in got["visionpulse"]["steps"]] == [s["kept"] for s in want["visionpulse"]["steps"]]
@@ -208,7 +172,7 @@ def test_serve_reports_a_lost_server_without_naming_it(tiny_paths, images):
     from vp_gguf.server import create_app
 
     model, mmproj = tiny_paths("qwen2vl")
-    with rpc_servers(2) as (endpoints, procs):
+    with local_servers(2) as (endpoints, procs):
         m = vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, rpc=endpoints, n_gpu_layers="all")
         try:
             with serving(create_app(m, "tiny")) as port:

@@ -156,6 +156,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="rpc-server hosts (`vp-gguf rpc-server` on each) that -ngl offloads layers to, before local GPUs",
     )
     p.add_argument(
+        "-nr",
+        "--no-repack",
+        dest="repack",
+        action="store_false",
+        help="keep CPU weights in the file's layout (llama.cpp's; its faster kernels are not used)",
+    )
+    p.add_argument(
         "-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto", help="flash attention (default auto)"
     )
     p.add_argument(
@@ -392,6 +399,7 @@ def _open(a: argparse.Namespace):
         n_threads=a.threads,
         n_gpu_layers=a.n_gpu_layers,
         rpc=a.rpc,
+        repack=a.repack,
         flash_attn=a.flash_attn,
         verbose=a.verbose,
         swa_full=a.swa_full,

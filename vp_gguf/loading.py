@@ -74,6 +74,9 @@ class ModelParams:
     # llama.cpp's --rpc: rpc-server hosts ("host:port,host:port" or a list) that n_gpu_layers offloads
     # to, before any local GPU (vp_gguf.rpc)
     rpc: str | Sequence[str] | None = None
+    # llama.cpp's --repack / --no-repack: CPU weights in the layouts of its faster kernels (False keeps
+    # the file's layout, whose kernels an RPC server runs: its results then match this machine's)
+    repack: bool = True
 
     def check(self) -> None:
         """Refuse (InvalidArgumentError, a ValueError) settings the C side would wrap, crash or hang on;
@@ -93,6 +96,8 @@ class ModelParams:
             raise InvalidArgumentError("chat_template must be a template's name or file, or None")
         if self.rpc is not None:
             rpc.parse_servers(self.rpc)
+        if not isinstance(self.repack, bool):
+            raise InvalidArgumentError(f"repack must be True or False, got {self.repack!r}")
         if not isinstance(self.flash_attn, str) or self.flash_attn not in FLASH_ATTN:
             raise InvalidArgumentError(f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {self.flash_attn!r}")
 
@@ -225,6 +230,7 @@ class LoadedModel:
         else:
             self.n_gpu_layers = gpu.layers_to_offload(p.n_gpu_layers, self._n_layer, weights)
         mp.n_gpu_layers = self.n_gpu_layers
+        mp.use_extra_bufts = bool(p.repack)
         self._model = L.llama_model_load_from_file(str(self.model_path).encode(), mp)
         if not self._model:
             self.check_rpc()
