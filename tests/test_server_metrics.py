@@ -15,7 +15,7 @@ pytest.importorskip("uvicorn")
 
 import vp_gguf  # noqa: E402
 from vp_gguf.server import Access, create_app  # noqa: E402
-from support.serving import serving  # noqa: E402
+from support.serving import serving, wait_ready  # noqa: E402
 
 KEY = "metrics-key-1"
 SAMPLE = re.compile(r'^([a-zA-Z_][a-zA-Z0-9_]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? (\S+)$')
@@ -263,17 +263,32 @@ def test_serve_metrics_flag(tiny_paths):
                           "--port", str(port), "-t", "2", "-c", "1024", "--max-queue", "3", "--metrics"],
                          stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                assert p.poll() is None, p.stderr.read()
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.1)
+        wait_ready(p, port)  # through "loading" while the model loads
         m, _ = _metrics(port)
         assert m["vpgguf_requests_queue_limit"] == 3  # serve's own flags reach the app
     finally:
         p.kill()
         p.wait()
+
+
+def test_health_says_loading_while_the_model_loads():
+    """`serve` answers on its port before the model is in: 503 loading, then frees the port for the app."""
+    import socket
+
+    from vp_gguf.server_loading import answering_loading
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with answering_loading("127.0.0.1", port):
+        status, body = _health(port)
+        assert status == 503 and body["status"] == "loading"
+        assert body["error"] == {"code": 503, "message": "Loading model", "type": "unavailable_error"}
+        status, ctype, raw = _http(port, "POST", "/v1/chat/completions", {"messages": []})
+        assert status == 503 and ctype == "application/json" and json.loads(raw)["status"] == "loading"
+        with pytest.raises(OSError):  # the port is taken: serve fails at once, before loading a model
+            with answering_loading("127.0.0.1", port):
+                pass
+    with socket.socket() as s:  # and free again for the app (which binds as uvicorn does, reusing the address)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))

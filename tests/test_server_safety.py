@@ -20,7 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 import vp_gguf  # noqa: E402
 from vp_gguf.server import Access, create_app  # noqa: E402
 from vp_gguf.server_policy import ServerLimits  # noqa: E402
-from support.serving import serving  # noqa: E402
+from support.serving import serving, wait_ready  # noqa: E402
 
 KEY = "test-key-123"
 SECRET = "SECRET_API_KEY=do-not-show-this"
@@ -291,16 +291,12 @@ def _serve(tiny_paths, *flags):
     p = subprocess.Popen([sys.executable, "-m", "vp_gguf.cli", "serve", "-m", str(model), "--mmproj", str(mmproj),
                           "--port", str(port), "-t", "2", *flags],
                          stderr=subprocess.PIPE, text=True, env=env)
-    for _ in range(600):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return p, port
-        except OSError:
-            if p.poll() is not None:
-                raise AssertionError(p.stderr.read())
-            time.sleep(0.1)
-    p.kill()
-    raise AssertionError("the server did not start")
+    try:
+        wait_ready(p, port)
+    except BaseException:
+        p.kill()
+        raise
+    return p, port
 
 
 def test_serve_flags_are_the_defaults_and_sigterm_exits_promptly(tiny_paths):

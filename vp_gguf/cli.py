@@ -209,6 +209,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         import uvicorn
 
         from .server import Access, create_app, is_loopback
+        from .server_loading import answering_loading
         from .server_policy import ServerLimits, media_root
     except ImportError:
         raise UsageError("the server needs FastAPI and uvicorn: pip install 'vp-gguf[server]'") from None
@@ -225,7 +226,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             "this address can use the model" + (" and read --media-path" if a.media_path else ""),
             file=sys.stderr,
         )
-    model, sampling, vp = _open(a)
+    with answering_loading(a.host, a.port):  # the port answers "loading" (a taken port fails here, at once)
+        model, sampling, vp = _open(a)
     with model:
         video = videos_from_args(a, ["-"])[0]  # the settings of every request's videos
         access = Access(api_key=a.api_key, bind_host=a.host, media_path=a.media_path, docs=a.docs)

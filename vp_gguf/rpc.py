@@ -22,7 +22,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import _log
 from .errors import InvalidArgumentError, RpcError
 
 DEFAULT_PORT = 50052  # rpc-server's own default
@@ -93,7 +92,7 @@ def _check_reachable(endpoint: str) -> None:
 
 def devices(endpoints: Sequence[str]) -> list[int]:
     """The ggml devices of these servers (connecting to each), in order."""
-    from . import gpu
+    from . import _log, gpu  # here: parsing --rpc must not load the libraries
 
     lib, ggml = _lib(), gpu.ggml()
     if lib is None or ggml is None:

@@ -8,7 +8,8 @@
                                 true, as llama.cpp's server: the KV of the previous request's
                                 common prefix is kept, so a conversation's images are encoded once)
     GET  /v1/models
-    GET  /health                (no key needed) 200 ready, 503 busy (the queue is full), with the load
+    GET  /health                (no key needed) 200 ready, 503 busy (the queue is full), with the load;
+                                503 loading while `serve` loads the model, 503 error once an RPC server is lost
     GET  /metrics               Prometheus text, with --metrics (server_metrics.py says what is counted)
 
 Who may call: with an API key (--api-key or VP_GGUF_API_KEY) every route but /health wants

@@ -5,8 +5,9 @@
 --max-queue requests already wait for the model (which is generating another). Then it answers 503
 in llama-server's error shape ({"error": {"code": 503, "message", "type": "unavailable_error"}}),
 so a balancer sends requests elsewhere. Generating with room in the queue is ok: a request would
-wait, not fail. There is no "loading" state to see: `serve` loads the model before it listens, so
-while it loads the port refuses connections, which a balancer reads as down just the same.
+wait, not fail. While `serve` loads the model every request, /health included, answers 503
+{"status": "loading"} with llama-server's "Loading model" (server_loading.py); a model that lost
+an RPC server answers 503 {"status": "error"} until the operator restarts it.
 
 /metrics is Prometheus' text format. Where llama-server has a metric, ours has its name and meaning
 with our prefix (`llamacpp:prompt_tokens_total` -> `vpgguf_prompt_tokens_total`), so a dashboard
@@ -57,6 +58,11 @@ class Load:
     @property
     def busy(self) -> bool:
         return self.waiting >= self.queue_limit
+
+
+def loading_health() -> tuple[int, dict[str, Any]]:
+    """/health's status and body (and every route's) while the model loads."""
+    return 503, {"status": "loading", "error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
 
 
 def health(load: Load, broken: str | None = None) -> tuple[int, dict[str, Any]]:

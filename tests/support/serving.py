@@ -29,3 +29,31 @@ def serving(app) -> Iterator[int]:
     finally:
         srv.should_exit = True
         th.join(10)
+
+
+def wait_ready(proc, port: int, timeout_s: float = 60) -> list[str]:
+    """Until `vp-gguf serve` (proc) answers /health 200; returns the states it said before
+    ("loading" while the model loads). An exit or a state other than loading fails."""
+    import http.client
+    import json
+
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                c.request("GET", "/health")
+                r = c.getresponse()
+                status, body = r.status, json.loads(r.read())
+            finally:
+                c.close()
+            if status == 200:
+                return seen
+            assert status == 503 and body["status"] == "loading", (status, body)
+            seen.append(body["status"])
+        except OSError:
+            pass
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+        assert time.monotonic() < deadline, "the server did not become ready"
+        time.sleep(0.05)
