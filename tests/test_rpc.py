@@ -75,6 +75,8 @@ def test_unreachable_and_wrong_servers_are_errors_naming_the_host(tiny_paths):
     with pytest.raises(RpcError, match=f"RPC server {nobody}: cannot connect"):
         vp_gguf.VisionModel(model, mmproj, rpc=nobody, n_gpu_layers="all")
     assert time.monotonic() - t0 < rpc.CONNECT_TIMEOUT_S + 5
+    with pytest.warns(UserWarning, match="n_gpu_layers=0 offloads no layer"), pytest.raises(RpcError):
+        vp_gguf.VisionModel(model, mmproj, rpc=nobody)  # servers named, nothing sent to them: said
     # something listens there but is no rpc-server: it hangs up on the handshake
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
@@ -175,7 +177,7 @@ def test_serve_reports_a_lost_server_without_naming_it(tiny_paths, images):
     with local_servers(2) as (endpoints, procs):
         m = vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, rpc=endpoints, n_gpu_layers="all")
         try:
-            with serving(create_app(m, "tiny")) as port:
+            with serving(create_app(m, "tiny", metrics=True)) as port:
                 assert _get(port, "/health")[0] == 200
                 procs[0].kill()
                 procs[0].wait()
@@ -185,6 +187,9 @@ def test_serve_reports_a_lost_server_without_naming_it(tiny_paths, images):
                 assert "RPC server" in reply["error"]["message"] and "127.0.0.1" not in json.dumps(reply)
                 status, health = _get(port, "/health")
                 assert status == 503 and health["status"] == "error" and "127.0.0.1" not in json.dumps(health)
+                metrics = _get_text(port, "/metrics")  # a failure, not a refusal for a full queue
+                assert 'vpgguf_requests_total{outcome="server_error"} 1' in metrics, metrics
+                assert 'vpgguf_requests_total{outcome="rejected"} 0' in metrics, metrics
         finally:
             m.close()
 
@@ -197,6 +202,17 @@ def _get(port: int, path: str):
         c.request("GET", path)
         r = c.getresponse()
         return r.status, json.loads(r.read())
+    finally:
+        c.close()
+
+
+def _get_text(port: int, path: str) -> str:
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        c.request("GET", path)
+        return c.getresponse().read().decode()
     finally:
         c.close()
 

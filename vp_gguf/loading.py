@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,6 +286,12 @@ class LoadedModel:
     def _use_rpc_devices(self, mp: Any, weights: int) -> None:
         """The model's devices: the RPC servers' first, then the local GPUs (llama.cpp's order when it
         finds them itself), given to this model alone."""
+        if self.params.n_gpu_layers == 0:
+            warnings.warn(
+                "rpc servers are given but n_gpu_layers=0 offloads no layer to them: "
+                "pass n_gpu_layers='all' (or 'auto', or a count)",
+                stacklevel=5,
+            )
         remote, local = rpc.devices(self.rpc_servers), gpu.local_devices()
         free = gpu.free_bytes(remote) + gpu.free_bytes(local)
         self.n_gpu_layers = gpu.layers_to_offload(self.params.n_gpu_layers, self._n_layer, weights, free, remote=True)

@@ -107,6 +107,7 @@ def _error(status: int, msg: str, typ: str = "invalid_request_error"):
     return JSONResponse({"error": {"message": msg, "type": typ, "param": None, "code": None}}, status_code=status)
 
 
+BUSY = "server_busy"  # the error type of a full queue's 503 (counted as rejected, not failed)
 RPC_LOST = "the model lost one of its RPC servers: this server cannot generate until its operator restarts it"
 
 
@@ -344,8 +345,10 @@ def create_app(
         except BaseException as e:
             counts.count_reply(499 if isinstance(e, asyncio.CancelledError) else 500)
             raise
-        if not isinstance(reply, StreamingResponse):
-            counts.count_reply(reply.status_code if isinstance(reply, JSONResponse) else 200)
+        if isinstance(reply, JSONResponse):
+            counts.count_reply(reply.status_code, busy=reply.status_code == 503 and BUSY.encode() in reply.body)
+        elif not isinstance(reply, StreamingResponse):
+            counts.count_reply(200)
         return reply
 
     async def answer(request: Request):
@@ -365,7 +368,7 @@ def create_app(
         except Exception as e:  # noqa: BLE001 - a VPGGUFError, or a bug: a JSON error either way
             return _error(*_public_message(e))
         if not queue.enter():
-            return _error(503, f"{queue.limit} requests already waiting; retry later", "server_busy")
+            return _error(503, f"{queue.limit} requests already waiting; retry later", BUSY)
         gen = _Generation(model, job, queue, stopping, counts)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())

@@ -35,12 +35,13 @@ PREFIX = "vpgguf_"
 OUTCOMES = ("ok", "client_error", "server_error", "cancelled", "rejected")
 
 
-def outcome_of(status: int) -> str:
+def outcome_of(status: int, busy: bool = False) -> str:
     """A chat reply's HTTP status as the outcome it is counted under: 499 is our "the client left"
-    (as nginx's), 503 the queue was full (the request was refused, not failed)."""
+    (as nginx's); busy: the 503 of a full queue (the request was refused, not failed; a 503 of a
+    model that lost its RPC server is a server error)."""
     if status == 499:
         return "cancelled"
-    if status == 503:
+    if busy:
         return "rejected"
     if status >= 500:
         return "server_error"
@@ -101,8 +102,8 @@ class ServerMetrics:
         self._vp_kept = 0  # those it kept: kept / visual is the token-weighted mean retention
         self._vp_last_retention: float | None = None
 
-    def count_reply(self, status: int) -> None:
-        outcome = outcome_of(status)
+    def count_reply(self, status: int, busy: bool = False) -> None:
+        outcome = outcome_of(status, busy)
         with self._lock:
             self._requests[outcome] += 1
 
