@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -70,12 +71,19 @@ def comparison_spec(
     return VisionPulse(**s)
 
 
+@functools.cache
+def presets() -> tuple[int, ...]:
+    """The presets the C library defines (5 and 10: at most that percent of visual tokens per step)."""
+    return tuple(n for n in range(1, 101) if V.llama_vp_preset_params(n).mode != V.LLAMA_VP_MODE_NONE)
+
+
 def preset_settings(n: int | None) -> tuple[float, float, float]:
-    """(tau, budget_min, budget_max) of preset 5 or 10, as the C library defines them (the one table)."""
-    k = -1 if n is None else int_arg("VisionPulse preset", n, 0, INT32_MAX, "5 or 10")  # C's int32 would wrap
+    """(tau, budget_min, budget_max) of a preset, as the C library defines them (the one table)."""
+    names = " or ".join(map(str, presets()))
+    k = -1 if n is None else int_arg("VisionPulse preset", n, 0, INT32_MAX, names)  # C's int32 would wrap
     p = V.llama_vp_preset_params(k)
     if p.mode == V.LLAMA_VP_MODE_NONE:
-        raise InvalidArgumentError(f"unknown VisionPulse preset {n!r}: use 5 or 10")
+        raise InvalidArgumentError(f"unknown VisionPulse preset {n!r}: use {names}")
     # C holds floats: 0.1f reads back as 0.10000000149; six digits give the number it was written as
     return round(p.tau, 6), round(p.budget_min, 6), round(p.budget_max, 6)
 

@@ -25,11 +25,11 @@ def plot_missing() -> str | None:
 
 def report_setting(report: VisionPulseReport) -> VisionPulse:
     """The settings a report was made with, as far as it tells: mode, budget, ratio, anchor pruning."""
-    from .visionpulse import VisionPulse, preset_settings
+    from .visionpulse import VisionPulse, preset_settings, presets
 
     s = report.settings
     rule = (s["tau"], s["budget_min"], s["budget_max"])
-    preset = next((n for n in (5, 10) if preset_settings(n) == rule), 5)  # the presets VisionPulse.parse knows
+    preset = next((n for n in presets() if preset_settings(n) == rule), VisionPulse.preset)
     return VisionPulse(
         mode=report.mode,
         preset=preset,
