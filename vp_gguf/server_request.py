@@ -167,9 +167,14 @@ def _response_schema(rf: Any) -> dict[str, Any] | None:
             '"response_format" must be {"type": "text"}, {"type": "json_object"} or '
             '{"type": "json_schema", "json_schema": {"schema": {...}}}'
         )
+    return _schema(schema, '"response_format": the schema')
+
+
+def _schema(schema: Any, what: str) -> dict[str, Any]:
+    """A request's JSON schema: an object; an empty one is any object, as llama.cpp's server has it."""
     if not isinstance(schema, dict):
-        raise RequestError('"response_format": the schema must be a JSON object')
-    return schema or {"type": "object"}  # an empty schema is any object, as llama.cpp's server has it
+        raise RequestError(f"{what} must be a JSON object")
+    return schema or {"type": "object"}
 
 
 def _constraint(body: dict, d: SamplingParams) -> tuple[str | None, dict[str, Any] | str | None]:
@@ -185,9 +190,7 @@ def _constraint(body: dict, d: SamplingParams) -> tuple[str | None, dict[str, An
             raise RequestError('"grammar" must be a string of GBNF')
         return _text(body["grammar"], "grammar"), None
     if "json_schema" in given:
-        if not isinstance(body["json_schema"], dict):
-            raise RequestError('"json_schema" must be a JSON object')
-        return None, body["json_schema"] or {"type": "object"}
+        return None, _schema(body["json_schema"], '"json_schema"')
     if schema is not None:
         return None, schema
     return d.grammar, d.json_schema
