@@ -27,10 +27,11 @@ PROMPT = "Describe the picture."
 
 def _cases(V, ctx):
     """group -> [(name, call returning an int, wanted)]: the bad calls, checked in the worker."""
-    from ctypes import POINTER, byref, c_int32
+    from ctypes import POINTER, byref, c_int32, create_string_buffer
 
     null_i32 = POINTER(c_int32)()
     buf = (c_int32 * 16)()
+    text = create_string_buffer(64)
     st = V.llama_vp_stats()
 
     def arr(*xs):
@@ -129,10 +130,19 @@ def _cases(V, ctx):
             ("set_k k -2^31", lambda: V.llama_vp_set_k(ctx, 0, NEG), -1),
             ("set_k k 0 (the rule)", lambda: V.llama_vp_set_k(ctx, 0, 0), 0),
         ],
+        "backends": [
+            ("trace_backends NULL ctx", lambda: V.llama_vp_trace_backends(None, True) or 0, 0),
+            ("op_backends NULL ctx", lambda: V.llama_vp_op_backends(None, None, 0), -1),
+            ("op_backends NULL buf cap 10", lambda: V.llama_vp_op_backends(ctx, None, 10), -1),
+            ("op_backends cap -1", lambda: V.llama_vp_op_backends(ctx, text, -1), -1),
+            ("op_backends cap -2^31", lambda: V.llama_vp_op_backends(ctx, text, NEG), -1),
+            ("op_backends untraced (empty)", lambda: V.llama_vp_op_backends(ctx, text, len(text)), 0),
+            ("trace_backends off", lambda: V.llama_vp_trace_backends(ctx, False) or 0, 0),
+        ],
     }
 
 
-GROUPS = ("params", "null_ctx", "marks", "n_visual", "forced", "stats_kept", "reset_k")
+GROUPS = ("params", "null_ctx", "marks", "n_visual", "forced", "stats_kept", "reset_k", "backends")
 # one KV stream per sequence: the cache asserts on a seq past n_seq_max (unified, past LLAMA_MAX_SEQ)
 SPLIT_KV = ("n_visual", "stats_kept")
 
@@ -177,6 +187,29 @@ def test_bad_arguments_return_an_error(tiny_paths, images, group, kv):
     wrong = [c for c in got if not (c["got"] > 0 if c["want"] == COUNT else c["got"] == c["want"])]
     assert not wrong, wrong
     assert rows[-1] == {"works": True}, "the context no longer generates as before the bad calls"
+
+
+def test_op_backends_text_is_cut_as_snprintf_cuts(load_model, images):
+    """The traced record's length is returned whatever the buffer; a short one gets a NUL-ended prefix."""
+    from ctypes import create_string_buffer
+
+    from vp_gguf import _vp_ctypes as V
+
+    m = load_model("qwen2vl")
+    m.trace_backends()
+    try:
+        m.generate(PROMPT, images=[images["a"]], max_tokens=3, visionpulse=5)
+        n = V.llama_vp_op_backends(m._ctx, None, 0)
+        full = create_string_buffer(n + 1)
+        assert V.llama_vp_op_backends(m._ctx, full, len(full)) == n > 0
+        assert full.value.decode().endswith("\n") and all(len(ln.split(" ", 2)) == 3 for ln in full.value.decode().splitlines())
+        short = create_string_buffer(b"x" * 8)
+        assert V.llama_vp_op_backends(m._ctx, short, 5) == n
+        assert short.raw[:5] == full.value[:4] + b"\0" and short.raw[5:8] == b"xxx"  # nothing past cap
+        assert m.op_backends() == {op: {"CPU": c} for op, c in ((ln.split(" ")[0], int(ln.split(" ")[1])) for ln in full.value.decode().splitlines())}
+    finally:
+        m.trace_backends(False)
+    assert V.llama_vp_op_backends(m._ctx, None, 0) == 0  # off: the record is dropped
 
 
 if __name__ == "__main__":
