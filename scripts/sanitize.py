@@ -35,7 +35,10 @@ BUILD = ROOT / "build" / "sanitize"
 BIN = BUILD / "bin"  # the executables and, with BUILD_RPATH, the shared libraries
 LIB_DIR = BUILD / "lib"  # what VP_GGUF_LIB_DIR points at: the libraries and their build info
 PY = ROOT / ".venv" / "bin" / "python"
-TARGETS = ("llama", "mtmd", "ggml", "ggml-cpu", "vp_build_info", "vp-test-vp-fattn", "llama-mtmd-cli")
+TARGETS = (
+    "llama", "mtmd", "ggml", "ggml-cpu", "ggml-rpc", "ggml-rpc-server", "vp_build_info", "vp-test-vp-fattn",
+    "llama-mtmd-cli",
+)  # fmt: skip
 FLAGS = "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
 # leaks: llama.cpp keeps global registries alive to exit on purpose, and Python leaks by design;
 # allocator_may_return_null: a refused huge allocation throws std::bad_alloc as without ASan (the
@@ -48,6 +51,7 @@ PY_TESTS = (
     "tests/test_api_safety.py",
     "tests/test_gguf_hardening.py",
     "tests/test_gguf_fuzz.py",
+    "tests/test_rpc.py",  # servers lost, frozen or unreachable: patch 0006's error paths
 )
 
 
@@ -64,7 +68,7 @@ def configure(env: dict[str, str]) -> None:
         "-DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address,undefined",
         "-DLLAMA_SANITIZE_ADDRESS=ON", "-DLLAMA_SANITIZE_UNDEFINED=ON",
         "-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_UNDEFINED=ON",
-        "-DVP_GGUF_BUILD_TOOLS=ON",
+        "-DVP_GGUF_BUILD_TOOLS=ON", "-DGGML_RPC=ON",
     ]  # fmt: skip
     subprocess.run(cmd, check=True, env=env)
 
@@ -73,12 +77,11 @@ def build(jobs: int) -> float:
     env = dict(os.environ)
     env.setdefault("CCACHE_BASEDIR", str(ROOT))
     t0 = time.monotonic()
-    if not (BUILD / "CMakeCache.txt").exists():
-        configure(env)
+    configure(env)  # again on an existing build too: a switch added since (GGML_RPC) reaches its cache
     subprocess.run(["cmake", "--build", str(BUILD), "-j", str(jobs), "--target", *TARGETS], check=True, env=env)
     # a folder holding just the libraries and their build info, for VP_GGUF_LIB_DIR
     LIB_DIR.mkdir(exist_ok=True)
-    for f in [*BIN.glob("lib*.so"), BUILD / "vp_gguf_build.json"]:
+    for f in [*BIN.glob("lib*.so"), BIN / "ggml-rpc-server", BUILD / "vp_gguf_build.json"]:
         dst = LIB_DIR / f.name
         dst.unlink(missing_ok=True)
         dst.symlink_to(f.resolve())

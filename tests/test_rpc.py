@@ -151,7 +151,7 @@ def test_cli_run_with_rpc_prints_the_local_answer(tiny_paths, images):
     base = [sys.executable, "-m", "vp_gguf.cli", "run", "-m", str(model), "--mmproj", str(mmproj), "--image"]
     base += [str(images["a"]), "-p", PROMPT, "-n", "8", "--temp", "0", "--json", "-t", "1", "-nr", "--visionpulse", "5"]
     base += ["--vp-min-pruned-layers", "0"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VP_GGUF_")}
+    env = dict(os.environ)  # VP_GGUF_LIB_DIR too, where `make sanitize` points it
 
     def answer(*extra: str) -> dict:
         r = subprocess.run(base + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
