@@ -169,7 +169,7 @@ def test_cli_run_with_rpc_prints_the_local_answer(tiny_paths, images):
 
 def test_serve_reports_a_lost_server_without_naming_it(tiny_paths, images):
     pytest.importorskip("fastapi")
-    from support.serving import serving
+    from support.serving import http_call, serving
 
     from vp_gguf.server import create_app
 
@@ -178,52 +178,19 @@ def test_serve_reports_a_lost_server_without_naming_it(tiny_paths, images):
         m = vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, rpc=endpoints, n_gpu_layers="all")
         try:
             with serving(create_app(m, "tiny", metrics=True)) as port:
-                assert _get(port, "/health")[0] == 200
+                assert http_call(port, "GET", "/health")[0] == 200
                 procs[0].kill()
                 procs[0].wait()
                 body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-                status, reply = _post(port, "/v1/chat/completions", body)
+                status, _, raw = http_call(port, "POST", "/v1/chat/completions", body, timeout=120)
+                reply = json.loads(raw)
                 assert status == 503, reply
                 assert "RPC server" in reply["error"]["message"] and "127.0.0.1" not in json.dumps(reply)
-                status, health = _get(port, "/health")
+                status, _, raw = http_call(port, "GET", "/health")
+                health = json.loads(raw)
                 assert status == 503 and health["status"] == "error" and "127.0.0.1" not in json.dumps(health)
-                metrics = _get_text(port, "/metrics")  # a failure, not a refusal for a full queue
+                metrics = http_call(port, "GET", "/metrics")[2].decode()  # a failure, not a refusal for a full queue
                 assert 'vpgguf_requests_total{outcome="server_error"} 1' in metrics, metrics
                 assert 'vpgguf_requests_total{outcome="rejected"} 0' in metrics, metrics
         finally:
             m.close()
-
-
-def _get(port: int, path: str):
-    import http.client
-
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        c.request("GET", path)
-        r = c.getresponse()
-        return r.status, json.loads(r.read())
-    finally:
-        c.close()
-
-
-def _get_text(port: int, path: str) -> str:
-    import http.client
-
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        c.request("GET", path)
-        return c.getresponse().read().decode()
-    finally:
-        c.close()
-
-
-def _post(port: int, path: str, body: dict):
-    import http.client
-
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    try:
-        c.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-        r = c.getresponse()
-        return r.status, json.loads(r.read())
-    finally:
-        c.close()

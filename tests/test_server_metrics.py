@@ -15,6 +15,7 @@ pytest.importorskip("uvicorn")
 
 import vp_gguf  # noqa: E402
 from vp_gguf.server import Access, create_app  # noqa: E402
+from support.serving import http_call as _http  # noqa: E402
 from support.serving import serving, wait_ready  # noqa: E402
 
 KEY = "metrics-key-1"
@@ -27,20 +28,6 @@ def vm(tiny_paths):
     m = vp_gguf.VisionModel(model, mmproj, n_ctx=4096, n_threads=2)
     yield m
     m.close()
-
-
-def _http(port, method, path, body=None, key=None, timeout=60):
-    h = {"Content-Type": "application/json"}
-    if key:
-        h["Authorization"] = f"Bearer {key}"
-    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        c.request(method, path, data, h)
-        r = c.getresponse()
-        return r.status, r.getheader("content-type") or "", r.read()
-    finally:
-        c.close()
 
 
 def _health(port):

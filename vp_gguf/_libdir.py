@@ -10,11 +10,16 @@ import os
 import sys
 from pathlib import Path
 
-_LIB_NAMES = {"linux": "libllama.so", "darwin": "libllama.dylib", "win32": "llama.dll"}
+
+def library_name(stem: str) -> str:
+    """A shared library's file name on this platform, as llama.cpp's build names it ("llama" -> libllama.so)."""
+    if sys.platform == "darwin":
+        return f"lib{stem}.dylib"
+    return f"{stem}.dll" if sys.platform == "win32" else f"lib{stem}.so"
 
 
 def _libllama_name() -> str:
-    return _LIB_NAMES.get(sys.platform, "libllama.so")
+    return library_name("llama")
 
 
 def lib_dir() -> Path:

@@ -9,10 +9,11 @@ built from that checkout's sources.
 
 from __future__ import annotations
 
+import ctypes
 from types import ModuleType
 
 from . import _build_info
-from ._libdir import lib_dir, point_llama_cpp
+from ._libdir import lib_dir, library_name, point_llama_cpp
 
 
 def _bind() -> tuple[ModuleType, ModuleType]:
@@ -34,5 +35,14 @@ def _bind() -> tuple[ModuleType, ModuleType]:
     return llama, mtmd
 
 
+def optional_library(stem: str) -> ctypes.CDLL | None:
+    """Another library of our build, loaded beside libllama (ggml's registry, ggml-rpc); None if the
+    build left it out."""
+    try:
+        return ctypes.CDLL(str(lib_dir() / library_name(stem)))
+    except OSError:
+        return None
+
+
 llama_cpp, mtmd_cpp = _bind()
-__all__ = ["lib_dir", "llama_cpp", "mtmd_cpp"]
+__all__ = ["lib_dir", "llama_cpp", "mtmd_cpp", "optional_library"]

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from .cli_common import UsageError, _int_in
+from .cli_common import MAX_THREADS, UsageError, _int_in
 from .rpc import DEFAULT_PORT
 
 EPILOG = """example (two hosts lend their CPU; the client offloads every layer to them):
@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-H", "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)")
     p.add_argument("-p", "--port", type=_int_in(1, 65535), default=DEFAULT_PORT, help=f"(default {DEFAULT_PORT})")
-    p.add_argument("-t", "--threads", type=_int_in(1, 512), default=None, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "-t", "--threads", type=_int_in(1, MAX_THREADS), default=None, help="CPU threads (default: all cores)"
+    )
     p.add_argument("-d", "--device", default=None, help="devices to serve, comma-separated (default: all)")
     p.add_argument("-c", "--cache", action="store_true", help="cache weights on local disk for faster reloads")
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import sys
 import warnings
-from pathlib import Path
 
 AUTO, ALL = "auto", "all"
 GpuLayers = int | str  # a count (-1: all, as llama-cpp-python counts), "auto" or "all"
@@ -36,13 +34,10 @@ def parse(spec: str) -> GpuLayers:
 @functools.cache
 def ggml() -> ctypes.CDLL | None:
     """libggml's device registry (None if the library is missing)."""
-    from ._libs import lib_dir
+    from ._libs import optional_library
 
-    ext = ".dylib" if sys.platform == "darwin" else ".dll" if sys.platform == "win32" else ".so"
-    path = Path(lib_dir()) / f"libggml{ext}"
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError:
+    lib = optional_library("ggml")
+    if lib is None:
         return None
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]

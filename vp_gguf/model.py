@@ -27,7 +27,7 @@ from . import _log
 from . import _vp_ctypes as V
 from ._libs import llama_cpp as L
 from .decoding import check_decode, eval_prompt
-from .errors import ModelBusyError, ModelClosedError, RpcError
+from .errors import ModelBusyError, ModelClosedError
 from .loading import DEFAULT_MARKER, LoadedModel, ModelParams
 from .prompt import ChatTemplateChoice, MediaInput, Prepared, free_prepared, image_spans, media_list, prepare
 from .prompt import apply_chat_template as _apply_chat_template
@@ -112,8 +112,7 @@ class VisionModel(LoadedModel):
         with self._state:
             self._check_open()
             if generation:
-                if self.rpc_lost is not None:  # its layers on that server are gone
-                    raise RpcError(self.rpc_lost)
+                self.check_rpc()  # a model that lost an RPC server has lost its layers there
                 if self._generating:
                     raise ModelBusyError("this VisionModel is already generating (one generation at a time)")
                 self._generating = True

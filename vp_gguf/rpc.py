@@ -55,12 +55,10 @@ def parse_servers(spec: str | Sequence[str]) -> tuple[str, ...]:
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
     """libggml-rpc of our build, or None when it was built with GGML_RPC=OFF."""
-    from ._libs import lib_dir
+    from ._libs import optional_library
 
-    ext = ".dylib" if sys.platform == "darwin" else ".dll" if sys.platform == "win32" else ".so"
-    try:
-        lib = ctypes.CDLL(str(Path(lib_dir()) / f"libggml-rpc{ext}"))
-    except OSError:
+    lib = optional_library("ggml-rpc")
+    if lib is None:
         return None
     lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_rpc_add_server.restype = ctypes.c_void_p

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import socket
 import threading
 import time
@@ -34,9 +36,6 @@ def serving(app) -> Iterator[int]:
 def wait_ready(proc, port: int, timeout_s: float = 60) -> list[str]:
     """Until `vp-gguf serve` (proc) answers /health 200; returns the states it said before
     ("loading" while the model loads). An exit or a state other than loading fails."""
-    import http.client
-    import json
-
     seen: list[str] = []
     deadline = time.monotonic() + timeout_s
     while True:
@@ -57,3 +56,18 @@ def wait_ready(proc, port: int, timeout_s: float = 60) -> list[str]:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
         assert time.monotonic() < deadline, "the server did not become ready"
         time.sleep(0.05)
+
+
+def http_call(port, method, path, body=None, key=None, timeout=60):
+    """(status, content type, raw body) of one request to 127.0.0.1:port; a dict body goes as JSON."""
+    h = {"Content-Type": "application/json"}
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request(method, path, data, h)
+        r = c.getresponse()
+        return r.status, r.getheader("content-type") or "", r.read()
+    finally:
+        c.close()
