@@ -36,6 +36,7 @@ MODES = {
     "visionpulse (preset 5)": VisionPulse(),
     "fixed 5%": VisionPulse(mode="fixed", ratio=0.05),
     "random (preset 5)": VisionPulse(mode="random", seed=7),
+    "static 5%": VisionPulse(mode="static", ratio=0.05),
 }
 
 
