@@ -38,6 +38,10 @@ LLAMA_VP_ATTN_AUTO = 0
 LLAMA_VP_ATTN_MASK = 1
 LLAMA_VP_ATTN_GATHER = 2
 
+LLAMA_VP_QUEST_OFF = 0
+LLAMA_VP_QUEST_BOUND = 1
+LLAMA_VP_QUEST_RANDOM = 2
+
 
 class llama_vp_params(Structure):
     _fields_ = [
@@ -55,6 +59,11 @@ class llama_vp_params(Structure):
         ("lagged", c_bool),
         ("prune_swa", c_bool),
         ("min_pruned_layers", c_int32),
+        ("quest", c_int),  # enum llama_vp_quest
+        ("quest_page", c_int32),
+        ("quest_first_layer", c_int32),
+        ("quest_budget_min", c_float),
+        ("quest_budget_max", c_float),
     ]
 
 
@@ -67,6 +76,16 @@ class llama_vp_stats(Structure):
         ("mass", c_float),
         ("mass_kept", c_float),
         ("skipped", c_int32),
+    ]
+
+
+class llama_vp_quest_stats(Structure):
+    _fields_ = [
+        ("n_layers", c_int32),
+        ("n_pages", c_int32),
+        ("n_kept", c_int32),
+        ("n_refreshed", c_int32),
+        ("page", c_int32),
     ]
 
 
@@ -93,6 +112,8 @@ llama_vp_clear_marks = _bind("llama_vp_clear_marks", [_ctx, c_int32], c_int32)
 llama_vp_n_visual = _bind("llama_vp_n_visual", [_ctx, c_int32], c_int32)
 llama_vp_set_forced = _bind("llama_vp_set_forced", [_ctx, c_int32, POINTER(c_int32), c_int32], c_int32)
 llama_vp_get_stats = _bind("llama_vp_get_stats", [_ctx, c_int32, POINTER(llama_vp_stats)], c_int32)
+llama_vp_get_quest_stats = _bind("llama_vp_get_quest_stats", [_ctx, c_int32, POINTER(llama_vp_quest_stats)], c_int32)
+llama_vp_set_quest_pages = _bind("llama_vp_set_quest_pages", [_ctx, c_int32, POINTER(c_int32), c_int32], c_int32)
 llama_vp_get_kept = _bind("llama_vp_get_kept", [_ctx, c_int32, POINTER(c_int32), c_int32], c_int32)
 llama_vp_reset = _bind("llama_vp_reset", [_ctx, c_int32], None)
 llama_vp_begin_generation = _bind("llama_vp_begin_generation", [_ctx, c_int32], None)
@@ -125,6 +146,19 @@ def set_forced(ctx, seq: int, ordinals: Sequence[int]) -> None:
     arr = (c_int32 * max(1, len(ordinals)))(*ordinals)
     if llama_vp_set_forced(ctx, seq, arr, len(ordinals)) != 0:
         raise ValueError(f"VisionPulse: {last_error()}")
+
+
+def set_quest_pages(ctx, seq: int, pages: Sequence[int]) -> None:
+    """Quest's kept candidate pages for seq, in every Quest layer and KV head (empty: the bounds choose)."""
+    arr = (c_int32 * max(1, len(pages)))(*pages)
+    if llama_vp_set_quest_pages(ctx, seq, arr, len(pages)) != 0:
+        raise ValueError(f"VisionPulse: {last_error()}")
+
+
+def quest_stats(ctx, seq: int) -> llama_vp_quest_stats | None:
+    """Quest pages of seq's last step, or None."""
+    st = llama_vp_quest_stats()
+    return st if llama_vp_get_quest_stats(ctx, seq, byref(st)) == 0 else None
 
 
 def step_no(ctx, seq: int) -> int:

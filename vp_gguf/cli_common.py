@@ -197,8 +197,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--visionpulse",
         default="off",
-        metavar="5|10|off",
-        help="preset: 5 (keep <=5%% of visual tokens per step), 10, or off (default)",
+        metavar="5|10|5+|10+|off",
+        help="preset: 5 (keep <=5%% of visual tokens per step), 10, or off (default); 5+/10+ also keep only the "
+        "best pages of visual tokens in the layers below the anchor (Quest; beyond the paper: faster at long "
+        "visual contexts, less exact)",
     )
     g.add_argument(
         "--mode",

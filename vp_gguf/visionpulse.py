@@ -22,6 +22,9 @@ MODES = {
 }
 ATTN = {"auto": V.LLAMA_VP_ATTN_AUTO, "mask": V.LLAMA_VP_ATTN_MASK, "gather": V.LLAMA_VP_ATTN_GATHER}
 ATTN_NAMES = {v: k for k, v in ATTN.items()}
+# Beyond the paper: Quest pages below the anchor ("bound": the pages with the highest score bound; "random":
+# as many pages at random, the control). A preset written "5+" is preset 5 with "bound".
+QUEST = {"off": V.LLAMA_VP_QUEST_OFF, "bound": V.LLAMA_VP_QUEST_BOUND, "random": V.LLAMA_VP_QUEST_RANDOM}
 # Named settings that the CLI's eval, the evaluation harness and the testbed compare side by side (one table).
 # A control names the run it is budget-matched to ("matches", run first on the same item) and how:
 # "per-step" replays that run's K at every step, "mean" keeps a fixed ratio equal to its mean retention.
@@ -37,6 +40,8 @@ COMPARISON_MODES: dict[str, dict[str, Any] | None] = {
     "random-5-mean": {"mode": "random", "seed": 1, "matches": "visionpulse-5", "budget": "mean"},
     "static-5%": {"mode": "static", "ratio": 0.05},
     "visionpulse-5-lagged": {"mode": "visionpulse", "preset": 5, "lagged": True},  # opt-in, beyond the paper
+    "visionpulse-5+": {"mode": "visionpulse", "preset": 5, "quest": "bound"},  # opt-in, beyond the paper
+    "visionpulse-5+-random": {"mode": "visionpulse", "preset": 5, "quest": "random", "seed": 1},  # its control
 }
 
 
@@ -117,10 +122,18 @@ class VisionPulse:
     # visionpulse/fixed/random: K at generation step i is k_per_step[i-1] (the last one once the list ends)
     # instead of the budget rule's; a control budget-matched to another run's steps
     k_per_step: Sequence[int] | None = None
+    # beyond the paper: Quest pages below the anchor (QUEST: off | bound | random); None fields: the library's
+    # defaults (pages of 16 cells, from layer 2, kept share of the pages = clamp(previous step's mass, 10%, 25%))
+    quest: str = "off"
+    quest_page: int | None = None
+    quest_first_layer: int | None = None
+    quest_budget_min: float | None = None
+    quest_budget_max: float | None = None
 
     @classmethod
     def parse(cls, spec: VisionPulse | str | int | None, mode: str | None = None) -> VisionPulse | None:
-        """``None``/"off" -> None; 5/"5"/10/"10" -> that preset (with ``mode`` if given)."""
+        """``None``/"off" -> None; 5/"5"/10/"10" -> that preset (with ``mode`` if given); "5+"/"10+" -> that
+        preset with Quest pages below the anchor (beyond the paper)."""
         if isinstance(spec, VisionPulse):
             return spec if mode is None else replace(spec, mode=mode)  # the caller's object stays as it was
         if spec is None:
@@ -128,9 +141,11 @@ class VisionPulse:
         s = str(spec).strip().lower()
         if s in ("off", "none", ""):
             return None
+        quest = "bound" if s.endswith("+") else "off"
+        s = s.removesuffix("+")
         if s not in ("5", "10"):
-            raise InvalidArgumentError(f"unknown VisionPulse preset {spec!r}: use 5, 10 or off")
-        return cls(preset=int(s), mode=mode or "visionpulse")
+            raise InvalidArgumentError(f"unknown VisionPulse preset {spec!r}: use 5, 10, 5+, 10+ or off")
+        return cls(preset=int(s), mode=mode or "visionpulse", quest=quest)
 
     def resolved(self) -> dict[str, Any]:
         tau, bmin, bmax = preset_settings(self.preset)
@@ -169,6 +184,8 @@ class VisionPulse:
             (bool(self.prune_anchor), "anchor pruned"),
             (self.lagged, "lagged"),
             (self.prune_swa, "sliding-window layers pruned"),
+            (self.quest == "bound", "Quest pages below the anchor"),
+            (self.quest == "random", "random pages below the anchor"),
         ]
         return ", ".join([name] + [text for on, text in extras if on])
 
@@ -207,8 +224,11 @@ class VisionPulse:
                 int_arg(f"VisionPulse {name}", getattr(self, name), 0, INT32_MAX)
         if self.min_pruned_layers is not None:
             int_arg("VisionPulse min_pruned_layers", self.min_pruned_layers, 0, INT32_MAX)
+        for name in ("quest_page", "quest_first_layer"):
+            if getattr(self, name) is not None:
+                int_arg(f"VisionPulse {name}", getattr(self, name), 0, INT32_MAX)
         int_arg("VisionPulse seed", self.seed, 0, UINT32_MAX)
-        for name in ("tau", "budget_min", "budget_max", "ratio"):
+        for name in ("tau", "budget_min", "budget_max", "ratio", "quest_budget_min", "quest_budget_max"):
             if getattr(self, name) is not None:
                 float_arg(f"VisionPulse {name}", getattr(self, name))
         for name in ("forced", "k_per_step"):
@@ -225,6 +245,8 @@ class VisionPulse:
             raise InvalidArgumentError(f"unknown VisionPulse mode {self.mode!r}: one of {', '.join(MODES)}")
         if not isinstance(self.attn, str) or self.attn not in ATTN:
             raise InvalidArgumentError(f"unknown VisionPulse attention path {self.attn!r}: one of {', '.join(ATTN)}")
+        if not isinstance(self.quest, str) or self.quest not in QUEST:
+            raise InvalidArgumentError(f"unknown VisionPulse quest {self.quest!r}: one of {', '.join(QUEST)}")
         if self.mode == "forced" and self.forced is None:
             raise InvalidArgumentError("VisionPulse mode 'forced' needs the kept ordinals (forced=[...])")
         self._check_fields()
@@ -247,6 +269,10 @@ class VisionPulse:
         p.prune_swa = bool(self.prune_swa)
         if self.min_pruned_layers is not None:
             p.min_pruned_layers = int(self.min_pruned_layers)
+        p.quest = QUEST[self.quest]
+        for name in ("quest_page", "quest_first_layer", "quest_budget_min", "quest_budget_max"):
+            if getattr(self, name) is not None:
+                setattr(p, name, getattr(self, name))
         return p
 
 

@@ -32,8 +32,9 @@ bool supported_kv_type(ggml_type t) {
     return t == GGML_TYPE_F16 || t == GGML_TYPE_Q8_0;
 }
 
-// The shapes this kernel takes: one query token (decode), F16/Q8_0 K and V, no ALiBi,
-// one mask row shared by all heads. Everything else stays on upstream's kernel.
+// The shapes this kernel takes: one query token (decode), F16/Q8_0 K and V, no ALiBi, one mask
+// row shared by all heads or one per query head (VisionPulse's Quest layers: each KV head attends
+// to its own cells). Everything else stays on upstream's kernel.
 bool takes(const ggml_tensor * dst) {
     const ggml_tensor * q        = dst->src[0];
     const ggml_tensor * k        = dst->src[1];
@@ -44,14 +45,17 @@ bool takes(const ggml_tensor * dst) {
     return q->type == GGML_TYPE_F32 && q->ne[1] == 1 && q->ne[3] == 1 && supported_kv_type(k->type) &&
            supported_kv_type(v->type) && k->ne[3] == 1 && v->ne[3] == 1 && k->ne[2] == v->ne[2] &&
            q->ne[2] % k->ne[2] == 0 && max_bias == 0.0f &&
-           (!mask || (mask->type == GGML_TYPE_F16 && mask->ne[2] == 1 && mask->ne[3] == 1)) &&
+           (!mask || (mask->type == GGML_TYPE_F16 && (mask->ne[2] == 1 || mask->ne[2] == q->ne[2]) &&
+                      mask->ne[3] == 1 && ggml_is_contiguous(mask))) &&
            q->nb[0] == sizeof(float) && k->nb[0] == ggml_type_size(k->type) && v->nb[0] == ggml_type_size(v->type) &&
            k->ne[0] % ggml_blck_size(k->type) == 0 && v->ne[0] % ggml_blck_size(v->type) == 0;
 }
 
 struct fattn_args {
     const ggml_tensor *q, *k, *v;
-    const uint16_t *   mask; // the query's mask row, or null
+    const uint16_t *   mask;      // the query's mask row (the first head's), or null
+    int64_t            mask_rows; // 1: one row for every head; n_head: a row per head
+    int64_t            mask_nb2;  // elements from one head's row to the next
     const float *      sinks;
     int64_t            dk, dv, n_kv, n_head, n_head_kv, group;
     float              scale, softcap;
@@ -78,6 +82,8 @@ fattn_args read_args(const ggml_tensor * dst) {
     a.k         = dst->src[1];
     a.v         = dst->src[2];
     a.mask      = dst->src[3] ? (const uint16_t *) dst->src[3]->data : nullptr;
+    a.mask_rows = dst->src[3] ? dst->src[3]->ne[2] : 1;
+    a.mask_nb2  = dst->src[3] ? (int64_t) (dst->src[3]->nb[2] / sizeof(uint16_t)) : 0;
     a.sinks     = dst->src[4] ? (const float *) dst->src[4]->data : nullptr;
     a.dk        = a.k->ne[0];
     a.dv        = a.v->ne[0];
@@ -94,7 +100,7 @@ fattn_args read_args(const ggml_tensor * dst) {
 }
 
 // next cell at or after ic that is not masked out; four cells at a time through long runs
-int64_t next_kept(const uint16_t * mask, int64_t ic, int64_t end) {
+int64_t next_kept_row(const uint16_t * mask, int64_t ic, int64_t end) {
     if (!mask) {
         return ic;
     }
@@ -111,6 +117,21 @@ int64_t next_kept(const uint16_t * mask, int64_t ic, int64_t end) {
         ic++;
     }
     return ic;
+}
+
+// next cell at or after ic that some head attends to
+int64_t next_kept(const fattn_args & a, int64_t ic, int64_t end) {
+    if (a.mask_rows == 1) {
+        return next_kept_row(a.mask, ic, end);
+    }
+    for (; ic < end; ic++) {
+        for (int64_t h = 0; h < a.mask_rows; h++) {
+            if (a.mask[h * a.mask_nb2 + ic] != FP16_NEG_INF) {
+                return ic;
+            }
+        }
+    }
+    return end;
 }
 
 // out[h] = q_h . x for the group's G query rows (q_h = q + h * dq), x one K row in F32. Inline
@@ -221,7 +242,7 @@ void chunk_partials(const fattn_args & a, int64_t ic0, int64_t ic1, float * scra
     while (true) {
         // the next block of kept cells
         int64_t n = 0;
-        for (ic = next_kept(a.mask, ic, ic1); ic < ic1 && n < BLOCK; ic = next_kept(a.mask, ic + 1, ic1)) {
+        for (ic = next_kept(a, ic, ic1); ic < ic1 && n < BLOCK; ic = next_kept(a, ic + 1, ic1)) {
             cells[n++] = ic;
         }
         if (n == 0) {
@@ -239,9 +260,10 @@ void chunk_partials(const fattn_args & a, int64_t ic0, int64_t ic1, float * scra
                 prefetch_row(vbase + cells[j] * a.v->nb[1], v_bytes);
                 row_to_f32(a.k, kbase + cells[j] * a.k->nb[1], row);
                 group_dots(a.dk, G, q, dq, row, score + j, BLOCK);
-                const float mv = a.mask ? GGML_CPU_FP16_TO_FP32(a.mask[cells[j]]) : 0.0f;
                 for (int64_t h = 0; h < G; h++) {
-                    float sc = score[h * BLOCK + j] * a.scale;
+                    const int64_t row = a.mask_rows == 1 ? 0 : ikv * G + h;
+                    const float   mv  = a.mask ? GGML_CPU_FP16_TO_FP32(a.mask[row * a.mask_nb2 + cells[j]]) : 0.0f;
+                    float         sc  = score[h * BLOCK + j] * a.scale;
                     if (a.softcap != 0.0f) {
                         sc = a.softcap * tanhf(sc);
                     }
@@ -255,6 +277,10 @@ void chunk_partials(const fattn_args & a, int64_t ic0, int64_t ic1, float * scra
                 float         mnew = M[iq];
                 for (int64_t j = 0; j < n; j++) {
                     mnew = std::max(mnew, sh[j]);
+                }
+                if (mnew == -INFINITY) { // with a mask per head, this head may have none of the block's cells
+                    memset(prob + h * BLOCK, 0, n * sizeof(float));
+                    continue;
                 }
                 const float ms = M[iq] == -INFINITY ? 0.0f : expf(M[iq] - mnew);
                 if (ms != 1.0f) {

@@ -26,6 +26,17 @@ enum llama_vp_mode {
     LLAMA_VP_MODE_FORCED  = 5,  // the set given with llama_vp_set_forced (tests, tools)
 };
 
+// Beyond the paper (opt-in): sparsity below the anchor by query-aware KV pages (Quest). The visual
+// cells are cut into pages of quest_page consecutive cells; per page and KV head the element-wise
+// min and max of its keys bound any query's score there. Each full-attention layer in
+// [quest_first_layer, anchor) keeps, per KV head, the pages with the highest bound for the step's
+// query heads and attends to them and every other cell (text, pages that are not wholly visual).
+enum llama_vp_quest {
+    LLAMA_VP_QUEST_OFF    = 0,
+    LLAMA_VP_QUEST_BOUND  = 1, // the pages with the highest score bound (Quest)
+    LLAMA_VP_QUEST_RANDOM = 2, // as many pages, drawn at random per step, layer and KV head (control)
+};
+
 // How the layers after the anchor skip the dropped cells.
 enum llama_vp_attn {
     LLAMA_VP_ATTN_AUTO   = 0, // per backend and step: MASK where the attention kernel skips masked cells
@@ -58,6 +69,15 @@ struct llama_vp_params {
                                            // say so) when fewer full-attention layers than this would be pruned: the
                                            // probe costs about half a layer's attention, so one pruned layer cannot
                                            // pay (Gemma 3 270M: 1 of 3). Default 2; 0: never skip
+    // Quest pages below the anchor (enum llama_vp_quest; not with lagged). The page summaries are made
+    // once per page, when a step first needs them, kept beside the KV cache (host memory) and made
+    // again when the cache rewrites a page's cells; the KV cache itself is never changed. Used where
+    // the step decodes one sequence and the cache is in host memory; elsewhere those layers run dense.
+    enum llama_vp_quest quest;
+    int32_t             quest_page;        // cells per page: a power of two in [1, 256] (default 16)
+    int32_t             quest_first_layer; // layers below it stay dense (default 2, as Quest)
+    float               quest_budget_min;  // kept share of the candidate pages per KV head = clamp(the previous
+    float               quest_budget_max;  // step's visual mass, min, max); the first step takes max
 };
 
 // Preset "5": tau 0.1, budget [0.01, 0.05]. Preset "10": tau 0.4, budget [0.05, 0.10].
@@ -112,6 +132,22 @@ struct llama_vp_stats {
     float   mass_kept; // share of the visual attention mass (head mean) on the kept cells
     int32_t skipped;   // 1: the selection was skipped (min_pruned_layers), the step ran dense; mass is 0
 };
+
+// Quest pages (llama_vp_params.quest) of the last decode step of seq.
+struct llama_vp_quest_stats {
+    int32_t n_layers;    // layers that kept pages (0: the step ran those layers dense)
+    int32_t n_pages;     // candidate pages: wholly visual pages of seq
+    int32_t n_kept;      // pages kept per KV head and layer
+    int32_t n_refreshed; // pages whose summaries the step made (new or rewritten cells)
+    int32_t page;        // cells per page
+};
+LLAMA_API int32_t llama_vp_get_quest_stats(const struct llama_context * ctx, llama_seq_id seq,
+                                           struct llama_vp_quest_stats * out); // 0, or -1 (none, bad arguments)
+// Keep exactly these candidate pages (numbered 0.. in cell order, as n_pages counts them) of seq in every
+// Quest layer and KV head instead of the bounds' choice (tests, tools); n = 0 goes back to the bounds.
+// Pages at or past the step's count are ignored. Returns 0, or -1 (a negative page, bad arguments).
+LLAMA_API int32_t llama_vp_set_quest_pages(struct llama_context * ctx, llama_seq_id seq, const int32_t * pages,
+                                           int32_t n);
 
 // Stats of the last decode step that involved seq; returns 0, or -1 if there is none (or bad arguments).
 LLAMA_API int32_t llama_vp_get_stats(const struct llama_context * ctx, llama_seq_id seq, struct llama_vp_stats * out);

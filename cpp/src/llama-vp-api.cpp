@@ -67,6 +67,11 @@ struct llama_vp_params llama_vp_preset_params(int32_t preset) {
     p.lagged             = false;
     p.prune_swa          = false;
     p.min_pruned_layers  = 2;
+    p.quest              = LLAMA_VP_QUEST_OFF;
+    p.quest_page         = 16;
+    p.quest_first_layer  = 2;
+    p.quest_budget_min   = 0.10f;
+    p.quest_budget_max   = 0.25f;
     if (preset == 10) {
         p.tau        = 0.4f;
         p.budget_min = 0.05f;
@@ -148,6 +153,21 @@ int32_t llama_vp_check_params(const struct llama_vp_params * params) {
     if (attn < LLAMA_VP_ATTN_AUTO || attn > LLAMA_VP_ATTN_GATHER) {
         return vp_fail(-1, "unknown attention path " + std::to_string(attn) + " (0 auto, 1 mask, 2 gather)");
     }
+    const int32_t quest = vp_raw_enum(p.quest);
+    if (quest < LLAMA_VP_QUEST_OFF || quest > LLAMA_VP_QUEST_RANDOM) {
+        return vp_fail(-1, "unknown quest " + std::to_string(quest) + " (0 off, 1 bound, 2 random)");
+    }
+    if (quest != LLAMA_VP_QUEST_OFF) {
+        if (p.lagged) return vp_fail(-1, "quest and lagged both choose the layers below the anchor: pick one");
+        if (p.quest_page < 1 || p.quest_page > 256 || (p.quest_page & (p.quest_page - 1)) != 0) {
+            return vp_fail(-1, "quest_page must be a power of two in [1, 256] (the cache pads its cells to 256)");
+        }
+        if (p.quest_first_layer < 0) return vp_fail(-1, "quest_first_layer must be >= 0");
+        if (!vp_frac_ok(p.quest_budget_min) || !vp_frac_ok(p.quest_budget_max)) {
+            return vp_fail(-1, "quest_budget_min and quest_budget_max must be finite and in (0, 1]");
+        }
+        if (p.quest_budget_min > p.quest_budget_max) return vp_fail(-1, "quest_budget_min exceeds quest_budget_max");
+    }
     return 0;
 }
 
@@ -188,6 +208,7 @@ int32_t llama_vp_enable(struct llama_context * ctx, const struct llama_vp_params
     }
     llama_vp_context * vp = vp_of(ctx);
     if (!vp) vp = new llama_vp_context();
+    vp->quest.clear(); // the cells were not watched while it was off, and the page size may change
     vp->params       = p;
     vp->anchor       = anchor;
     vp->first_pruned = first;
@@ -202,6 +223,7 @@ void llama_vp_disable(struct llama_context * ctx) {
     llama_vp_context * vp = vp_of(ctx);
     if (vp && vp->enabled) {
         vp->enabled = false;
+        vp->quest.clear();
         ctx->set_vp(vp);
     }
 }
@@ -304,6 +326,28 @@ int32_t llama_vp_get_stats(const struct llama_context * ctx, llama_seq_id seq, s
     return 0;
 }
 
+int32_t llama_vp_get_quest_stats(const struct llama_context * ctx, llama_seq_id seq,
+                                 struct llama_vp_quest_stats * out) {
+    if (vp_check_seq(ctx, seq) != 0) return -1;
+    if (!out) return vp_fail(-1, "null stats pointer");
+    const llama_vp_context * vp = vp_of(ctx);
+    if (!vp) return -1;
+    auto it = vp->seqs.find(seq);
+    if (it == vp->seqs.end() || !it->second.has_quest) return -1;
+    *out = it->second.quest;
+    return 0;
+}
+
+int32_t llama_vp_set_quest_pages(struct llama_context * ctx, llama_seq_id seq, const int32_t * pages, int32_t n) {
+    if (vp_check_seq(ctx, seq) != 0) return -1;
+    if (n < 0 || (n > 0 && !pages)) return vp_fail(-1, "invalid pages: n < 0, or a null array with n > 0");
+    if (std::any_of(pages, pages + n, [](int32_t x) { return x < 0; })) {
+        return vp_fail(-1, "invalid pages: negative page");
+    }
+    vp_state(ctx)->seqs[seq].quest_pages.assign(pages, pages + n);
+    return 0;
+}
+
 int32_t llama_vp_get_kept(const struct llama_context * ctx, llama_seq_id seq, int32_t * ordinals, int32_t cap) {
     if (vp_check_seq(ctx, seq) != 0) return -1;
     if (cap < 0 || (cap > 0 && !ordinals)) return vp_fail(-1, "invalid buffer: cap < 0, or a null array with cap > 0");
@@ -334,6 +378,9 @@ void llama_vp_reset(struct llama_context * ctx, llama_seq_id seq) {
         st.has_forced = false;
         st.prompt     = true;
         st.k_given    = 0;
+        st.quest_pages.clear();
+        st.quest     = {};
+        st.has_quest = false;
     }
 }
 

@@ -24,8 +24,7 @@ static ggml_backend_buffer_t vp_buffer_of(const ggml_tensor * t) {
     return (t->view_src ? t->view_src : t)->buffer;
 }
 
-// a cache view in host memory (or one not allocated yet)
-static bool vp_on_host(const ggml_tensor * t) {
+bool vp_on_host(const ggml_tensor * t) {
     const ggml_backend_buffer_t buf = vp_buffer_of(t);
     return !buf || ggml_backend_buffer_is_host(buf);
 }
@@ -85,7 +84,8 @@ template <size_t ES> static void vp_copy_cells(char * out, const char * row, con
 }
 
 // dst[j] = row[idx[j]] along every row of a transposed V: src[0] the cache's view [n_kv, H_kv, d, S]
-// (a row per head and dimension, cells along it), src[1] the cells [n_sel, S]; dst [n_sel, d, H_kv, S].
+// (a row per head and dimension, cells along it), src[1] the cells [n_sel, 1 or H_kv, S] (one list for
+// every head, or one per head); dst [n_sel, d, H_kv, S].
 // Elements are copied, not converted, so the weighted sum sees the cache's own values.
 static void vp_gather_v_trans_op(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
     const ggml_tensor * v   = dst->src[0];
@@ -95,9 +95,10 @@ static void vp_gather_v_trans_op(ggml_tensor * dst, int ith, int nth, void * /*u
     const int64_t n_sel = dst->ne[0], D = dst->ne[1], H = dst->ne[2], S = dst->ne[3], rows = D * H * S;
     for (int64_t r = ith; r < rows; r += nth) {
         const int64_t   d = r % D, h = (r / D) % H, s = r / (D * H);
-        const char *    src  = (const char *) v->data + h * v->nb[1] + d * v->nb[2] + s * v->nb[3];
-        const int32_t * cell = (const int32_t *) ((const char *) idx->data + s * idx->nb[1]);
-        char *          out  = (char *) dst->data + d * dst->nb[1] + h * dst->nb[2] + s * dst->nb[3];
+        const char *    src = (const char *) v->data + h * v->nb[1] + d * v->nb[2] + s * v->nb[3];
+        const int32_t * cell =
+            (const int32_t *) ((const char *) idx->data + (h % idx->ne[1]) * idx->nb[1] + s * idx->nb[2]);
+        char * out = (char *) dst->data + d * dst->nb[1] + h * dst->nb[2] + s * dst->nb[3];
         (es == 2 ? vp_copy_cells<2> : vp_copy_cells<4>) (out, src, cell, n_sel);
     }
 }
@@ -105,7 +106,7 @@ static void vp_gather_v_trans_op(ggml_tensor * dst, int ith, int nth, void * /*u
 // The kept columns of a transposed V, returned in the cache's transposed layout [n_sel, H_kv, d, S]
 // (nb[1] > nb[2]) so that the attention reads it as it reads the cache. A CPU op: used only where
 // the cache is in host memory; it touches only the cache lines that hold kept cells.
-static ggml_tensor * vp_gather_v_trans(ggml_context * ctx, ggml_tensor * v, ggml_tensor * idx) {
+ggml_tensor * vp_gather_v_trans(ggml_context * ctx, ggml_tensor * v, ggml_tensor * idx) {
     ggml_tensor * args[2] = { v, idx };
     ggml_tensor * out     = ggml_custom_4d(ctx, v->type, idx->ne[0], v->ne[2], v->ne[1], v->ne[3], args, 2,
                                            vp_gather_v_trans_op, GGML_N_TASKS_MAX, nullptr);
@@ -134,7 +135,8 @@ static ggml_tensor * vp_gather(llm_graph_input_vp & inp, ggml_context * ctx, vp_
         inp.scores.scatter_idx = idx;
         return set.mask;
     }
-    *v = v_trans ? vp_gather_v_trans(ctx, *v, idx) : vp_gather_rows(ctx, *v, idx, iota);
+    *v = v_trans ? vp_gather_v_trans(ctx, *v, ggml_reshape_3d(ctx, idx, idx->ne[0], 1, idx->ne[1]))
+                 : vp_gather_rows(ctx, *v, idx, iota);
     if (!set.mask_gath) {
         set.mask_gath = vp_gather_mask(ctx, set.mask_f32, idx, set.mask);
     }
@@ -228,6 +230,9 @@ ggml_tensor * llama_vp_build_attn(const llm_graph_context & g, const llama_kv_ca
     if (is_swa) {
         vp_layer_set * set = vp->params.prune_swa ? vp_set_of_layer(ctx, *inp, il, true) : nullptr;
         return set ? vp_swa_mask(ctx, *inp, *set, kq_mask) : kq_mask;
+    }
+    if (vp_quest_layer(*inp, il, false)) {
+        return vp_quest_attn(g, *inp, q, k, v, kq_mask, il);
     }
     ggml_tensor * k_full = *k; // the anchor probes every cell
     const bool    anchor = il == vp->anchor;

@@ -212,6 +212,9 @@ std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, 
     auto inp         = std::make_unique<llm_graph_input_vp>();
     inp->vp          = vp;
     inp->plan.n_head = n_head;
+    if (base && vp->params.quest != LLAMA_VP_QUEST_OFF) {
+        vp_quest_written(*vp, ub, *base->get_kv()); // every ubatch, prompt ones included
+    }
     if (!ub.token || ub.n_tokens == 0 || !cparams.causal_attn || !base || !vp_is_decode_step(ub)) {
         return inp;
     }
@@ -274,13 +277,16 @@ std::unique_ptr<llm_graph_input_vp> vp_plan_step(const llama_cparams & cparams, 
         plan.n_sel = std::min<int64_t>(plan.n_kv, n_nonvis_max + plan.k_max);
     }
     vp_plan_lagged(plan, *vp);
+    vp_quest_plan(plan, *vp, *kv);
     return inp;
 }
 
 bool vp_step_plan::same_shape(const vp_step_plan & o) const {
     return mode == o.mode && rank_only == o.rank_only && n_kv == o.n_kv && n_kv_swa == o.n_kv_swa &&
            n_rows == o.n_rows && n_stream == o.n_stream && k_max == o.k_max && n_sel == o.n_sel && known == o.known &&
-           lag == o.lag && lagged.n_sel == o.lagged.n_sel && k_given == o.k_given;
+           lag == o.lag && lagged.n_sel == o.lagged.n_sel && k_given == o.k_given && quest.on == o.quest.on &&
+           quest.cand.size() == o.quest.cand.size() && quest.refresh.size() == o.quest.refresh.size() &&
+           quest.k == o.quest.k && quest.known == o.quest.known;
 }
 
 // The memory context's full-attention and sliding-window caches.
@@ -377,6 +383,23 @@ void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
             io[i] = (int32_t) (i % n);
         }
         vp_set(t, io.data());
+    }
+    vp_set(in.quest_cand, p.quest.cand.data());
+    vp_set(in.quest_refresh, p.quest.refresh.data());
+    if (in.quest_forced) {
+        std::vector<char> kept(p.quest.cand.size(), 0);
+        for (int32_t x : p.quest.forced)
+            kept[x] = 1;
+        std::vector<int32_t> cells(p.quest.n_sel);
+        vp_quest_cells(p.quest, kept, cells.data());
+        vp_set(in.quest_forced, cells.data());
+    }
+    for (auto & [il, t] : in.quest_rand) {
+        std::uniform_real_distribution<float> u(0.0f, 1.0f);
+        std::vector<float>                    rnd(ggml_nelements(t));
+        for (auto & x : rnd)
+            x = u(vp->rng);
+        vp_set(t, rnd.data());
     }
     if (in.swa_map) {
         std::vector<int32_t> map(p.n_kv_swa * R, (int32_t) n_kv);

@@ -100,6 +100,7 @@ void llama_vp_after_compute(llama_vp_context * vp, const llm_graph_result * res,
         vp_record_skipped(vp, inp->plan);
         return;
     }
+    if (inp->plan.quest.on) vp_quest_after_compute(*vp, inp->plan, *inp);
     if (!inp->selected) return;
     if (vp->trace_backends && sched) vp_record_backends(vp, res, *inp, sched);
     const vp_step_plan & plan = inp->plan;

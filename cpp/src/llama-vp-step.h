@@ -53,6 +53,21 @@ struct vp_step_plan {
     bool             lag = false; // lagged: the previous step's set, for the layers below the anchor
     vp_host_set      lagged;
 
+    // Quest pages below the anchor (one row, one stream; llama-vp-quest.cpp)
+    struct quest_plan {
+        bool                 on   = false;
+        int64_t              page = 0;
+        int64_t              n_kv = 0; // cells: a whole number of pages
+        std::vector<int32_t> cand;     // candidate pages (cell / page), ascending: wholly the row's visual cells
+        std::vector<int32_t> refresh;  // pages whose summaries this step makes
+        std::vector<std::pair<llama_pos, llama_pos>> refresh_pos; // their first and last cells' positions
+        int64_t                                      k = 0;       // pages kept per KV head
+        int64_t              n_sel                     = 0; // cells a KV head attends to: n_kv - (|cand| - k) * page
+        std::vector<int32_t> forced; // llama_vp_set_quest_pages: the kept candidates (indices into cand)
+        bool                 known  = false;
+        bool                 random = false;
+    } quest;
+
     bool same_shape(const vp_step_plan & o) const;
 };
 
@@ -67,6 +82,11 @@ struct vp_layer_set {
     ggml_tensor * mask_gath = nullptr; // the gathered cells' mask
     ggml_tensor * mask_swa  = nullptr; // the sliding-window layers' mask
     bool          ready() const { return keep != nullptr; }
+};
+
+// Quest's constants for its ops, and the layers that kept pages.
+struct vp_quest_args {
+    int64_t page = 0, n_kv = 0, n_head = 0, n_head_kv = 0, n_layers = 0;
 };
 
 // The step's graph input: host data in `plan`, input tensors filled from it by set_input.
@@ -87,7 +107,10 @@ public:
         ggml_tensor *                    vis_swa     = nullptr; // F32 [n_kv_swa, R, 1, S]
         ggml_tensor *                    forced_keep = nullptr, *forced_idx = nullptr;
         ggml_tensor *                    lagged_keep = nullptr, *lagged_idx = nullptr;
-        std::map<int64_t, ggml_tensor *> iota; // I32 [n, S]: 0..n-1, by n
+        ggml_tensor *                    quest_cand = nullptr, *quest_refresh = nullptr; // I32 [|cand|], [|refresh|]
+        ggml_tensor *                    quest_forced = nullptr;                         // I32 [n_sel]
+        std::map<int, ggml_tensor *>     quest_rand;                                     // F32 [|cand|, H_kv], by layer
+        std::map<int64_t, ggml_tensor *> iota;                                           // I32 [n, S]: 0..n-1, by n
     } in;
 
     // outputs read back after the step
@@ -98,6 +121,8 @@ public:
     // where the hooks' tensors lie in the graph context's memory (offsets [begin, end)): a node
     // inside one is an op VisionPulse built (llama_vp_trace_backends)
     std::vector<std::pair<size_t, size_t>> op_spans;
+
+    vp_quest_args quest; // Quest's per-op constants (the custom ops' userdata: this object outlives its graph)
 
     vp_layer_set  sel;                   // the step's selection (layers >= first_pruned)
     vp_layer_set  lag;                   // lagged: the previous step's (full-attention layers below the anchor)
@@ -135,6 +160,30 @@ ggml_tensor * vp_keep_cells(ggml_context * ctx, const vp_step_plan & plan, ggml_
 ggml_tensor * vp_set_mask(ggml_context * ctx, llm_graph_input_vp & inp, vp_layer_set & set, ggml_tensor * kq_mask);
 // a selection known on the host (lagged: the previous step's, else FORCED's) as graph inputs, built once
 vp_layer_set & vp_host_layer_set(ggml_context * ctx, llm_graph_input_vp & inp, bool lagged);
+
+// llama-vp-quest.cpp: Quest pages below the anchor.
+// Before any ubatch's plan: pages whose cells the ubatch wrote lose their summaries.
+void vp_quest_written(llama_vp_context & vp, const llama_ubatch & ub, const llama_kv_cache & kv);
+// The step's Quest plan (plan.quest.on stays false where it does not apply).
+void vp_quest_plan(vp_step_plan & plan, llama_vp_context & vp, const llama_kv_cache & kv);
+// Whether layer il keeps Quest pages at this step.
+bool vp_quest_layer(const llm_graph_input_vp & inp, int il, bool is_swa);
+// Layer il's Quest pages: swaps k/v for the kept cells per KV head and returns their mask.
+ggml_tensor * vp_quest_attn(const llm_graph_context & g, llm_graph_input_vp & inp, ggml_tensor * q, ggml_tensor ** k,
+                            ggml_tensor ** v, ggml_tensor * kq_mask, int il);
+// The cells a KV head attends to, ascending: every cell outside the candidate pages, and the kept
+// pages (kept: a flag per candidate).
+void vp_quest_cells(const vp_step_plan::quest_plan & qp, const std::vector<char> & kept, int32_t * out);
+// After the step: the refreshed pages' summaries are current; the stats.
+void vp_quest_after_compute(llama_vp_context & vp, const vp_step_plan & plan, const llm_graph_input_vp & inp);
+// Quest's per-KV-head gather of a cache view [d, H_kv, n_kv]: head h of cell idx[j, h % idx->ne[1]] -> [d, H_kv,
+// n_sel].
+ggml_tensor * vp_gather_heads(ggml_context * ctx, ggml_tensor * t, ggml_tensor * idx);
+
+// llama-vp-apply.cpp: shared with Quest
+bool vp_on_host(const ggml_tensor * t); // a cache view in host memory (or one not allocated yet)
+// the columns idx ([n_sel, S], or per KV head [n_sel, H_kv, S]) of a transposed V in host memory
+ggml_tensor * vp_gather_v_trans(ggml_context * ctx, ggml_tensor * v, ggml_tensor * idx);
 
 // llama-vp-anchor.cpp: the probe and the selection at the anchor layer.
 // kq_own: the anchor layer's own pre-softmax scores [n_kv, R, H, S] (soft-capped), or null to probe.

@@ -19,9 +19,12 @@
 #include <vector>
 
 struct ggml_tensor;
+struct ggml_context;
+struct ggml_backend_buffer;
 struct ggml_backend_sched;
 struct llm_graph_context;
 struct llm_graph_result;
+class llama_kv_cache;
 class llama_kv_cache_context;
 class llama_kv_cells;
 class llm_graph_input_vp;
@@ -32,9 +35,33 @@ struct llama_vp_seq {
     bool                                         has_forced = false;
     llama_vp_stats                               stats      = {};
     bool                                         has_stats  = false;
-    std::vector<int32_t>                         kept;            // kept ordinals of the last step
-    bool                                         prompt  = false; // from llama_vp_reset to llama_vp_begin_generation
-    int32_t                                      k_given = 0;     // llama_vp_set_k: K of the next steps (0: the rule's)
+    std::vector<int32_t>                         kept;              // kept ordinals of the last step
+    bool                                         prompt    = false; // from llama_vp_reset to llama_vp_begin_generation
+    int32_t                                      k_given   = 0;  // llama_vp_set_k: K of the next steps (0: the rule's)
+    llama_vp_quest_stats                         quest     = {}; // Quest pages of the last step
+    bool                                         has_quest = false;
+    std::vector<int32_t>                         quest_pages; // llama_vp_set_quest_pages (empty: the bounds choose)
+};
+
+// A page's summaries are current while its cells hold what they held when they were made.
+struct llama_vp_quest_page {
+    bool         valid = false;
+    llama_seq_id seq   = -1;
+    llama_pos    p0 = -1, p1 = -1; // positions of its first and last cell then (a shift moves them)
+};
+
+// Quest's page summaries beside the KV cache: per layer, F16 [2 * d, H_kv, pages] (each row the
+// element-wise min, then max, of a page's keys for one KV head), in host memory.
+struct llama_vp_quest_store {
+    int32_t                            page = 0; // cells per page the summaries were made for
+    std::map<int32_t, ggml_tensor *>   summ;     // by layer
+    std::vector<ggml_context *>        ctxs;
+    std::vector<ggml_backend_buffer *> bufs;
+    std::vector<llama_vp_quest_page>   pages;          // by page of the cache (cell / page)
+    bool                               broken = false; // memory for the summaries could not be had: off
+
+    ~llama_vp_quest_store();
+    void clear(); // frees the summaries: a new page size, VisionPulse off, the context freed
 };
 
 // Per llama_context state; owned by the context (cparams.vp), freed with it.
@@ -51,6 +78,7 @@ struct llama_vp_context {
     std::string                          skip_reason;
     bool                                 trace_backends = false;        // llama_vp_trace_backends
     std::map<std::pair<std::string, std::string>, int32_t> op_backends; // (op, backend) -> ops, last traced step
+    llama_vp_quest_store                                   quest;       // page summaries (llama_vp_params.quest)
 };
 
 // The visual cells of seq among the first n_kv cells, in ordinal order (llama-vp-plan.cpp).
