@@ -19,6 +19,8 @@ each configuration too; the other modes run in the default one (--config):
   fixed5    always 5% kept (the preset's upper budget: the most vp5 can cost)
   probe     the probe and the stats only (mode dense): what scoring costs
   vp5-lag   preset 5 plus the lagged selection below the anchor (opt-in)
+  vp5+      preset 5 plus Quest pages below the anchor (opt-in): the pages' share follows the mass
+  vp5+qN    the same with N% of the pages kept at every step (the speed side of the fidelity curve)
   floor     the same context without the visual cells (text only)
 
 Prefill (real, token input) is timed at the --prefill-sizes with VisionPulse off and on.
@@ -52,12 +54,14 @@ from support import kv_state  # noqa: E402
 
 # the speed bench's short names for modes of the one comparison table, and its variants of them:
 # the same selection through each attention path, the probe alone, and the text-only floor
-_TABLE = {"dense": "dense", "vp5": "visionpulse-5", "fixed5": "fixed-5%", "vp5-lag": "visionpulse-5-lagged"}
+_TABLE = {"dense": "dense", "vp5": "visionpulse-5", "fixed5": "fixed-5%", "vp5-lag": "visionpulse-5-lagged",
+          "vp5+": "visionpulse-5+"}
 MODES: dict[str, VisionPulse | None] = {k: comparison_spec(v) for k, v in _TABLE.items()}
 MODES.update({
     "vp5-mask": replace(MODES["vp5"], attn="mask"),
     "vp5-gather": replace(MODES["vp5"], attn="gather"),
     "probe": VisionPulse(mode="dense"),
+    **{f"vp5+q{n}": replace(MODES["vp5+"], quest_budget_min=n / 100, quest_budget_max=n / 100) for n in (6, 12, 25)},
     "floor": None,
 })
 

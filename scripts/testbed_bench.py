@@ -33,7 +33,11 @@ MODES_NOTE = (
     "`random-5-mean` keeps a fixed ratio equal to that run's mean retention. `visionpulse-5-anchor-pruned` "
     "applies the kept set at the anchor layer too (the reference's eager path); the other modes keep the "
     "anchor dense (its Triton path, vp-gguf's default). Layer 5 is Gemma 3 270M's first full-attention "
-    "layer, so lagged (which prunes full-attention layers below the anchor) equals visionpulse-5 there.")
+    "layer, so lagged (which prunes full-attention layers below the anchor) equals visionpulse-5 there. "
+    "`visionpulse-5+` (beyond the paper) adds Quest pages to the full-attention layers below the anchor (from "
+    "layer 2: here layer 5 alone): per KV head the pages of 16 visual cells with the highest score bound, their "
+    "share following the visual mass within [10%, 25%]; `visionpulse-5+-random` keeps as many pages at random "
+    "(its control); `visionpulse-5+-N%` keeps N% of the pages at every step (`--quest-curve`).")
 
 
 def plot(tables: dict[str, dict], out: Path) -> None:
@@ -65,13 +69,15 @@ def main() -> int:
     ap.add_argument("--anchors", default="default,5",
                     help="comma list: 'default' (full-attention layer nearest 47%% of depth) or layer numbers")
     ap.add_argument("--modes", default=",".join(B.MODES))
+    ap.add_argument("--quest-curve", default="", metavar="N,N,...",
+                    help="also run visionpulse-5+ with N%% of the candidate pages kept below the anchor at every step")
     ap.add_argument("-t", "--threads", type=int, default=None)
     a = ap.parse_args()
     out = Path(a.out)
     suite_dir = out / "suite"
     items = make_suite(a.suite, suite_dir, a.seed)
     items = read_items(suite_dir / "items.jsonl")
-    modes = B.ordered(a.modes.split(","))
+    modes = B.ordered(a.modes.split(",") + B.add_quest_curve([int(x) for x in a.quest_curve.split(",") if x]))
     if "dense" not in modes:
         modes.insert(0, "dense")
     anchors = [None if x == "default" else int(x) for x in a.anchors.split(",")]

@@ -127,6 +127,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "testbed" / "video"))
     ap.add_argument("--modes", default=",".join(B.MODES))
+    ap.add_argument("--quest-curve", default="", metavar="N,N,...",
+                    help="also run visionpulse-5+ with N%% of the candidate pages kept below the anchor at every step")
     ap.add_argument("--anchors", default="default,5",
                     help="comma list: 'default' (full-attention layer nearest 47%% of depth) or layer numbers")
     ap.add_argument("--no-speed", dest="speed", action="store_false")
@@ -142,7 +144,7 @@ def main() -> int:
     suite = out / "suite"
     make_suite(suite, sizes, per_task, a.seed)
     items = read_items(suite / "items.jsonl")
-    modes = B.ordered(a.modes.split(","))
+    modes = B.ordered(a.modes.split(",") + B.add_quest_curve([int(x) for x in a.quest_curve.split(",") if x]))
     if "dense" not in modes:
         modes.insert(0, "dense")
     bench_args = {"n_threads": a.threads, "n_ctx": max(sizes) + 512, "swa_full": True}

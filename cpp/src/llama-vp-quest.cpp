@@ -241,61 +241,39 @@ static void vp_quest_summarize_op(ggml_tensor * dst, int ith, int nth, void * ud
     }
 }
 
-// dst F32 [pages, H]: each query head's score bound on each candidate page.
-// src[0] the queries [d, H, 1], src[1] the store, src[2] the candidate pages (I32).
-static void vp_quest_bound_op(ggml_tensor * dst, int ith, int nth, void * ud) {
-    const auto *        a    = (const vp_quest_args *) ud;
-    const ggml_tensor * q    = dst->src[0];
-    const ggml_tensor * summ = dst->src[1];
-    const ggml_tensor * cand = dst->src[2];
-    const int64_t       d = q->ne[0], H = a->n_head, H_kv = a->n_head_kv, G = H / H_kv, n = cand->ne[0];
-    std::vector<float>  mm(2 * d);
-    for (int64_t r = ith; r < n * H_kv; r += nth) {
-        const int64_t c = r / H_kv, h = r % H_kv, j = ((const int32_t *) cand->data)[c];
-        ggml_fp16_to_fp32_row((const ggml_fp16_t *) ((const char *) summ->data + h * summ->nb[1] + j * summ->nb[2]),
-                              mm.data(), 2 * d);
-        const float * mn = mm.data();
-        const float * mx = mm.data() + d;
-        for (int64_t g = 0; g < G; ++g) {
-            const int64_t iq = h * G + g;
-            const float * qh = (const float *) ((const char *) q->data + iq * q->nb[1]);
-            float         b  = 0.0f;
-            for (int64_t i = 0; i < d; ++i) {
-                b += std::max(qh[i] * mn[i], qh[i] * mx[i]);
-            }
-            ((float *) dst->data)[iq * n + c] = b;
-        }
-    }
-}
-
 // dst I32 [n_sel, H_kv]: per KV head, the cells it attends to (ascending).
-// src[0] the scores: bounds [pages, H] (ranked per KV head by the best of its query heads relative to
-// that head's best page) or a draw [pages, H_kv] (the random control).
+// src[0] the scores: bounds [n_kv / page, H] of every page (ranked per KV head by the best of its query
+// heads relative to that head's best candidate) or a draw [candidates, H_kv] (the random control).
 static void vp_quest_select_op(ggml_tensor * dst, int ith, int nth, void * ud) {
     const auto *         inp = (const llm_graph_input_vp *) ud;
     const auto &         qp  = inp->plan.quest;
     const ggml_tensor *  sc  = dst->src[0];
-    const int64_t        n = (int64_t) qp.cand.size(), H_kv = dst->ne[1], G = sc->ne[1] / H_kv;
+    const int64_t        n = (int64_t) qp.cand.size(), H_kv = dst->ne[1], G = sc->ne[1] / H_kv, n_sc = sc->ne[0];
+    const int32_t *      at = qp.random ? nullptr : qp.cand.data(); // a candidate's bound is its page's
     std::vector<float>   agg(n);
     std::vector<int32_t> order(n);
     std::vector<char>    kept(n);
     for (int64_t h = ith; h < H_kv; h += nth) {
         std::fill(agg.begin(), agg.end(), -INFINITY);
         for (int64_t g = 0; g < G; ++g) {
-            const float * s    = (const float *) sc->data + (h * G + g) * n;
+            const float * s    = (const float *) sc->data + (h * G + g) * n_sc;
             float         best = -INFINITY;
-            for (int64_t c = 0; c < n; ++c)
-                best = std::isnan(s[c]) ? best : std::max(best, s[c]);
             for (int64_t c = 0; c < n; ++c) {
-                if (!std::isnan(s[c])) agg[c] = std::max(agg[c], s[c] - best);
+                const float x = s[at ? at[c] : c];
+                best          = std::isnan(x) ? best : std::max(best, x);
+            }
+            for (int64_t c = 0; c < n; ++c) {
+                const float x = s[at ? at[c] : c];
+                if (!std::isnan(x)) agg[c] = std::max(agg[c], x - best);
             }
         }
         std::iota(order.begin(), order.end(), 0);
         const auto higher = [&](int32_t x, int32_t y) { return agg[x] > agg[y] || (agg[x] == agg[y] && x < y); };
-        std::nth_element(order.begin(), order.begin() + (qp.k - 1), order.end(), higher);
+        if (qp.k > 0) std::nth_element(order.begin(), order.begin() + (qp.k - 1), order.end(), higher);
         std::fill(kept.begin(), kept.end(), 0);
-        for (int64_t i = 0; i < qp.k; ++i)
+        for (int64_t i = 0; i < qp.k; ++i) {
             kept[order[i]] = 1;
+        }
         vp_quest_cells(qp, kept, (int32_t *) ((char *) dst->data + h * dst->nb[1]));
     }
 }
@@ -337,13 +315,27 @@ ggml_tensor * vp_gather_heads(ggml_context * ctx, ggml_tensor * t, ggml_tensor *
     ggml_tensor * args[2] = { t, idx };
     ggml_tensor * out     = ggml_custom_4d(ctx, t->type, t->ne[0], t->ne[1], idx->ne[0], 1, args, 2, vp_gather_heads_op,
                                            GGML_N_TASKS_MAX, nullptr);
-    ggml_set_name(out, "vp_quest_gath");
     return out;
 }
 
 //
 // the graph of a Quest layer
 //
+
+// Every page's bound for every query head, [pages, H]: sum_i max(q_i m_i, q_i M_i) is
+// [min(q, 0) | max(q, 0)] . [m | M], one matrix product per KV head over its group's queries.
+static ggml_tensor * vp_quest_bounds(ggml_context * ctx, ggml_tensor * q, ggml_tensor * summ, int64_t n_pages) {
+    const int64_t H = q->ne[1], H_kv = summ->ne[1], G = H / H_kv;
+    ggml_tensor * q2  = ggml_reshape_2d(ctx, ggml_cont(ctx, q), q->ne[0], H);
+    ggml_tensor * pos = ggml_relu(ctx, q2);
+    ggml_tensor * qq  = ggml_concat(ctx, ggml_sub(ctx, q2, pos), pos, 0); // [2 d, H]
+    qq                = ggml_reshape_3d(ctx, qq, qq->ne[0], G, H_kv);     // [2 d, G, H_kv]
+    ggml_tensor * s   = ggml_view_3d(ctx, summ, summ->ne[0], n_pages, H_kv, summ->nb[2], summ->nb[1], 0);
+    ggml_tensor * b   = ggml_mul_mat(ctx, s, qq); // [pages, G, H_kv]
+    ggml_prec_set_acc(b, GGML_PREC_F32);
+    ggml_set_name(b, "vp_quest_bounds");
+    return ggml_reshape_2d(ctx, b, n_pages, H);
+}
 
 // I32 input of a host list, made once per graph
 static ggml_tensor * vp_list_input(ggml_context * ctx, ggml_tensor *& t, size_t n, const char * name) {
@@ -384,10 +376,7 @@ ggml_tensor * vp_quest_attn(const llm_graph_context & g, llm_graph_input_vp & in
             scores = inp.in.quest_rand[il] =
                 vp_input(ctx, GGML_TYPE_F32, (int64_t) qp.cand.size(), H_kv, 1, 1, "vp_quest_rand");
         } else {
-            ggml_tensor * args[3] = { q, summ, cand };
-            scores = ggml_custom_4d(ctx, GGML_TYPE_F32, (int64_t) qp.cand.size(), q->ne[1], 1, 1, args, 3,
-                                    vp_quest_bound_op, GGML_N_TASKS_MAX, &inp.quest);
-            ggml_set_name(scores, "vp_quest_bounds");
+            scores = vp_quest_bounds(ctx, q, summ, qp.n_kv / qp.page);
         }
         ggml_tensor * args[2] = { scores, cand };
         idx = ggml_custom_4d(ctx, GGML_TYPE_I32, qp.n_sel, H_kv, 1, 1, args, 2, vp_quest_select_op, GGML_N_TASKS_MAX,
@@ -399,7 +388,8 @@ ggml_tensor * vp_quest_attn(const llm_graph_context & g, llm_graph_input_vp & in
     ggml_tensor * mask     = ggml_custom_4d(ctx, kq_mask->type, qp.n_sel, 1, q->ne[1], 1, margs, 2, vp_quest_mask_op,
                                             GGML_N_TASKS_MAX, &inp.quest);
     ggml_set_name(mask, "vp_quest_mask");
-    *k                 = vp_gather_heads(ctx, K, idx);
+    *k = vp_gather_heads(ctx, K, idx);
+    ggml_set_name(*k, "vp_quest_k");
     const bool v_trans = (*v)->nb[1] > (*v)->nb[2];
     *v                 = v_trans ? vp_gather_v_trans(ctx, *v, idx) : vp_gather_heads(ctx, *v, idx);
     return mask;

@@ -23,12 +23,12 @@ _ggml.ggml_nbytes.restype = ctypes.c_size_t
 _ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 _ggml.ggml_backend_tensor_get.restype = None
 
-_GGML_TYPE_F32 = 0
+_DTYPES = {0: np.float32, 1: np.float16, 26: np.int32}  # ggml_type ids: F32, F16, I32
 _NE_OFFSET = 16  # struct ggml_tensor { enum ggml_type type; buffer*; int64_t ne[4]; ... }
 
 
 def tensor_capture(wanted, shapes=None):
-    """(callback, captured): the callback copies the F32 tensors named in ``wanted`` into ``captured``;
+    """(callback, captured): the callback copies the F32, F16 and I32 tensors named in ``wanted`` into ``captured``;
     the shape (ne[0..3]) of every wanted tensor, whatever its type, goes to ``shapes`` if given."""
     names, sink = set(wanted), {}
     @L.ggml_backend_sched_eval_callback
@@ -41,8 +41,8 @@ def tensor_capture(wanted, shapes=None):
             ne = [ctypes.c_int64.from_address(t + _NE_OFFSET + 8 * i).value for i in range(4)]
             if shapes is not None:
                 shapes.setdefault(name, []).append(tuple(ne))
-            if typ == _GGML_TYPE_F32:
-                arr = np.empty(ne[::-1], dtype=np.float32)
+            if typ in _DTYPES:
+                arr = np.empty(ne[::-1], dtype=_DTYPES[typ])
                 _ggml.ggml_backend_tensor_get(t, arr.ctypes.data, 0, _ggml.ggml_nbytes(t))
                 sink.setdefault(name, []).append(arr)
         return True

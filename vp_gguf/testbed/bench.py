@@ -24,6 +24,20 @@ from .tasks import Item
 MODES = COMPARISON_MODES
 
 
+def add_quest_curve(shares: list[int]) -> list[str]:
+    """Points of visionpulse-5+'s fidelity curve: the same settings with N% of the candidate pages kept below
+    the anchor at every step (instead of the share the visual mass sets). Registered for this process in the
+    comparison table under "visionpulse-5+-N%"; returns their names."""
+    names = []
+    for n in shares:
+        if not 0 < n <= 100:
+            raise ValueError(f"a Quest page share is a percentage in (0, 100], not {n}")
+        name = f"visionpulse-5+-{n}%"
+        MODES[name] = {**(MODES["visionpulse-5+"] or {}), "quest_budget_min": n / 100, "quest_budget_max": n / 100}
+        names.append(name)
+    return names
+
+
 def ordered(modes: list[str]) -> list[str]:
     """The modes with every control's matched mode before it (added when missing)."""
     out: list[str] = []
@@ -139,4 +153,14 @@ def by_task_table(results: list[dict[str, Any]], modes: list[str]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MODES", "Bench", "Progress", "by_task_table", "item_videos", "markdown_table", "ordered", "summarize"]
+__all__ = [
+    "MODES",
+    "Bench",
+    "Progress",
+    "add_quest_curve",
+    "by_task_table",
+    "item_videos",
+    "markdown_table",
+    "ordered",
+    "summarize",
+]
