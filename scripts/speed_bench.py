@@ -225,7 +225,7 @@ class NodeTimer:
         from support.capture import _ggml
         _ggml.ggml_op_desc.argtypes = [C.c_void_p]
         _ggml.ggml_op_desc.restype = C.c_char_p
-        self.rows: list[tuple[int, bool, float]] = []  # (layer, is_attention, seconds)
+        self.rows: list[tuple[int, str, float]] = []  # (layer, kind: attention | other | a QUEST_PART, seconds)
         self.on = False
         self._t = 0.0
         self._layer = -1
@@ -242,30 +242,48 @@ class NodeTimer:
             elif name.startswith(("inp_", "result")):  # the input embeddings, the output head
                 self._layer = -1
             if self.on:
-                attn = _ggml.ggml_op_desc(t) == b"FLASH_ATTN_EXT" or ATTN_NODE.match(name) is not None
-                self.rows.append((self._layer, attn, now - self._t))
+                kind = "other"
+                if _ggml.ggml_op_desc(t) == b"FLASH_ATTN_EXT" or ATTN_NODE.match(name) is not None:
+                    kind = "attention"
+                elif name.startswith("vp_quest_"):
+                    kind = QUEST_PARTS.get(name.split(" ")[0], "selection")
+                self.rows.append((self._layer, kind, now - self._t))
             self._t = time.perf_counter()
             return True
         self.cb = cb
 
-    def budget(self, anchor: int, n_layer: int, steps: int) -> dict[str, float]:
+    def budget(self, anchor: int, n_layer: int, steps: int, quest: range = range(0)) -> dict[str, float]:
+        """ms per token by part; ``quest``: the layers below the anchor that keep Quest pages."""
         att = [0.0] * n_layer
         other = [0.0] * n_layer
+        parts = dict.fromkeys(dict.fromkeys(QUEST_PARTS.values()), 0.0)
         rest = 0.0
-        for il, is_att, dt in self.rows:
-            if 0 <= il < n_layer:
-                (att if is_att else other)[il] += dt
+        for il, kind, dt in self.rows:
+            if kind in parts:
+                parts[kind] += dt
+            elif 0 <= il < n_layer:
+                (att if kind == "attention" else other)[il] += dt
             else:
                 rest += dt
         base = statistics.median(other[:anchor]) if anchor > 0 else 0.0  # a plain layer's non-attention work
         ms = 1e3 / steps
         extra = [other[il] - base for il in range(anchor, n_layer)]  # unclipped: layer-to-layer noise cancels
-        return {"attention, dense layers (0..anchor)": sum(att[:anchor + 1]) * ms,
-                "attention, sparse layers (after the anchor)": sum(att[anchor + 1:]) * ms,
-                "probe and selection (anchor)": extra[0] * ms,
-                "masks / gathers (layers after the anchor)": sum(extra[1:]) * ms,
-                "rest (weights, norms, rope, embeddings, output)":
-                    (rest + sum(other) - sum(extra)) * ms}
+        out = {"attention, dense layers (0..anchor)": sum(att[il] for il in range(anchor + 1) if il not in quest) * ms}
+        if quest:
+            out[f"attention, Quest layers ({quest.start}..{quest.stop - 1}: kept pages)"] = \
+                sum(att[il] for il in quest) * ms
+            out.update({f"Quest {k}": v * ms for k, v in parts.items()})
+        out.update({"attention, sparse layers (after the anchor)": sum(att[anchor + 1:]) * ms,
+                    "probe and selection (anchor)": extra[0] * ms,
+                    "masks / gathers (layers after the anchor)": sum(extra[1:]) * ms,
+                    "rest (weights, norms, rope, embeddings, output)": (rest + sum(other) - sum(extra)) * ms})
+        return out
+
+
+# the graph nodes of Quest's layers (cpp/src/llama-vp-quest.cpp names them), by part of its profile
+QUEST_PARTS = {"vp_quest_summaries": "summaries", "vp_quest_q": "bounds", "vp_quest_bounds": "bounds",
+               "vp_quest_select": "selection", "vp_quest_mask": "selection",
+               "vp_quest_k": "gathers", "vp_quest_v": "gathers"}
 
 
 def profile(name: str, a: argparse.Namespace, cache: Path, nv: int) -> dict:
@@ -273,15 +291,29 @@ def profile(name: str, a: argparse.Namespace, cache: Path, nv: int) -> dict:
     timer = NodeTimer()
     r = Runner(path, nv + a.text + a.steps + 16, a.threads, a.flash_attn, cb_eval=timer.cb)
     r.load(r.make_state(nv, a.text))
-    r.set_mode(replace(MODES["vp5"], min_pruned_layers=0), nv)  # the parts, also where the preset would skip
-    r.decode_tokens([11])
+    vp = replace(MODES[a.profile_mode], min_pruned_layers=0)  # the parts, also where the preset would skip
+    r.set_mode(vp, nv)
+    r.decode_tokens([11])  # the first step makes the page summaries: profiled separately below
     timer.on = True
     t0 = time.perf_counter()
     for i in range(a.steps):
         r.decode_tokens([(i * 7919) % r.n_vocab])
     wall = (time.perf_counter() - t0) * 1e3 / a.steps
-    b = timer.budget(V.llama_vp_anchor_layer(r.ctx), r.n_layer, a.steps)
+    anchor = V.llama_vp_anchor_layer(r.ctx)
+    quest = range(0)
+    if vp.quest != "off":
+        quest = range(V.llama_vp_default_params().quest_first_layer if vp.quest_first_layer is None
+                      else vp.quest_first_layer, anchor)
+    b = timer.budget(anchor, r.n_layer, a.steps, quest)
+    summ_ms = None
+    if quest:  # the summaries of a whole image: once, on the first step after it (a new state, same graph)
+        timer.rows.clear()
+        r.load(r.make_state(nv, a.text))
+        r.set_mode(vp, nv)
+        r.decode_tokens([11])
+        summ_ms = sum(dt for _, kind, dt in timer.rows if kind == "summaries") * 1e3
     out = {"model": desc, "n_visual": nv, "ms_per_token_profiled": wall, "parts_ms": b, "flash_attn": r.flash_attn,
+           "mode": a.profile_mode, "summaries_once_ms": summ_ms,
            "attn": ATTN_NAMES.get(V.llama_vp_last_attn(r.ctx), "-"),
            "probe": {0: "a probe of its own", 1: "the anchor layer's own scores"}.get(V.llama_vp_last_probe(r.ctx), "-")}
     r.close()
@@ -518,6 +550,7 @@ def main() -> int:
     ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md and the plot from results.json")
     ap.add_argument("--profile", type=int, default=0, metavar="N_V",
                     help="instead: time every graph node of vp5 steps at N_V visual tokens (where the time goes)")
+    ap.add_argument("--profile-mode", default="vp5", help="the mode --profile times (vp5+: Quest's parts too)")
     a = ap.parse_args()
     out = Path(a.out)
     if a.render:
@@ -536,7 +569,8 @@ def main() -> int:
     if a.profile:
         out.mkdir(parents=True, exist_ok=True)
         res = [profile(name, a, Path(a.cache), a.profile) for name in a.models.split(",")]
-        md = [f"# Where a VisionPulse 5 step's time goes at {a.profile} visual tokens", "",
+        mode_name = MODES[a.profile_mode].label() if MODES[a.profile_mode] else a.profile_mode
+        md = [f"# Where a {mode_name} step's time goes at {a.profile} visual tokens", "",
               f"Written by `python3 scripts/speed_bench.py {' '.join(sys.argv[1:])}`: every graph node computed "
               "alone (cb_eval), its time attributed to its layer; non-attention work above a plain layer's "
               "median counts as VisionPulse's own (probe and selection at the anchor, mask or gather later). "
@@ -545,7 +579,10 @@ def main() -> int:
         for x in res:
             tot = sum(x["parts_ms"].values())
             md += [f"## {x['model']}", "",
-                   f"Flash attention {x['flash_attn']}; path {x['attn']}; scores from {x['probe']}.", "",
+                   f"Flash attention {x['flash_attn']}; path {x['attn']}; scores from {x['probe']}."
+                   + ("" if x["summaries_once_ms"] is None else
+                      f" Quest's page summaries of the whole image, made once on the first step after it: "
+                      f"{x['summaries_once_ms']:.1f} ms."), "",
                    "| part | ms per token | share |", "|---|---|---|"]
             md += [f"| {k} | {v:.1f} | {100 * v / tot:.0f}% |" for k, v in x["parts_ms"].items()]
             md.append("")

@@ -269,3 +269,30 @@ def test_bad_page_lists_are_refused(load_model):
         V.set_quest_pages(m.context, 0, [1, -2])
     assert V.llama_vp_set_quest_pages(m.context, 99, None, 0) == -1
     assert V.llama_vp_get_quest_stats(m.context, 0, None) == -1
+
+
+@pytest.mark.skipif(not ON_CPU, reason="Quest runs where the cache is in host memory")
+def test_a_state_load_and_its_marks_drop_the_summaries(load_model, images):
+    """A state load writes cells without a decode; the marks it needs (documented) drop the summaries."""
+    import ctypes
+
+    m = load_model("llava", flash_attn="on")
+    spec = VisionPulse(**BASE, **QUEST, quest_budget_min=0.5, quest_budget_max=0.5)
+    toks = _tokens(m, images["a"])
+    m.teacher_forced(P, [images["a"]], toks, spec)  # summaries made
+    made = []
+
+    def reload_state(model, spans):
+        ctx = model.context
+        n = L.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * n)()
+        assert L.llama_state_seq_get_data(ctx, buf, n, 0) == n
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        assert L.llama_state_seq_set_data(ctx, buf, n, 0) == n
+        assert V.llama_vp_mark_visual(ctx, 0, spans[0].pos, spans[0].pos + spans[0].n_tokens) == 0
+    try:
+        m.teacher_forced(P, [images["a"]], toks, spec, cache_prompt=True, after_prefill=reload_state,
+                         before_step=lambda model, i: made.append(_stats(model).n_refreshed) if i == 2 else None)
+    finally:
+        V.llama_vp_clear_marks(m.context, -1)
+    assert made == [_stats(m).n_pages]

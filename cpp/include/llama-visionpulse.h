@@ -71,8 +71,10 @@ struct llama_vp_params {
                                            // pay (Gemma 3 270M: 1 of 3). Default 2; 0: never skip
     // Quest pages below the anchor (enum llama_vp_quest; not with lagged). The page summaries are made
     // once per page, when a step first needs them, kept beside the KV cache (host memory) and made
-    // again when the cache rewrites a page's cells; the KV cache itself is never changed. Used where
-    // the step decodes one sequence and the cache is in host memory; elsewhere those layers run dense.
+    // again when a decode rewrites a page's cells or a shift moves them (seq_rm, clear, seq_add); the
+    // KV cache itself is never changed. A state load writes cells without a decode: the marks it needs
+    // (llama_vp_mark_visual) drop the summaries too. Used where the step decodes one sequence, the
+    // cache has one stream and is in host memory; elsewhere those layers run dense.
     enum llama_vp_quest quest;
     int32_t             quest_page;        // cells per page: a power of two in [1, 256] (default 16)
     int32_t             quest_first_layer; // layers below it stay dense (default 2, as Quest)

@@ -238,6 +238,13 @@ int32_t llama_vp_anchor_layer(const struct llama_context * ctx) {
     return vp && vp->enabled ? vp->anchor : -1;
 }
 
+// Quest's page summaries no longer hold (the cells may hold other keys than when they were made).
+static void vp_quest_forget(llama_vp_context & vp) {
+    for (auto & pg : vp.quest.pages) {
+        pg.valid = false;
+    }
+}
+
 static llama_vp_context * vp_state(struct llama_context * ctx) {
     llama_vp_context * vp = vp_of(ctx);
     if (!vp) {
@@ -275,6 +282,7 @@ int32_t llama_vp_mark_visual(struct llama_context * ctx, llama_seq_id seq, llama
     if (p1 <= p0 || p0 < 0) return vp_fail(-1, "empty or negative position range");
     llama_vp_context * vp = vp_state(ctx);
     vp->seqs[seq].marks.emplace_back(p0, p1);
+    vp_quest_forget(*vp); // marks come after a state load, which writes cells without a decode: summarize again
     return 0;
 }
 
@@ -285,6 +293,7 @@ int32_t llama_vp_clear_marks(struct llama_context * ctx, llama_seq_id seq) {
     for (auto & [s, st] : vp->seqs) {
         if (seq < 0 || s == seq) st.marks.clear();
     }
+    vp_quest_forget(*vp);
     return 0;
 }
 

@@ -328,10 +328,14 @@ static ggml_tensor * vp_quest_bounds(ggml_context * ctx, ggml_tensor * q, ggml_t
     const int64_t H = q->ne[1], H_kv = summ->ne[1], G = H / H_kv;
     ggml_tensor * q2  = ggml_reshape_2d(ctx, ggml_cont(ctx, q), q->ne[0], H);
     ggml_tensor * pos = ggml_relu(ctx, q2);
-    ggml_tensor * qq  = ggml_concat(ctx, ggml_sub(ctx, q2, pos), pos, 0); // [2 d, H]
-    qq                = ggml_reshape_3d(ctx, qq, qq->ne[0], G, H_kv);     // [2 d, G, H_kv]
-    ggml_tensor * s   = ggml_view_3d(ctx, summ, summ->ne[0], n_pages, H_kv, summ->nb[2], summ->nb[1], 0);
-    ggml_tensor * b   = ggml_mul_mat(ctx, s, qq); // [pages, G, H_kv]
+    ggml_tensor * neg = ggml_sub(ctx, q2, pos);
+    ggml_tensor * qq  = ggml_concat(ctx, neg, pos, 0); // [2 d, H]
+    for (ggml_tensor * t : { q2->view_src ? q2->view_src : q2, pos, neg, qq }) {
+        ggml_set_name(t, "vp_quest_q");
+    }
+    qq              = ggml_reshape_3d(ctx, qq, qq->ne[0], G, H_kv); // [2 d, G, H_kv]
+    ggml_tensor * s = ggml_view_3d(ctx, summ, summ->ne[0], n_pages, H_kv, summ->nb[2], summ->nb[1], 0);
+    ggml_tensor * b = ggml_mul_mat(ctx, s, qq); // [pages, G, H_kv]
     ggml_prec_set_acc(b, GGML_PREC_F32);
     ggml_set_name(b, "vp_quest_bounds");
     return ggml_reshape_2d(ctx, b, n_pages, H);
@@ -392,5 +396,6 @@ ggml_tensor * vp_quest_attn(const llm_graph_context & g, llm_graph_input_vp & in
     ggml_set_name(*k, "vp_quest_k");
     const bool v_trans = (*v)->nb[1] > (*v)->nb[2];
     *v                 = v_trans ? vp_gather_v_trans(ctx, *v, idx) : vp_gather_heads(ctx, *v, idx);
+    ggml_set_name((*v)->view_src ? (*v)->view_src : *v, "vp_quest_v"); // the transposed gather's op, not its view
     return mask;
 }

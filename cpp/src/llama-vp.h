@@ -5,6 +5,7 @@
 //   llama-vp-graph.cpp     graph helpers: inputs, masks, host-known selections as inputs
 //   llama-vp-anchor.cpp    the anchor layer's probe and selection, built into the step's graph
 //   llama-vp-apply.cpp     the hooks in build_attn: the selection applied by the layers (mask, gather)
+//   llama-vp-quest.cpp     beyond the paper: Quest pages in the layers below the anchor (summaries, bounds)
 //   llama-vp-readback.cpp  after the step: stats and kept sets read back
 //   llama-vp-api.cpp       the C API (cpp/include/llama-visionpulse.h): presets, validation, marks
 #pragma once
