@@ -252,11 +252,11 @@ class NodeTimer:
             return True
         self.cb = cb
 
-    def budget(self, anchor: int, n_layer: int, steps: int, quest: range = range(0)) -> dict[str, float]:
-        """ms per token by part; ``quest``: the layers below the anchor that keep Quest pages."""
+    def budget(self, anchor: int, n_layer: int, steps: int) -> dict[str, float]:
         att = [0.0] * n_layer
         other = [0.0] * n_layer
         parts = dict.fromkeys(dict.fromkeys(QUEST_PARTS.values()), 0.0)
+        quest = {il for il, kind, _ in self.rows if kind in parts}  # the layers that kept Quest pages
         rest = 0.0
         for il, kind, dt in self.rows:
             if kind in parts:
@@ -270,8 +270,7 @@ class NodeTimer:
         extra = [other[il] - base for il in range(anchor, n_layer)]  # unclipped: layer-to-layer noise cancels
         out = {"attention, dense layers (0..anchor)": sum(att[il] for il in range(anchor + 1) if il not in quest) * ms}
         if quest:
-            out[f"attention, Quest layers ({quest.start}..{quest.stop - 1}: kept pages)"] = \
-                sum(att[il] for il in quest) * ms
+            out[f"attention, Quest layers ({len(quest)}: kept pages)"] = sum(att[il] for il in quest) * ms
             out.update({f"Quest {k}": v * ms for k, v in parts.items()})
         out.update({"attention, sparse layers (after the anchor)": sum(att[anchor + 1:]) * ms,
                     "probe and selection (anchor)": extra[0] * ms,
@@ -299,14 +298,9 @@ def profile(name: str, a: argparse.Namespace, cache: Path, nv: int) -> dict:
     for i in range(a.steps):
         r.decode_tokens([(i * 7919) % r.n_vocab])
     wall = (time.perf_counter() - t0) * 1e3 / a.steps
-    anchor = V.llama_vp_anchor_layer(r.ctx)
-    quest = range(0)
-    if vp.quest != "off":
-        quest = range(V.llama_vp_default_params().quest_first_layer if vp.quest_first_layer is None
-                      else vp.quest_first_layer, anchor)
-    b = timer.budget(anchor, r.n_layer, a.steps, quest)
+    b = timer.budget(V.llama_vp_anchor_layer(r.ctx), r.n_layer, a.steps)
     summ_ms = None
-    if quest:  # the summaries of a whole image: once, on the first step after it (a new state, same graph)
+    if vp.quest != "off":  # the summaries of a whole image: once, on the first step after it (a new state, same graph)
         timer.rows.clear()
         r.load(r.make_state(nv, a.text))
         r.set_mode(vp, nv)

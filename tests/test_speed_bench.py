@@ -62,3 +62,18 @@ def test_profile_splits_the_step(tmp_path):
     # the callbacks themselves)
     assert 0 < sum(parts.values()) <= 1.05 * x["ms_per_token_profiled"]
     assert "scores from the anchor layer's own scores" in (tmp_path / "PROFILE.md").read_text()
+
+
+def test_profile_splits_a_quest_step(tmp_path):
+    """vp5+ (Quest pages below the anchor; on Gemma 3 270M layer 5): its parts beside the others."""
+    r = _run("--profile", "192", "--profile-mode", "vp5+", "--steps", "2", "-fa", "on", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    x = json.loads((tmp_path / "profile.json").read_text())[0]
+    parts = x["parts_ms"]
+    assert all(parts[f"Quest {k}"] > 0 for k in ("bounds", "selection", "gathers"))
+    assert parts["Quest summaries"] == 0  # made once, on the first step: not in the steps after it
+    assert x["summaries_once_ms"] > 0
+    assert parts["attention, Quest layers (1: kept pages)"] > 0  # layer 5, the one full-attention layer below 11
+    assert 0 < sum(parts.values()) <= 1.05 * x["ms_per_token_profiled"]
+    md = (tmp_path / "PROFILE.md").read_text()
+    assert "VisionPulse 5, Quest pages below the anchor" in md and "made once" in md
