@@ -296,3 +296,54 @@ def test_a_state_load_and_its_marks_drop_the_summaries(load_model, images):
     finally:
         V.llama_vp_clear_marks(m.context, -1)
     assert made == [_stats(m).n_pages]
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_two_sequences_run_those_layers_dense(tiny_paths, images, unified):
+    """Quest gathers one sequence's cells of a one-stream cache: a batch of two sequences, or a cache with a
+    stream per sequence, keeps the layers below the anchor dense (bit for bit VisionPulse's)."""
+    import ctypes
+
+    from vp_gguf._libs import mtmd_cpp as M
+
+    model, mmproj = tiny_paths("llava")
+    with vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, n_seq_max=2, kv_unified=unified,
+                             flash_attn="on") as m:
+        pos = {}
+        for s, img in enumerate(("a", "b")):
+            with m.prepare(P, [images[img]]) as prep:
+                n_past = L.llama_pos(0)
+                assert M.mtmd_helper_eval_chunks(m.mtmd_context, m.context, prep.chunks, 0, s, m.n_batch, True,
+                                                 ctypes.byref(n_past)) == 0
+                pos[s] = n_past.value
+        mem = L.llama_get_memory(m.context)
+        batch = L.llama_batch_init(2, 0, 1)
+        out = {}
+        try:
+            for label, spec in (("plain", VisionPulse(**BASE)), ("quest", VisionPulse(**BASE, **QUEST))):
+                params = spec.to_c()
+                assert V.llama_vp_enable(m.context, ctypes.byref(params)) == 0
+                rows = []
+                for step in range(3):
+                    for s in (0, 1):
+                        batch.token[s], batch.pos[s], batch.n_seq_id[s] = 5 + step, pos[s] + step, 1
+                        batch.seq_id[s][0], batch.logits[s] = s, 1
+                    batch.n_tokens = 2
+                    assert L.llama_decode(m.context, batch) == 0
+                    rows.append([np.ctypeslib.as_array(L.llama_get_logits_ith(m.context, s), shape=(m.n_vocab,))
+                                 .copy() for s in (0, 1)])
+                    if label == "quest":
+                        assert V.quest_stats(m.context, 0) is None  # no Quest plan for a two-row step
+                # one sequence alone: Quest applies where the cache has one stream
+                batch.token[0], batch.pos[0], batch.seq_id[0][0], batch.n_tokens = 9, pos[0] + 3, 0, 1
+                assert L.llama_decode(m.context, batch) == 0
+                if label == "quest":
+                    st = V.quest_stats(m.context, 0)
+                    assert (st is not None and st.n_layers > 0) == (unified and ON_CPU)
+                for s in (0, 1):
+                    assert L.llama_memory_seq_rm(mem, s, pos[s], -1)
+                out[label] = rows
+        finally:
+            L.llama_batch_free(batch)
+            V.llama_vp_disable(m.context)
+    assert all(np.array_equal(a, b) for ra, rb in zip(out["plain"], out["quest"]) for a, b in zip(ra, rb))
