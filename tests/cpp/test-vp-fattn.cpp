@@ -43,8 +43,10 @@ struct fa_case {
     ggml_type k_type, v_type;
     mask_kind mask;
     int       threads;
-    float     softcap = 0.0f;
-    bool      sinks   = false;
+    float     softcap  = 0.0f;
+    bool      sinks    = false;
+    bool      per_head = false; // a mask row per query head (VisionPulse's Quest layers): each head its own
+                                // kind, cycling through them from `mask`
 };
 
 struct graph {
@@ -52,7 +54,7 @@ struct graph {
     ggml_tensor *  out = nullptr;
     ggml_cgraph *  gf  = nullptr;
     std::vector<float> kf, vf, q, sink;  // the inputs as float, for the float64 evaluation
-    std::vector<float> mask;             // 0 or -inf per cell (empty: no mask)
+    std::vector<float> mask;             // 0 or -inf per cell (empty: no mask), per head if per_head
     ~graph() { ggml_free(ctx); }
 };
 
@@ -162,9 +164,20 @@ void build(graph & g, const fa_case & c, uint32_t seed) {
 
     ggml_tensor * mask = nullptr;
     g.mask             = make_mask(c, rng);
+    if (c.per_head) {
+        g.mask.clear();
+        for (int64_t h = 0; h < n_head; h++) {
+            fa_case ch = c;
+            ch.mask    = (mask_kind) (((int) c.mask + h) % 5);
+            if (ch.mask == mask_kind::holes && c.n_kv < 64) ch.mask = mask_kind::causal_tail;
+            std::vector<float> m = make_mask(ch, rng);
+            if (m.empty()) m.assign(c.n_kv, 0.0f);
+            g.mask.insert(g.mask.end(), m.begin(), m.end());
+        }
+    }
     if (!g.mask.empty()) {
-        mask = ggml_new_tensor_4d(g.ctx, GGML_TYPE_F16, c.n_kv, 1, 1, 1);
-        for (int64_t i = 0; i < c.n_kv; i++) {
+        mask = ggml_new_tensor_4d(g.ctx, GGML_TYPE_F16, c.n_kv, 1, c.per_head ? n_head : 1, 1);
+        for (size_t i = 0; i < g.mask.size(); i++) {
             ((ggml_fp16_t *) mask->data)[i] = ggml_fp32_to_fp16(g.mask[i]);
         }
     }
@@ -214,7 +227,7 @@ std::vector<float> evaluate(const graph & g, const fa_case & c) {
             if (c.softcap != 0.0f) {
                 dot = c.softcap * std::tanh(dot / c.softcap);
             }
-            s[i] = g.mask.empty() ? dot : dot + g.mask[i];
+            s[i] = g.mask.empty() ? dot : dot + g.mask[(c.per_head ? h * c.n_kv : 0) + i];
             mx   = std::max(mx, s[i]);
         }
         if (!g.sink.empty()) {
@@ -289,6 +302,16 @@ std::vector<fa_case> cases() {
         }
     }
     out.push_back({ 256, 4, 1, 65536, GGML_TYPE_F16, GGML_TYPE_F16, mask_kind::holes, 2 });
+    // a mask row per query head, each head another kind (Quest's gathered cells; one head may keep none)
+    for (int64_t group : { 1, 2, 8 }) {
+        for (auto & t : types) {
+            for (int64_t n_kv : { 7, 64, 333, 1024, 4096 }) {
+                for (mask_kind m : masks) {
+                    out.push_back({ 128, group, 2, n_kv, t[0], t[1], m, 1 + (i++ % 3), 0.0f, false, true });
+                }
+            }
+        }
+    }
     // logit soft-capping and attention sinks (Gemma 2, gpt-oss)
     for (mask_kind m : masks) {
         out.push_back({ 128, 4, 2, 777, GGML_TYPE_F16, GGML_TYPE_F16, m, 2, 30.0f, false });
@@ -421,10 +444,11 @@ int main(int argc, char ** argv) {
             n_fail++;
         }
         if (!ok || c.n_kv >= 16384) {
-            printf("%s d=%lld group=%lld heads_kv=%lld n_kv=%lld K=%s V=%s mask=%s threads=%d softcap=%g sinks=%d: "
+            printf("%s d=%lld group=%lld heads_kv=%lld n_kv=%lld K=%s V=%s mask=%s%s threads=%d softcap=%g sinks=%d: "
                    "nmse vs upstream %.3g, vs float64 ours %.3g upstream %.3g\n",
                    ok ? "ok  " : "FAIL", (long long) c.d, (long long) c.group, (long long) c.n_head_kv,
-                   (long long) c.n_kv, ggml_type_name(c.k_type), ggml_type_name(c.v_type), mask_name(c.mask), c.threads,
+                   (long long) c.n_kv, ggml_type_name(c.k_type), ggml_type_name(c.v_type), mask_name(c.mask),
+                   c.per_head ? " per head" : "", c.threads,
                    c.softcap, c.sinks ? 1 : 0, e_ref, e_ours, e_up);
         }
     }
