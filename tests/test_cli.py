@@ -68,6 +68,22 @@ def test_run_with_visionpulse_json(tiny_paths, images):
     assert t.returncode == 0 and "[random 5-10%, anchor layer" in t.stderr, t.stderr
 
 
+def test_run_with_quest_pages(tiny_paths, images):
+    """--visionpulse 5+: the preset with Quest pages below the anchor, said in the settings and the status line."""
+    model, mmproj = tiny_paths("llava")
+    r = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 6,
+           "-c", 1024, "-t", 2, "--visionpulse", "5+", "--json")
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)["visionpulse"]
+    assert v["settings"]["quest"] == "bound" and v["settings"]["tau"] == 0.1
+    t = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 4,
+           "-c", 1024, "-t", 2, "--visionpulse", "5+")
+    assert t.returncode == 0 and "[VisionPulse 5, Quest pages below the anchor, anchor layer" in t.stderr, t.stderr
+    bad = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "x", "--visionpulse", "5+",
+             "--vp-lagged")
+    assert bad.returncode == 2 and "lagged" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_run_rejects_bad_visionpulse_settings(tiny_paths, images):
     model, mmproj = tiny_paths("llava")
     for args, msg in ((["--visionpulse", "7"], "preset"), (["--visionpulse", "5", "--vp-tau", "0"], "tau"),

@@ -320,7 +320,15 @@ class VisionPulseControl:
         vp = self.settings
         if vp is None:
             return None
-        settings = {**vp.resolved(), "prune_anchor": bool(vp.to_c().prune_anchor)}  # the library's default filled in
+        c = vp.to_c()
+        settings = {
+            **vp.resolved(),
+            "prune_anchor": bool(c.prune_anchor),
+            "quest": vp.quest,
+        }  # library defaults filled in
+        if vp.quest != "off":
+            settings.update({k: getattr(c, k) for k in ("quest_page", "quest_first_layer")})
+            settings.update({k: round(getattr(c, k), 6) for k in ("quest_budget_min", "quest_budget_max")})
         reason = V.llama_vp_skip_reason(self._ctx)
         rep = VisionPulseReport(
             mode=vp.mode,
@@ -331,6 +339,12 @@ class VisionPulseControl:
         )
         rep._last_step = V.step_no(self._ctx, 0)
         return rep
+
+
+def _quest_share(ctx) -> float | None:
+    """The kept share of Quest's candidate pages at sequence 0's last step, None where no layer kept pages."""
+    q = V.quest_stats(ctx, 0)
+    return q.n_kept / q.n_pages if q is not None and q.n_layers > 0 and q.n_pages > 0 else None
 
 
 @dataclass
@@ -345,6 +359,8 @@ class StepStats:
     mass_kept: float  # share of the (head-mean) visual mass on the kept tokens
     kept: list[int] = field(default_factory=list)  # visual ordinals (images in order, row-major)
     skipped: bool = False  # the selection was skipped (it cannot pay on this model): the step ran dense
+    # Quest (beyond the paper): the share of the candidate pages each layer below the anchor kept, or None
+    quest_pages_kept: float | None = None
 
     @property
     def retention(self) -> float:
@@ -384,6 +400,7 @@ class VisionPulseReport:
                     mass_kept=float(st.mass_kept),
                     kept=kept,
                     skipped=bool(st.skipped),
+                    quest_pages_kept=_quest_share(ctx),
                 )
             )
 

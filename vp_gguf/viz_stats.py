@@ -24,7 +24,7 @@ def plot_missing() -> str | None:
 
 
 def report_setting(report: VisionPulseReport) -> VisionPulse:
-    """The settings a report was made with, as far as it tells: mode, budget, ratio, anchor pruning."""
+    """The settings a report was made with, as far as it tells: mode, budget, ratio, anchor pruning, Quest."""
     from .visionpulse import VisionPulse, preset_settings, presets
 
     s = report.settings
@@ -38,6 +38,7 @@ def report_setting(report: VisionPulseReport) -> VisionPulse:
         budget_max=s["budget_max"],
         ratio=s["ratio"],
         prune_anchor=bool(s.get("prune_anchor")) or None,
+        quest=s.get("quest", "off"),
     )
 
 
