@@ -36,7 +36,7 @@ MODES_NOTE = (
     "layer, so lagged (which prunes full-attention layers below the anchor) equals visionpulse-5 there. "
     "`visionpulse-5+` (beyond the paper) adds Quest pages to the full-attention layers below the anchor (from "
     "layer 2: here layer 5 alone): per KV head the pages of 16 visual cells with the highest score bound, their "
-    "share following the visual mass within [10%, 25%]; `visionpulse-5+-random` keeps as many pages at random "
+    "share following the visual mass within [25%, 50%]; `visionpulse-5+-random` keeps as many pages at random "
     "(its control); `visionpulse-5+-N%` keeps N% of the pages at every step (`--quest-curve`).")
 
 

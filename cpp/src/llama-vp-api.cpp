@@ -70,8 +70,8 @@ struct llama_vp_params llama_vp_preset_params(int32_t preset) {
     p.quest              = LLAMA_VP_QUEST_OFF;
     p.quest_page         = 16;
     p.quest_first_layer  = 2;
-    p.quest_budget_min   = 0.10f;
-    p.quest_budget_max   = 0.25f;
+    p.quest_budget_min   = 0.25f;
+    p.quest_budget_max   = 0.50f;
     if (preset == 10) {
         p.tau        = 0.4f;
         p.budget_min = 0.05f;
