@@ -21,6 +21,7 @@ from vp_gguf import VisionPulse
 from vp_gguf import _vp_ctypes as V
 from vp_gguf._libs import llama_cpp as L
 
+from support.cache_edit import keep_only
 from support.capture import tensor_capture
 
 P = "Describe the picture."
@@ -90,12 +91,7 @@ def test_forced_pages_equal_removing_the_other_cells(load_model, images, fa):
     assert (st.n_pages, st.n_kept, st.n_layers) == (len(pages), len(forced), anchor if ON_CPU else 0)
     assert all(s.kept == keep for s in rep.steps)
 
-    def drop_others(model, spans):
-        mem = L.llama_get_memory(model.context)
-        for o in range(spans[0].n_tokens):
-            if o not in keep:
-                assert L.llama_memory_seq_rm(mem, 0, spans[0].pos + o, spans[0].pos + o + 1)
-    b, _ = m.teacher_forced(P, [images["a"]], r.tokens, after_prefill=drop_others)
+    b, _ = m.teacher_forced(P, [images["a"]], r.tokens, after_prefill=keep_only(keep))
     # the cells as the gather path of the layers after the anchor copies them, forced from layer 0: the same
     # rows in the same order, so the same result bit for bit
     g, _ = m.teacher_forced(P, [images["a"]], r.tokens,

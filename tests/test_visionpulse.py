@@ -22,6 +22,7 @@ from vp_gguf._libs import llama_cpp as L
 from vp_gguf._libs import mtmd_cpp as M
 
 from conftest import FAMILIES
+from support.cache_edit import keep_only
 from support.capture import tensor_capture
 
 P = "Describe the picture."
@@ -78,12 +79,7 @@ def test_forced_selection_equals_removing_the_other_cells(load_model, images, fa
     a, rep = m.teacher_forced(P, [images["a"]], r.tokens, VisionPulse(mode="forced", forced=keep))
     assert all(s.kept == keep for s in rep.steps)
 
-    def drop_others(model, spans):
-        mem = L.llama_get_memory(model.context)
-        for o in range(spans[0].n_tokens):
-            if o not in keep:
-                assert L.llama_memory_seq_rm(mem, 0, spans[0].pos + o, spans[0].pos + o + 1)
-    b, _ = m.teacher_forced(P, [images["a"]], r.tokens, after_prefill=drop_others)
+    b, _ = m.teacher_forced(P, [images["a"]], r.tokens, after_prefill=keep_only(keep))
     # Removing cells hides them from every layer: force the set from layer 0 on to compare.
     anchor0, rep0 = m.teacher_forced(P, [images["a"]], r.tokens,
                                      VisionPulse(mode="forced", forced=keep, first_pruned_layer=0, attn=attn))
