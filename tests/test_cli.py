@@ -79,6 +79,11 @@ def test_run_with_quest_pages(tiny_paths, images):
     t = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 4,
            "-c", 1024, "-t", 2, "--visionpulse", "5+")
     assert t.returncode == 0 and "[VisionPulse 5, Quest pages below the anchor, anchor layer" in t.stderr, t.stderr
+    w = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 4,
+           "-c", 1024, "-t", 2, "--visionpulse", "5+", "--vp-quest-min", "0.75", "--vp-quest-max", "0.75", "--json")
+    assert w.returncode == 0, w.stderr
+    s = json.loads(w.stdout)["visionpulse"]["settings"]
+    assert (s["quest_budget_min"], s["quest_budget_max"]) == (0.75, 0.75)
     bad = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "x", "--visionpulse", "5+",
              "--vp-lagged")
     assert bad.returncode == 2 and "lagged" in bad.stderr and "Traceback" not in bad.stderr

@@ -228,6 +228,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="also prune the layers before the anchor with the previous step's set (opt-in)",
     )
     g.add_argument(
+        "--vp-quest-min", type=_FRACTION, default=None, help="with 5+: lower clamp of the kept share of pages (0.25)"
+    )
+    g.add_argument(
+        "--vp-quest-max", type=_FRACTION, default=None, help="with 5+: upper clamp of the kept share of pages (0.5)"
+    )
+    g.add_argument(
         "--vp-prune-anchor",
         action="store_true",
         help="the anchor layer attends to its own selection too (the reference's eager path; default: dense)",
@@ -326,6 +332,7 @@ def visionpulse_from_args(a: argparse.Namespace):
         vp.attn, vp.lagged = a.vp_attn, a.vp_lagged
         vp.prune_anchor = True if a.vp_prune_anchor else None
         vp.min_pruned_layers = a.vp_min_pruned_layers
+        vp.quest_budget_min, vp.quest_budget_max = a.vp_quest_min, a.vp_quest_max
         vp.check()
     return vp
 
