@@ -77,7 +77,12 @@ class Terminal:
         presses Ctrl-C within microseconds of the redraw, a test would."""
         stat = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat")
         until = time.monotonic() + DEADLINE
-        while stat.read_text().rpartition(")")[2].split()[0] != "S":
+        asleep_since = None  # asleep for a while, not for a moment between two steps of the redraw
+        while asleep_since is None or time.monotonic() - asleep_since < 0.3:
+            if stat.read_text().rpartition(")")[2].split()[0] != "S":
+                asleep_since = None
+            elif asleep_since is None:
+                asleep_since = time.monotonic()
             if time.monotonic() > until:
                 pytest.fail(f"the session never waited for a key:\n{self.out.decode(errors='replace')}")
             time.sleep(0.01)
