@@ -400,7 +400,8 @@ class VisionPulseReport:
                     mass_kept=float(st.mass_kept),
                     kept=kept,
                     skipped=bool(st.skipped),
-                    quest_pages_kept=_quest_share(ctx),
+                    # one more call into C per step only where Quest is on
+                    quest_pages_kept=_quest_share(ctx) if self.settings.get("quest", "off") != "off" else None,
                 )
             )
 

@@ -327,6 +327,16 @@ static void vp_set(ggml_tensor * t, const void * data) {
     }
 }
 
+// n uniform draws in [0, 1) from the context's generator (the random controls' rankings)
+static std::vector<float> vp_draw(llama_vp_context & vp, int64_t n) {
+    std::uniform_real_distribution<float> u(0.0f, 1.0f);
+    std::vector<float>                    out(n);
+    for (auto & x : out) {
+        x = u(vp.rng);
+    }
+    return out;
+}
+
 void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
     GGML_UNUSED(ubatch);
     if (!plan.active) {
@@ -359,12 +369,7 @@ void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
         vp_set(in.rank, rk.data());
     }
     if (in.rand) {
-        std::uniform_real_distribution<float> u(0.0f, 1.0f);
-        std::vector<float>                    rnd(n_kv * R);
-        for (auto & x : rnd) {
-            x = u(vp->rng);
-        }
-        vp_set(in.rand, rnd.data());
+        vp_set(in.rand, vp_draw(*vp, n_kv * R).data());
     }
     if (in.negcell) {
         std::vector<float> nc(n_kv);
@@ -395,11 +400,7 @@ void llm_graph_input_vp::set_input(const llama_ubatch * ubatch) {
         vp_set(in.quest_forced, cells.data());
     }
     for (auto & [il, t] : in.quest_rand) {
-        std::uniform_real_distribution<float> u(0.0f, 1.0f);
-        std::vector<float>                    rnd(ggml_nelements(t));
-        for (auto & x : rnd)
-            x = u(vp->rng);
-        vp_set(t, rnd.data());
+        vp_set(t, vp_draw(*vp, ggml_nelements(t)).data());
     }
     if (in.swa_map) {
         std::vector<int32_t> map(p.n_kv_swa * R, (int32_t) n_kv);

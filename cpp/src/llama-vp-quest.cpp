@@ -357,7 +357,7 @@ ggml_tensor * vp_quest_attn(const llm_graph_context & g, llm_graph_input_vp & in
     }
     const int64_t H_kv = K->ne[1];
     auto &        a    = inp.quest;
-    a                  = { qp.page, qp.n_kv, q->ne[1], H_kv, a.n_layers };
+    a                  = { qp.page, q->ne[1], H_kv, a.n_layers };
     ggml_tensor * idx;
     if (qp.known) {
         if (!inp.in.quest_forced)

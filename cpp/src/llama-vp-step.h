@@ -86,7 +86,7 @@ struct vp_layer_set {
 
 // Quest's constants for its ops, and the layers that kept pages.
 struct vp_quest_args {
-    int64_t page = 0, n_kv = 0, n_head = 0, n_head_kv = 0, n_layers = 0;
+    int64_t page = 0, n_head = 0, n_head_kv = 0, n_layers = 0;
 };
 
 // The step's graph input: host data in `plan`, input tensors filled from it by set_input.
