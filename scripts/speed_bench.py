@@ -281,8 +281,8 @@ class NodeTimer:
 
 # the graph nodes of Quest's layers (cpp/src/llama-vp-quest.cpp names them), by part of its profile
 QUEST_PARTS = {"vp_quest_summaries": "summaries", "vp_quest_q": "bounds", "vp_quest_bounds": "bounds",
-               "vp_quest_select": "selection", "vp_quest_mask": "selection",
-               "vp_quest_k": "gathers", "vp_quest_v": "gathers"}
+               "vp_quest_select": "selection", "vp_quest_mask": "masks / gathers",
+               "vp_quest_k": "masks / gathers", "vp_quest_v": "masks / gathers"}
 
 
 def profile(name: str, a: argparse.Namespace, cache: Path, nv: int) -> dict:

@@ -70,8 +70,10 @@ def _pages(span, n_kv_pages: int) -> list[list[int]]:
             if span.pos <= j * PAGE and (j + 1) * PAGE <= span.pos + span.n_tokens]
 
 
-@pytest.mark.parametrize("fa", ["off", "on"])
-def test_forced_pages_equal_removing_the_other_cells(load_model, images, fa):
+@pytest.mark.parametrize("fa,attn", [("off", "auto"), ("on", "auto"), ("on", "gather")])
+def test_forced_pages_equal_removing_the_other_cells(load_model, images, fa, attn):
+    """Quest takes the step's path: with flash attention on the CPU (auto) a mask row per query head and no
+    copies, else the gathered rows; each equals VisionPulse's own path over the same cells bit for bit."""
     m = load_model("llava", flash_attn=fa)  # one position per image token: seq_rm can drop single cells
     r = m.generate(P, images=[images["a"]], max_tokens=N)
     span = r.images[0]
@@ -85,17 +87,18 @@ def test_forced_pages_equal_removing_the_other_cells(load_model, images, fa):
 
     # Quest's forced pages below the anchor, the same cells forced from the anchor on: no layer sees the rest
     anchor = m.generate(P, images=[images["a"]], max_tokens=1, visionpulse=VisionPulse()).visionpulse.anchor_layer
-    spec = VisionPulse(mode="forced", forced=keep, first_pruned_layer=anchor, **QUEST)
+    spec = VisionPulse(mode="forced", forced=keep, first_pruned_layer=anchor, attn=attn, **QUEST)
     a, rep = m.teacher_forced(P, [images["a"]], r.tokens, spec, after_prefill=force_pages)
     st = _stats(m)
     assert (st.n_pages, st.n_kept, st.n_layers) == (len(pages), len(forced), anchor if ON_CPU else 0)
     assert all(s.kept == keep for s in rep.steps)
 
     b, _ = m.teacher_forced(P, [images["a"]], r.tokens, after_prefill=keep_only(keep))
-    # the cells as the gather path of the layers after the anchor copies them, forced from layer 0: the same
-    # rows in the same order, so the same result bit for bit
+    # the cells as the layers after the anchor take them on the same path, forced from layer 0: the same
+    # rows in the same order (masked in place, or copied), so the same result bit for bit
+    path = "gather" if fa == "off" else ("mask" if attn == "auto" else attn)
     g, _ = m.teacher_forced(P, [images["a"]], r.tokens,
-                            VisionPulse(mode="forced", forced=keep, first_pruned_layer=0, attn="gather"))
+                            VisionPulse(mode="forced", forced=keep, first_pruned_layer=0, attn=path))
     assert np.array_equal(a, g), float(np.abs(a - g).max())
     tol = 1e-3 if fa == "off" else 2e-2  # fewer cells in a row put the sums in other SIMD lanes (F16 V with FA)
     assert np.allclose(a[1:], b[1:], rtol=tol, atol=tol), float(np.abs(a[1:] - b[1:]).max())
@@ -123,8 +126,9 @@ def test_bounds_and_selection_match_numpy(tiny_paths, images):
     model, mmproj = tiny_paths("qwen2vl")
     with vp_gguf.VisionModel(model, mmproj, n_ctx=1024, n_threads=2, flash_attn="on", cb_eval=cb) as m:
         toks = _tokens(m, images["a"])
+        # the gather path: its copy of the kept keys is a node (the mask path reads the cache in place)
         full = VisionPulse(**BASE, **{**QUEST, "quest_first_layer": layer}, quest_budget_min=1.0,
-                           quest_budget_max=1.0)
+                           quest_budget_max=1.0, attn="gather")
         cap.clear()
         m.teacher_forced(P, [images["a"]], toks, full)
         st = _stats(m)
@@ -152,7 +156,7 @@ def test_bounds_and_selection_match_numpy(tiny_paths, images):
         # a quarter of the pages: each KV head keeps the ones its query heads bound highest
         cap.clear()
         part = VisionPulse(**BASE, **{**QUEST, "quest_first_layer": layer}, quest_budget_min=0.25,
-                           quest_budget_max=0.25)
+                           quest_budget_max=0.25, attn="gather")
         m.teacher_forced(P, [images["a"]], toks, part)
         st = _stats(m)
         assert st.n_kept == min(st.n_pages, max(1, math.ceil(0.25 * st.n_pages)))

@@ -70,7 +70,7 @@ def test_profile_splits_a_quest_step(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     x = json.loads((tmp_path / "profile.json").read_text())[0]
     parts = x["parts_ms"]
-    assert all(parts[f"Quest {k}"] > 0 for k in ("bounds", "selection", "gathers"))
+    assert all(parts[f"Quest {k}"] > 0 for k in ("bounds", "selection", "masks / gathers"))
     assert parts["Quest summaries"] == 0  # made once, on the first step: not in the steps after it
     assert x["summaries_once_ms"] > 0
     assert parts["attention, Quest layers (1: kept pages)"] > 0  # layer 5, the one full-attention layer below 11

@@ -3,10 +3,11 @@
 // Work split: the KV cells are cut into one chunk per thread, as upstream's split-KV
 // path does; each thread runs every KV head's group of query heads over its chunk and
 // writes one partial (max, sum, unnormalised output) per query head; after a barrier
-// the partials of a head are merged. Within a chunk the kept cells are taken in blocks:
-// each K row converted to F32 once and dotted with the group's F32 queries, one vectorised
-// exp per head and block,
-// then each V row, converted to F32 once, is added into every head's accumulator.
+// the partials of a head are merged. Within a chunk the kept cells are taken in blocks, and
+// each KV head takes the block's cells its group attends to (all of them with one mask row;
+// its own with a row per head, as Quest's pages give): each K row converted to F32 once and
+// dotted with the group's F32 queries, one vectorised exp per head and block, then each V row,
+// converted to F32 once, is added into every head's accumulator.
 #include "vp-fattn.h"
 
 #include "ggml-cpu-impl.h"
@@ -68,10 +69,10 @@ int64_t partial_floats(const fattn_args & a) {
 
 // per-thread scratch, in floats: every head's accumulator, max and sum (the partials are written
 // once, at the end: threads accumulating into neighbouring partials would share cache lines),
-// a group's scores and probabilities for a block, one K or V row in F32, the block's cells
-// (an int64 each)
+// a group's scores and probabilities for a block, one K or V row in F32, the block's cells and
+// those of one KV head (an int64 each)
 int64_t scratch_floats(const fattn_args & a) {
-    const int64_t n  = a.n_head * partial_floats(a) + 2 * a.group * BLOCK + std::max(a.dk, a.dv) + 2 * BLOCK;
+    const int64_t n  = a.n_head * partial_floats(a) + 2 * a.group * BLOCK + std::max(a.dk, a.dv) + 4 * BLOCK;
     const int64_t cl = (int64_t) CACHE_LINE_SIZE_F32;
     return (n + cl - 1) / cl * cl + cl; // whole cache lines: threads never share one
 }
@@ -119,10 +120,23 @@ int64_t next_kept_row(const uint16_t * mask, int64_t ic, int64_t end) {
     return ic;
 }
 
-// next cell at or after ic that some head attends to
+// next cell at or after ic that some head attends to; with a row per head, four cells of every
+// row at a time through runs that all heads mask (Quest's dropped pages)
 int64_t next_kept(const fattn_args & a, int64_t ic, int64_t end) {
     if (a.mask_rows == 1) {
         return next_kept_row(a.mask, ic, end);
+    }
+    constexpr uint64_t FOUR = 0x0001000100010001ull * FP16_NEG_INF;
+    for (; ic + 4 <= end; ic += 4) {
+        bool all = true;
+        for (int64_t h = 0; h < a.mask_rows && all; h++) {
+            uint64_t w;
+            memcpy(&w, a.mask + h * a.mask_nb2 + ic, sizeof(w));
+            all = w == FOUR;
+        }
+        if (!all) {
+            break;
+        }
     }
     for (; ic < end; ic++) {
         for (int64_t h = 0; h < a.mask_rows; h++) {
@@ -132,6 +146,27 @@ int64_t next_kept(const fattn_args & a, int64_t ic, int64_t end) {
         }
     }
     return end;
+}
+
+// The positions in a block of kept cells that KV head ikv's group attends to (all of them with one
+// mask row): with a mask per head, each KV head reads only its own cells.
+int64_t group_cells(const fattn_args & a, int64_t ikv, const int64_t * cells, int64_t n, int64_t * out) {
+    if (a.mask_rows == 1) {
+        for (int64_t j = 0; j < n; j++) {
+            out[j] = cells[j];
+        }
+        return n;
+    }
+    int64_t m = 0;
+    for (int64_t j = 0; j < n; j++) {
+        for (int64_t h = 0; h < a.group; h++) {
+            if (a.mask[(ikv * a.group + h) * a.mask_nb2 + cells[j]] != FP16_NEG_INF) {
+                out[m++] = cells[j];
+                break;
+            }
+        }
+    }
+    return m;
 }
 
 // out[h] = q_h . x for the group's G query rows (q_h = q + h * dq), x one K row in F32. Inline
@@ -226,7 +261,8 @@ void chunk_partials(const fattn_args & a, int64_t ic0, int64_t ic1, float * scra
     float *       score = S + H;                                    // [G][BLOCK]
     float *       prob  = score + G * BLOCK;                        // [G][BLOCK]
     float *       row   = prob + G * BLOCK;                         // [max(DK, DV)]: a K or V row in F32
-    int64_t *     cells = (int64_t *) (row + std::max(a.dk, a.dv)); // [BLOCK] (two floats each)
+    int64_t *     all   = (int64_t *) (row + std::max(a.dk, a.dv)); // [BLOCK] (two floats each)
+    int64_t *     cells = all + BLOCK;                              // [BLOCK]: KV head ikv's of them
     static_assert(sizeof(int64_t) == 2 * sizeof(float), "cell indices take two floats each");
 
     const int64_t dq      = a.q->nb[2] / sizeof(float);
@@ -241,14 +277,18 @@ void chunk_partials(const fattn_args & a, int64_t ic0, int64_t ic1, float * scra
     int64_t ic = ic0;
     while (true) {
         // the next block of kept cells
-        int64_t n = 0;
-        for (ic = next_kept(a, ic, ic1); ic < ic1 && n < BLOCK; ic = next_kept(a, ic + 1, ic1)) {
-            cells[n++] = ic;
+        int64_t n_all = 0;
+        for (ic = next_kept(a, ic, ic1); ic < ic1 && n_all < BLOCK; ic = next_kept(a, ic + 1, ic1)) {
+            all[n_all++] = ic;
         }
-        if (n == 0) {
+        if (n_all == 0) {
             break;
         }
         for (int64_t ikv = 0; ikv < a.n_head_kv; ikv++) {
+            const int64_t n = group_cells(a, ikv, all, n_all, cells);
+            if (n == 0) {
+                continue;
+            }
             const char *  kbase = (const char *) a.k->data + ikv * a.k->nb[2];
             const char *  vbase = (const char *) a.v->data + ikv * a.v->nb[2];
             const float * q     = (const float *) ((const char *) a.q->data + ikv * G * a.q->nb[2]);

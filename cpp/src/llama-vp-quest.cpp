@@ -13,10 +13,12 @@
 //   bounds     per candidate page and query head                       [pages, H]
 //   selection  per KV head: pages ranked by max over its query heads of the bound relative to that
 //              head's best page; the top k kept; the cells to attend, ascending   [n_sel, H_kv]
-//   gathers    those cells' K and V rows, copied per KV head in the cache's own type and layout,
-//              and their mask entries per query head, then the layer's usual attention
-// Ascending cell order and copied (not converted) rows make a step that keeps every page equal
-// bit for bit to the dense layer.
+//   attention  on the step's path (enum llama_vp_attn): MASK (CPU flash attention) gives each query
+//              head a mask row over every cell, -inf outside its KV head's cells, and our kernel
+//              skips a KV head's masked cells; GATHER copies those cells' K and V rows per KV head
+//              in the cache's own type and layout, with their mask entries per query head
+// Either way a step that keeps every page equals the dense layer bit for bit: the kernel takes the
+// same cells in the same blocks, and the gathers keep cell order and copy (never convert) rows.
 
 #include "llama-vp-step.h"
 
@@ -295,6 +297,27 @@ static void vp_quest_mask_op(ggml_tensor * dst, int ith, int nth, void * ud) {
     }
 }
 
+// dst [n_kv, 1, H] in the mask's type: each query head's row of the layer's mask, -inf outside its
+// KV head's cells (the mask path: CPU flash attention skips a KV head's masked cells, so nothing is
+// copied). src[0] the cells [n_sel, 1 or H_kv], src[1] the layer's mask (its first row).
+static void vp_quest_mask_full_op(ggml_tensor * dst, int ith, int nth, void * ud) {
+    const auto *        a    = (const vp_quest_args *) ud;
+    const ggml_tensor * idx  = dst->src[0];
+    const ggml_tensor * mask = dst->src[1];
+    const int64_t       G    = a->n_head / a->n_head_kv;
+    const ggml_fp16_t   ninf = ggml_fp32_to_fp16(-INFINITY);
+    GGML_ASSERT(mask->type == GGML_TYPE_F16);
+    for (int64_t iq = ith; iq < dst->ne[2]; iq += nth) {
+        const int32_t * cell = (const int32_t *) ((const char *) idx->data + ((iq / G) % idx->ne[1]) * idx->nb[1]);
+        auto *          out  = (ggml_fp16_t *) ((char *) dst->data + iq * dst->nb[2]);
+        const auto *    in   = (const ggml_fp16_t *) mask->data;
+        std::fill(out, out + dst->ne[0], ninf);
+        for (int64_t j = 0; j < idx->ne[0]; ++j) {
+            out[cell[j]] = in[cell[j]];
+        }
+    }
+}
+
 // dst [d, H_kv, n_sel] in the cache's type and layout: head h of row j is head h of cell idx[j, h].
 // Rows are copied, never converted. src[0] a cache view [d, H_kv, n_kv], src[1] the cells [n_sel, 1 or H_kv].
 static void vp_gather_heads_op(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
@@ -389,8 +412,15 @@ ggml_tensor * vp_quest_attn(const llm_graph_context & g, llm_graph_input_vp & in
     }
     a.n_layers += 1;
     ggml_tensor * margs[2] = { idx, kq_mask };
-    ggml_tensor * mask     = ggml_custom_4d(ctx, kq_mask->type, qp.n_sel, 1, q->ne[1], 1, margs, 2, vp_quest_mask_op,
-                                            GGML_N_TASKS_MAX, &inp.quest);
+    if (inp.path == LLAMA_VP_ATTN_MASK && kq_mask->type == GGML_TYPE_F16) {
+        // flash attention on the CPU: a mask row per query head over every cell, and no copies
+        ggml_tensor * mask = ggml_custom_4d(ctx, kq_mask->type, K->ne[2], 1, q->ne[1], 1, margs, 2,
+                                            vp_quest_mask_full_op, GGML_N_TASKS_MAX, &inp.quest);
+        ggml_set_name(mask, "vp_quest_mask");
+        return mask;
+    }
+    ggml_tensor * mask = ggml_custom_4d(ctx, kq_mask->type, qp.n_sel, 1, q->ne[1], 1, margs, 2, vp_quest_mask_op,
+                                        GGML_N_TASKS_MAX, &inp.quest);
     ggml_set_name(mask, "vp_quest_mask");
     *k = vp_gather_heads(ctx, K, idx);
     ggml_set_name(*k, "vp_quest_k");
