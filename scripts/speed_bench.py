@@ -425,16 +425,28 @@ def _config_text(c: str, cfg: dict) -> str:
     return f"`{c}`: flash attention {cfg['flash_attn']}, K {cfg['type_k']}, V {cfg['type_v']}{kernel}"
 
 
-def ceiling(r: dict, size: dict) -> float | None:
-    """The most vp5 could gain over the fastest dense run here: the layers up to the anchor keep their
-    attention (the method runs them dense), the probe and the pruned layers cost nothing. Text-only
-    floor + (anchor + 1) / n_layer of the fastest dense run's visual-attention time."""
+def ceiling(r: dict, size: dict, dense_layers: float | None = None) -> float | None:
+    """The most a mode could gain over the fastest dense run here when dense_layers layers' worth of
+    visual attention stay (vp5: the layers up to the anchor, which the method runs dense) and the probe,
+    the selections and the pruned layers cost nothing. Text-only floor + dense_layers / n_layer of the
+    fastest dense run's visual-attention time."""
     floor = next((x for x in size["runs"].values() if x["mode"] == "floor"), None)
     if floor is None or r.get("anchor_layer") is None:
         return None
+    if dense_layers is None:
+        dense_layers = r["anchor_layer"] + 1
     fast = size["runs"][f"dense@{size['fastest_dense']}"]["ms_per_tok_median"]
     f = floor["ms_per_tok_median"]
-    return fast / (f + (r["anchor_layer"] + 1) / r["n_layer"] * max(fast - f, 0.0))
+    return fast / (f + dense_layers / r["n_layer"] * max(fast - f, 0.0))
+
+
+def quest_dense_layers(anchor: int) -> float:
+    """Layers' worth of visual attention vp5+ keeps at its least: the layers below Quest's first and the
+    anchor whole, each Quest layer its minimum share of the pages (the library's defaults; every layer
+    below the anchor full attention, as in the synthetic model)."""
+    p = V.llama_vp_default_params()
+    first = min(p.quest_first_layer, anchor)
+    return first + 1 + p.quest_budget_min * (anchor - first)
 
 
 def summary_table(r: dict) -> list[str]:
@@ -455,6 +467,17 @@ def summary_table(r: dict) -> list[str]:
     md += ["", "Ceiling: the most vp5 could gain here, were the probe and the layers after the anchor free: "
            "the text-only floor plus (anchor + 1) / layers of the fastest dense run's visual-attention time "
            "(the method keeps the layers up to the anchor dense)."]
+    quest = [(nv, x) for nv, size in r["sizes"].items() for x in size["runs"].values() if x["mode"] == "vp5+"]
+    if quest and r.get("anchor_layer") is not None:
+        layers = quest_dense_layers(r["anchor_layer"])
+        md += ["", "| visual tokens | vp5+ ms/token | vp5+ vs fastest dense | ceiling of vp5+ |", "|---|---|---|---|"]
+        for nv, x in quest:
+            top = ceiling(r, r["sizes"][nv], layers)
+            md.append(f"| {nv} | {x['ms_per_tok_median']:.1f} | {x['speedup_vs_fastest_dense']:.2f}x | "
+                      f"{'-' if top is None else f'{top:.2f}x'} |")
+        md += ["", f"Ceiling of vp5+: as above with {layers:g} layers' worth of visual attention kept: the layers "
+               "below Quest's first and the anchor whole, each Quest layer at its least share of the pages "
+               "(the library's defaults), were bounds, selection and masks free."]
     return md
 
 

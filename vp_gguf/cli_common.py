@@ -228,10 +228,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="also prune the layers before the anchor with the previous step's set (opt-in)",
     )
     g.add_argument(
-        "--vp-quest-min", type=_FRACTION, default=None, help="with 5+: lower clamp of the kept share of pages (0.25)"
+        "--vp-quest-min",
+        type=_FRACTION,
+        default=None,
+        help="with 5+: lower clamp of the kept share of pages (default: the library's)",
     )
     g.add_argument(
-        "--vp-quest-max", type=_FRACTION, default=None, help="with 5+: upper clamp of the kept share of pages (0.5)"
+        "--vp-quest-max",
+        type=_FRACTION,
+        default=None,
+        help="with 5+: upper clamp of the kept share of pages (default: the library's)",
     )
     g.add_argument(
         "--vp-prune-anchor",

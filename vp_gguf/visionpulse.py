@@ -123,7 +123,7 @@ class VisionPulse:
     # instead of the budget rule's; a control budget-matched to another run's steps
     k_per_step: Sequence[int] | None = None
     # beyond the paper: Quest pages below the anchor (QUEST: off | bound | random); None fields: the library's
-    # defaults (pages of 16 cells, from layer 2, kept share of the pages = clamp(previous step's mass, 25%, 50%))
+    # defaults (llama_vp_default_params; the kept share of the pages = clamp(previous step's mass, min, max))
     quest: str = "off"
     quest_page: int | None = None
     quest_first_layer: int | None = None

@@ -79,7 +79,7 @@ struct llama_vp_params {
     int32_t             quest_page;        // cells per page: a power of two in [1, 256] (default 16)
     int32_t             quest_first_layer; // layers below it stay dense (default 2, as Quest)
     float               quest_budget_min;  // kept share of the candidate pages per KV head = clamp(the previous
-    float               quest_budget_max;  // step's visual mass, min, max); the first step takes max
+    float               quest_budget_max;  // step's visual mass, min, max); the first step takes max (0.25, 0.75)
 };
 
 // Preset "5": tau 0.1, budget [0.01, 0.05]. Preset "10": tau 0.4, budget [0.05, 0.10].
