@@ -25,6 +25,15 @@ UP = b"\x1b[A"
 CTRL_C, CTRL_D = b"\x03", b"\x04"
 
 
+def _foreground_job() -> None:
+    """In the child: take the pseudo-terminal as the controlling tty and SIGINT at its default, as a
+    shell starts a foreground command. A test run started in the background of a script inherits
+    SIGINT ignored (POSIX: a non-interactive shell's `&` ignores it), and a Python started that way
+    keeps it ignored: Ctrl-C at the prompt would do nothing."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """`vp-gguf chat` on a pseudo-terminal: send keys, wait for output."""
 
@@ -36,7 +45,7 @@ class Terminal:
             [sys.executable, "-m", "vp_gguf.cli", "chat", *args], cwd=ROOT, env=env,
             stdin=slave, stdout=slave, stderr=slave, close_fds=True,
             # a session of its own whose controlling tty is this one: Ctrl-C reaches it as SIGINT
-            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+            start_new_session=True, preexec_fn=_foreground_job)
         os.close(slave)
         self.master, self.out = master, b""
 
