@@ -61,7 +61,8 @@ MODES.update({
     "vp5-mask": replace(MODES["vp5"], attn="mask"),
     "vp5-gather": replace(MODES["vp5"], attn="gather"),
     "probe": VisionPulse(mode="dense"),
-    **{f"vp5+q{n}": replace(MODES["vp5+"], quest_budget_min=n / 100, quest_budget_max=n / 100) for n in (6, 12, 25)},
+    **{f"vp5+q{n}": replace(MODES["vp5+"], quest_budget_min=n / 100, quest_budget_max=n / 100)
+       for n in (6, 12, 25, 50, 75)},
     "floor": None,
 })
 
@@ -187,16 +188,20 @@ class Runner:
                 raise RuntimeError(V.last_error())
             V.llama_vp_mark_visual(self.ctx, 0, 0, n_visual)
 
-    def run_decode(self, steps: int) -> tuple[float, list[float]]:
+    def run_decode(self, steps: int) -> tuple[float, list[float], list[float]]:
+        """Time of the steps, and per step the kept share of the visual tokens and, with Quest, of its pages."""
         self.decode_tokens([11])  # warm-up step (caches, first graph), not timed
-        ret = []
+        ret, pages = [], []
         t0 = time.perf_counter()
         for i in range(steps):
             self.decode_tokens([(i * 7919) % self.n_vocab])
             st = V.llama_vp_stats()
             if V.llama_vp_get_stats(self.ctx, 0, ctypes.byref(st)) == 0 and st.n_visual:
                 ret.append(st.n_kept / st.n_visual)
-        return time.perf_counter() - t0, ret
+            qs = V.quest_stats(self.ctx, 0)
+            if qs is not None and qs.n_layers > 0 and qs.n_pages > 0:
+                pages.append(qs.n_kept / qs.n_pages)
+        return time.perf_counter() - t0, ret, pages
 
     def prefill(self, n_tokens: int) -> float:
         L.llama_memory_clear(self.mem, True)
@@ -322,7 +327,7 @@ def plan_runs(a: argparse.Namespace) -> list[tuple[str, str]]:
     return runs
 
 
-def summarise(times: dict, rets: dict, paths: dict) -> dict:
+def summarise(times: dict, rets: dict, paths: dict, pages: dict) -> dict:
     """Per run: median and min ms/token, speedups against the fastest dense configuration and
     against dense in the run's own configuration, the gap to the text-only floor closed."""
     row = {}
@@ -330,7 +335,8 @@ def summarise(times: dict, rets: dict, paths: dict) -> dict:
         med, best = statistics.median(t), min(t)
         row[f"{m}@{c}"] = {"config": c, "mode": m, "ms_per_tok_median": 1e3 * med, "ms_per_tok_min": 1e3 * best,
                            "tok_s": 1 / med, "path": paths.get((c, m), "-"),
-                           "retention_mean": statistics.fmean(rets[c, m]) if rets[c, m] else 1.0}
+                           "retention_mean": statistics.fmean(rets[c, m]) if rets[c, m] else 1.0,
+                           "quest_pages_kept_mean": statistics.fmean(pages[c, m]) if pages[c, m] else None}
     dense = {x["config"]: x for x in row.values() if x["mode"] == "dense"}
     fastest = min(dense.values(), key=lambda x: x["ms_per_tok_median"])
     floor = next((x["ms_per_tok_median"] for x in row.values() if x["mode"] == "floor"), None)
@@ -368,6 +374,7 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
                   for ctx, r in runners.items() for floor in (False, True)}
         times: dict = {run: [] for run in runs}
         rets: dict = {run: [] for run in runs}
+        pages: dict = {run: [] for run in runs}
         paths: dict = {}
         for _ in range(a.reps):
             for c, m in runs:  # interleaved: drift on a shared machine hits every run alike
@@ -379,7 +386,7 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
                 r.set_mode(MODES[m], 0 if floor else nv)
                 if MODES[m] is not None:
                     anchor = V.llama_vp_anchor_layer(r.ctx)
-                dt, ret = r.run_decode(a.steps)
+                dt, ret, kept_pages = r.run_decode(a.steps)
                 if MODES[m] is not None:
                     skipped = V.llama_vp_skip_reason(r.ctx)
                     paths[c, m] = "skipped" if skipped else ATTN_NAMES.get(V.llama_vp_last_attn(r.ctx), "-")
@@ -387,8 +394,9 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
                         out["skipped"] = skipped.decode()
                 times[c, m].append(dt / a.steps)
                 rets[c, m] += ret
+                pages[c, m] += kept_pages
                 k += 1
-        out["sizes"][nv] = summarise(times, rets, paths)
+        out["sizes"][nv] = summarise(times, rets, paths, pages)
         del states
     bar.at(n_work, "done")
     set_fattn_kernel(False)
@@ -481,6 +489,12 @@ def summary_table(r: dict) -> list[str]:
     return md
 
 
+def kept_text(x: dict) -> str:
+    """The kept share of the visual tokens (after the anchor) and, with Quest, of its pages (below it)."""
+    pages = x.get("quest_pages_kept_mean")
+    return f"{100 * x['retention_mean']:.1f}%" + ("" if pages is None else f"; pages {100 * pages:.0f}%")
+
+
 def markdown(results: dict, meta: dict) -> str:
     md = ["# Decode speed: VisionPulse against the fastest dense setting", "",
           f"Written by `{meta['command']}` ({meta['elapsed_min']:.1f} min, {meta['machine']}, "
@@ -510,7 +524,7 @@ def markdown(results: dict, meta: dict) -> str:
                 md.append(f"| {nv} | {x['mode']}{star} | {x['config']} | {x['path']} | {x['ms_per_tok_median']:.1f} "
                           f"({x['ms_per_tok_min']:.1f}) | {x['tok_s']:.2f} | {x['speedup_vs_fastest_dense']:.2f}x "
                           f"({x['speedup_vs_fastest_dense_min']:.2f}x) | {x['speedup_vs_same_config_dense']:.2f}x | "
-                          f"{gap} | {100 * x['retention_mean']:.1f}% |")
+                          f"{gap} | {kept_text(x)} |")
         if r["prefill"]:
             md += ["", f"Prefill (real, token input, `{r['default_config']}`; VisionPulse is dense during prefill "
                    "by design):", "",
@@ -520,7 +534,9 @@ def markdown(results: dict, meta: dict) -> str:
                 md.append(f"| {n} + {meta['text']} | {x['dense']['tok_s']:.1f} | {x['vp5']['tok_s']:.1f} | "
                           f"{x['ratio']:.3f} ({best:.3f}) |")
         md.append("")
-    md += ["`*` marks the fastest dense configuration of each size.", "", "![decode speed](speed.png)", "",
+    md += ["`*` marks the fastest dense configuration of each size. Kept: the share of the visual tokens the "
+           "layers after the anchor attend to; pages: the share of Quest's pages the layers below it keep (the "
+           "budget follows the visual mass, which this synthetic cache sets, not the content of an image).", "", "![decode speed](speed.png)", "",
            "Where the time of a step goes (node by node): `PROFILE.md`, written by `--profile N_V`.", ""]
     return "\n".join(md)
 
