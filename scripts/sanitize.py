@@ -12,7 +12,8 @@ C-level test programs with -fsanitize=address,undefined at -O1 -g, then runs:
 2. llama-mtmd-cli on each tiny model family, flash attention off and on;
 3. the Python bad-input tests (PY_TESTS: bad input, the C API's bad arguments, the API's
    guards, crafted and fuzzed GGUF files: what our checks let through loads clean), and Quest's
-   tests (its CPU ops write host buffers of their own) on the sanitized libraries (VP_GGUF_LIB_DIR, libasan preloaded into Python).
+   tests (its CPU ops write host buffers of their own) on the sanitized libraries
+   (VP_GGUF_LIB_DIR, libasan preloaded into Python).
 
 Any sanitizer report stops the program that made it (halt_on_error / abort_on_error), so
 each check fails on the first finding; the report is in its output. Exit status 0 when all

@@ -188,7 +188,7 @@ class Runner:
                 raise RuntimeError(V.last_error())
             V.llama_vp_mark_visual(self.ctx, 0, 0, n_visual)
 
-    def run_decode(self, steps: int) -> tuple[float, list[float], list[float]]:
+    def run_decode(self, steps: int, quest: bool = False) -> tuple[float, list[float], list[float]]:
         """Time of the steps, and per step the kept share of the visual tokens and, with Quest, of its pages."""
         self.decode_tokens([11])  # warm-up step (caches, first graph), not timed
         ret, pages = [], []
@@ -198,9 +198,9 @@ class Runner:
             st = V.llama_vp_stats()
             if V.llama_vp_get_stats(self.ctx, 0, ctypes.byref(st)) == 0 and st.n_visual:
                 ret.append(st.n_kept / st.n_visual)
-            qs = V.quest_stats(self.ctx, 0)
-            if qs is not None and qs.n_layers > 0 and qs.n_pages > 0:
-                pages.append(qs.n_kept / qs.n_pages)
+            share = V.quest_share(self.ctx, 0) if quest else None  # a call into C only where Quest is on
+            if share is not None:
+                pages.append(share)
         return time.perf_counter() - t0, ret, pages
 
     def prefill(self, n_tokens: int) -> float:
@@ -386,7 +386,7 @@ def bench_model(name: str, a: argparse.Namespace, cache: Path) -> dict:
                 r.set_mode(MODES[m], 0 if floor else nv)
                 if MODES[m] is not None:
                     anchor = V.llama_vp_anchor_layer(r.ctx)
-                dt, ret, kept_pages = r.run_decode(a.steps)
+                dt, ret, kept_pages = r.run_decode(a.steps, quest=MODES[m] is not None and MODES[m].quest != "off")
                 if MODES[m] is not None:
                     skipped = V.llama_vp_skip_reason(r.ctx)
                     paths[c, m] = "skipped" if skipped else ATTN_NAMES.get(V.llama_vp_last_attn(r.ctx), "-")

@@ -21,12 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vp_gguf import VisionPulse  # noqa: E402
+from vp_gguf import _vp_ctypes as V  # noqa: E402
 from vp_gguf.testbed import bench as B  # noqa: E402
 from vp_gguf.testbed.tasks import make_suite, read_items  # noqa: E402
 from vp_gguf.viz import kept_strip  # noqa: E402
 
 
-MODES_NOTE = (
+def modes_note() -> str:
+    """What the modes are; Quest's settings are the library's defaults (llama_vp_default_params)."""
+    q = V.llama_vp_default_params()
+    return (
     "Modes (`vp_gguf/visionpulse.py`, COMPARISON_MODES): `random-5` draws K by the preset's rule from its own "
     "run's visual mass, which falls once random picks confuse the model, so it is not budget-matched; the "
     "controls are: `random-5-matched` replays visionpulse-5's K at every step of the same item, "
@@ -35,9 +39,10 @@ MODES_NOTE = (
     "anchor dense (its Triton path, vp-gguf's default). Layer 5 is Gemma 3 270M's first full-attention "
     "layer, so lagged (which prunes full-attention layers below the anchor) equals visionpulse-5 there. "
     "`visionpulse-5+` (beyond the paper) adds Quest pages to the full-attention layers below the anchor (from "
-    "layer 2: here layer 5 alone): per KV head the pages of 16 visual cells with the highest score bound, their "
-    "share following the visual mass within [25%, 50%]; `visionpulse-5+-random` keeps as many pages at random "
-    "(its control); `visionpulse-5+-N%` keeps N% of the pages at every step (`--quest-curve`).")
+    f"layer {q.quest_first_layer}: here layer 5 alone): per KV head the pages of {q.quest_page} visual cells with "
+    "the highest score bound, their share following the visual mass within "
+    f"[{100 * q.quest_budget_min:.0f}%, {100 * q.quest_budget_max:.0f}%]; `visionpulse-5+-random` keeps as many "
+    "pages at random (its control); `visionpulse-5+-N%` keeps N% of the pages at every step (`--quest-curve`).")
 
 
 def plot(tables: dict[str, dict], out: Path) -> None:
@@ -131,7 +136,7 @@ def main() -> int:
           "densely); the two-image item shows key:code pairs first and the digits second (two digit images "
           "confuse it); many-256x16 is 15 images of pairs, then the digits. Lookups with 48+ pairs fail "
           "densely (`--suite extended`).", "",
-          MODES_NOTE, ""]
+          modes_note(), ""]
     for label, table in tables.items():
         md += [f"## Anchor {label}", "", B.markdown_table(table, len(items), label), "",
                "Correct items per task:", "", B.by_task_table(results[label], modes), ""]

@@ -161,6 +161,12 @@ def quest_stats(ctx, seq: int) -> llama_vp_quest_stats | None:
     return st if llama_vp_get_quest_stats(ctx, seq, byref(st)) == 0 else None
 
 
+def quest_share(ctx, seq: int) -> float | None:
+    """The kept share of Quest's candidate pages at seq's last step, None where no layer kept pages."""
+    q = quest_stats(ctx, seq)
+    return q.n_kept / q.n_pages if q is not None and q.n_layers > 0 and q.n_pages > 0 else None
+
+
 def step_no(ctx, seq: int) -> int:
     """The number of seq's last selection step (0 before the first)."""
     st = llama_vp_stats()

@@ -341,12 +341,6 @@ class VisionPulseControl:
         return rep
 
 
-def _quest_share(ctx) -> float | None:
-    """The kept share of Quest's candidate pages at sequence 0's last step, None where no layer kept pages."""
-    q = V.quest_stats(ctx, 0)
-    return q.n_kept / q.n_pages if q is not None and q.n_layers > 0 and q.n_pages > 0 else None
-
-
 @dataclass
 class StepStats:
     """One decode step's selection (sequence 0)."""
@@ -401,7 +395,7 @@ class VisionPulseReport:
                     kept=kept,
                     skipped=bool(st.skipped),
                     # one more call into C per step only where Quest is on
-                    quest_pages_kept=_quest_share(ctx) if self.settings.get("quest", "off") != "off" else None,
+                    quest_pages_kept=V.quest_share(ctx, 0) if self.settings.get("quest", "off") != "off" else None,
                 )
             )
 

@@ -26,8 +26,9 @@ namespace {
 
 std::atomic<bool> g_enabled{ true };
 
-constexpr int64_t  BLOCK        = 64;     // kept cells scored together
-constexpr uint16_t FP16_NEG_INF = 0xFC00; // a masked cell
+constexpr int64_t  BLOCK        = 64;                                   // kept cells scored together
+constexpr uint16_t FP16_NEG_INF = 0xFC00;                               // a masked cell
+constexpr uint64_t FOUR_MASKED  = 0x0001000100010001ull * FP16_NEG_INF; // four of them side by side
 
 bool supported_kv_type(ggml_type t) {
     return t == GGML_TYPE_F16 || t == GGML_TYPE_Q8_0;
@@ -105,11 +106,10 @@ int64_t next_kept_row(const uint16_t * mask, int64_t ic, int64_t end) {
     if (!mask) {
         return ic;
     }
-    constexpr uint64_t FOUR = 0x0001000100010001ull * FP16_NEG_INF;
     while (ic + 4 <= end) {
         uint64_t w;
         memcpy(&w, mask + ic, sizeof(w));
-        if (w != FOUR) {
+        if (w != FOUR_MASKED) {
             break;
         }
         ic += 4;
@@ -126,13 +126,12 @@ int64_t next_kept(const fattn_args & a, int64_t ic, int64_t end) {
     if (a.mask_rows == 1) {
         return next_kept_row(a.mask, ic, end);
     }
-    constexpr uint64_t FOUR = 0x0001000100010001ull * FP16_NEG_INF;
     for (; ic + 4 <= end; ic += 4) {
         bool all = true;
         for (int64_t h = 0; h < a.mask_rows && all; h++) {
             uint64_t w;
             memcpy(&w, a.mask + h * a.mask_nb2 + ic, sizeof(w));
-            all = w == FOUR;
+            all = w == FOUR_MASKED;
         }
         if (!all) {
             break;
@@ -148,15 +147,9 @@ int64_t next_kept(const fattn_args & a, int64_t ic, int64_t end) {
     return end;
 }
 
-// The positions in a block of kept cells that KV head ikv's group attends to (all of them with one
-// mask row): with a mask per head, each KV head reads only its own cells.
+// With a mask row per head: the cells of a block of kept cells that KV head ikv's group attends to,
+// so that each KV head reads only its own cells.
 int64_t group_cells(const fattn_args & a, int64_t ikv, const int64_t * cells, int64_t n, int64_t * out) {
-    if (a.mask_rows == 1) {
-        for (int64_t j = 0; j < n; j++) {
-            out[j] = cells[j];
-        }
-        return n;
-    }
     int64_t m = 0;
     for (int64_t j = 0; j < n; j++) {
         for (int64_t h = 0; h < a.group; h++) {
@@ -262,7 +255,7 @@ void chunk_partials(const fattn_args & a, int64_t ic0, int64_t ic1, float * scra
     float *       prob  = score + G * BLOCK;                        // [G][BLOCK]
     float *       row   = prob + G * BLOCK;                         // [max(DK, DV)]: a K or V row in F32
     int64_t *     all   = (int64_t *) (row + std::max(a.dk, a.dv)); // [BLOCK] (two floats each)
-    int64_t *     cells = all + BLOCK;                              // [BLOCK]: KV head ikv's of them
+    int64_t *     own   = all + BLOCK;                              // [BLOCK]: KV head ikv's of them
     static_assert(sizeof(int64_t) == 2 * sizeof(float), "cell indices take two floats each");
 
     const int64_t dq      = a.q->nb[2] / sizeof(float);
@@ -285,7 +278,9 @@ void chunk_partials(const fattn_args & a, int64_t ic0, int64_t ic1, float * scra
             break;
         }
         for (int64_t ikv = 0; ikv < a.n_head_kv; ikv++) {
-            const int64_t n = group_cells(a, ikv, all, n_all, cells);
+            // one mask row: every head takes the whole block; a row per head: each KV head its own cells
+            const int64_t * cells = a.mask_rows == 1 ? all : own;
+            const int64_t   n     = a.mask_rows == 1 ? n_all : group_cells(a, ikv, all, n_all, own);
             if (n == 0) {
                 continue;
             }

@@ -280,40 +280,29 @@ static void vp_quest_select_op(ggml_tensor * dst, int ith, int nth, void * ud) {
     }
 }
 
-// dst [n_sel, 1, H] in the mask's type: each query head's mask entries of its KV head's cells.
+// dst per query head, in the mask's type: the layer's mask entries of its KV head's cells, either
+//   compact  [n_sel, 1, H]: entry j is cell idx[j]'s (the gather path, beside the gathered rows), or
+//   in place [n_kv, 1, H]:  at their cells, -inf (F16) everywhere else (the mask path: CPU flash
+//                           attention skips a KV head's masked cells, so nothing is copied).
+// The shape tells which: n_sel == n_kv only where every page is kept, and then both are the same.
 // src[0] the cells [n_sel, 1 or H_kv], src[1] the layer's mask (its first row).
 static void vp_quest_mask_op(ggml_tensor * dst, int ith, int nth, void * ud) {
-    const auto *        a    = (const vp_quest_args *) ud;
-    const ggml_tensor * idx  = dst->src[0];
-    const ggml_tensor * mask = dst->src[1];
-    const size_t        es   = ggml_element_size(mask);
-    const int64_t       G    = a->n_head / a->n_head_kv;
+    const auto *        a        = (const vp_quest_args *) ud;
+    const ggml_tensor * idx      = dst->src[0];
+    const ggml_tensor * mask     = dst->src[1];
+    const size_t        es       = ggml_element_size(mask);
+    const int64_t       G        = a->n_head / a->n_head_kv;
+    const bool          in_place = dst->ne[0] != idx->ne[0];
+    const ggml_fp16_t   ninf     = ggml_fp32_to_fp16(-INFINITY);
+    GGML_ASSERT(!in_place || mask->type == GGML_TYPE_F16);
     for (int64_t iq = ith; iq < dst->ne[2]; iq += nth) {
         const int32_t * cell = (const int32_t *) ((const char *) idx->data + ((iq / G) % idx->ne[1]) * idx->nb[1]);
         char *          out  = (char *) dst->data + iq * dst->nb[2];
-        for (int64_t j = 0; j < dst->ne[0]; ++j) {
-            memcpy(out + j * es, (const char *) mask->data + (size_t) cell[j] * es, es);
+        if (in_place) {
+            std::fill((ggml_fp16_t *) out, (ggml_fp16_t *) out + dst->ne[0], ninf);
         }
-    }
-}
-
-// dst [n_kv, 1, H] in the mask's type: each query head's row of the layer's mask, -inf outside its
-// KV head's cells (the mask path: CPU flash attention skips a KV head's masked cells, so nothing is
-// copied). src[0] the cells [n_sel, 1 or H_kv], src[1] the layer's mask (its first row).
-static void vp_quest_mask_full_op(ggml_tensor * dst, int ith, int nth, void * ud) {
-    const auto *        a    = (const vp_quest_args *) ud;
-    const ggml_tensor * idx  = dst->src[0];
-    const ggml_tensor * mask = dst->src[1];
-    const int64_t       G    = a->n_head / a->n_head_kv;
-    const ggml_fp16_t   ninf = ggml_fp32_to_fp16(-INFINITY);
-    GGML_ASSERT(mask->type == GGML_TYPE_F16);
-    for (int64_t iq = ith; iq < dst->ne[2]; iq += nth) {
-        const int32_t * cell = (const int32_t *) ((const char *) idx->data + ((iq / G) % idx->ne[1]) * idx->nb[1]);
-        auto *          out  = (ggml_fp16_t *) ((char *) dst->data + iq * dst->nb[2]);
-        const auto *    in   = (const ggml_fp16_t *) mask->data;
-        std::fill(out, out + dst->ne[0], ninf);
         for (int64_t j = 0; j < idx->ne[0]; ++j) {
-            out[cell[j]] = in[cell[j]];
+            memcpy(out + (in_place ? cell[j] : j) * es, (const char *) mask->data + (size_t) cell[j] * es, es);
         }
     }
 }
@@ -412,16 +401,14 @@ ggml_tensor * vp_quest_attn(const llm_graph_context & g, llm_graph_input_vp & in
     }
     a.n_layers += 1;
     ggml_tensor * margs[2] = { idx, kq_mask };
-    if (inp.path == LLAMA_VP_ATTN_MASK && kq_mask->type == GGML_TYPE_F16) {
-        // flash attention on the CPU: a mask row per query head over every cell, and no copies
-        ggml_tensor * mask = ggml_custom_4d(ctx, kq_mask->type, K->ne[2], 1, q->ne[1], 1, margs, 2,
-                                            vp_quest_mask_full_op, GGML_N_TASKS_MAX, &inp.quest);
-        ggml_set_name(mask, "vp_quest_mask");
+    // flash attention on the CPU: a mask row per query head over every cell, and no copies
+    const bool    in_place = inp.path == LLAMA_VP_ATTN_MASK && kq_mask->type == GGML_TYPE_F16;
+    ggml_tensor * mask = ggml_custom_4d(ctx, kq_mask->type, in_place ? K->ne[2] : qp.n_sel, 1, q->ne[1], 1, margs, 2,
+                                        vp_quest_mask_op, GGML_N_TASKS_MAX, &inp.quest);
+    ggml_set_name(mask, "vp_quest_mask");
+    if (in_place) {
         return mask;
     }
-    ggml_tensor * mask = ggml_custom_4d(ctx, kq_mask->type, qp.n_sel, 1, q->ne[1], 1, margs, 2, vp_quest_mask_op,
-                                        GGML_N_TASKS_MAX, &inp.quest);
-    ggml_set_name(mask, "vp_quest_mask");
     *k = vp_gather_heads(ctx, K, idx);
     ggml_set_name(*k, "vp_quest_k");
     const bool v_trans = (*v)->nb[1] > (*v)->nb[2];
