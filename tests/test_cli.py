@@ -11,10 +11,15 @@ def vp(*args, **kw):
                           text=True, timeout=300, **kw)
 
 
+def describe(model, mmproj, image, n: int, *args):
+    """`vp-gguf run` asking "Describe." of one image for n tokens (1024-token context, 2 threads)."""
+    return vp("run", "-m", model, "--mmproj", mmproj, "--image", image, "-p", "Describe.", "-n", n, "-c", 1024, "-t", 2,
+              *args)
+
+
 def test_run_json(tiny_paths, images):
     model, mmproj = tiny_paths("llava")
-    r = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
-           "-c", 1024, "-t", 2, "--json")
+    r = describe(model, mmproj, images["a"], 8, "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert set(d) >= {"text", "tokens", "n_prompt_tokens", "n_image_tokens", "n_generated", "timings"}
@@ -50,37 +55,33 @@ def test_help_shows_an_example():
 
 def test_run_with_visionpulse_json(tiny_paths, images):
     model, mmproj = tiny_paths("gemma3")
-    r = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
-           "-c", 1024, "-t", 2, "--visionpulse", "5", "--json")
+    r = describe(model, mmproj, images["a"], 8, "--visionpulse", "5", "--json")
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)["visionpulse"]
     assert v["mode"] == "visionpulse" and v["settings"]["tau"] == 0.1
     assert len(v["steps"]) == v["summary"]["steps"] > 0
     assert {"n_visual", "n_kept", "mass", "mass_kept", "kept"} <= set(v["steps"][0])
-    g = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
-           "-c", 1024, "-t", 2, "--visionpulse", "5", "--vp-attn", "gather", "--vp-lagged", "--vp-prune-anchor", "--json")
+    g = describe(model, mmproj, images["a"], 8, "--visionpulse", "5", "--vp-attn", "gather", "--vp-lagged",
+                 "--vp-prune-anchor", "--json")
     assert g.returncode == 0, g.stderr
     assert json.loads(g.stdout)["visionpulse"]["attn"] == "gather"
     assert json.loads(g.stdout)["visionpulse"]["settings"]["prune_anchor"] is True
     assert v["settings"]["prune_anchor"] is False  # the default: the anchor stays dense
-    t = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 8,
-           "-c", 1024, "-t", 2, "--visionpulse", "10", "--mode", "random")
+    t = describe(model, mmproj, images["a"], 8, "--visionpulse", "10", "--mode", "random")
     assert t.returncode == 0 and "[random 5-10%, anchor layer" in t.stderr, t.stderr
 
 
 def test_run_with_quest_pages(tiny_paths, images):
     """--visionpulse 5+: the preset with Quest pages below the anchor, said in the settings and the status line."""
     model, mmproj = tiny_paths("llava")
-    r = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 6,
-           "-c", 1024, "-t", 2, "--visionpulse", "5+", "--json")
+    r = describe(model, mmproj, images["a"], 6, "--visionpulse", "5+", "--json")
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)["visionpulse"]
     assert v["settings"]["quest"] == "bound" and v["settings"]["tau"] == 0.1
-    t = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 4,
-           "-c", 1024, "-t", 2, "--visionpulse", "5+")
+    t = describe(model, mmproj, images["a"], 4, "--visionpulse", "5+")
     assert t.returncode == 0 and "[VisionPulse 5, Quest pages below the anchor, anchor layer" in t.stderr, t.stderr
-    w = vp("run", "-m", model, "--mmproj", mmproj, "--image", images["a"], "-p", "Describe.", "-n", 4,
-           "-c", 1024, "-t", 2, "--visionpulse", "5+", "--vp-quest-min", "0.75", "--vp-quest-max", "0.75", "--json")
+    w = describe(model, mmproj, images["a"], 4, "--visionpulse", "5+", "--vp-quest-min", "0.75", "--vp-quest-max",
+                 "0.75", "--json")
     assert w.returncode == 0, w.stderr
     s = json.loads(w.stdout)["visionpulse"]["settings"]
     assert (s["quest_budget_min"], s["quest_budget_max"]) == (0.75, 0.75)
